@@ -1,0 +1,16 @@
+"""Fused ACON activations for PyTorch.
+
+``acon_c(x, p1, p2, beta, channel_dim=1)`` computes
+``(p1 - p2) * x * sigmoid(beta * (p1 - p2) * x) + p2 * x`` with hand-written
+CPU (and CUDA) kernels registered as ``torch.ops.acon.*``.
+``acon_cuda.reference`` holds the same function in plain PyTorch ops.
+"""
+
+import torch  # noqa: F401  (loads libtorch before the extension)
+
+from . import _C  # noqa: F401  (registers torch.ops.acon.*)
+from . import reference
+from .ops import acon_c, cpu_kernel_isa
+
+__all__ = ["acon_c", "cpu_kernel_isa", "reference"]
+__version__ = "0.1.0"

@@ -1,0 +1,20 @@
+// Schemas of the acon ops. Each device registers its kernels in its own file
+// (csrc/cpu/, csrc/cuda/); fake kernels and autograd live in acon_cuda/ops.py.
+#include <Python.h>
+#include <torch/library.h>
+
+extern "C" {
+// Lets `import acon_cuda._C` load this library, which runs the registrations
+// below; the ops themselves are reached through torch.ops.acon.
+PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module_def);
+}
+}
+
+TORCH_LIBRARY(acon, m) {
+  m.def("acon_c_forward(Tensor x, Tensor p1, Tensor p2, Tensor beta, int channel_dim) -> Tensor");
+  m.def(
+      "acon_c_backward(Tensor grad_y, Tensor x, Tensor p1, Tensor p2, Tensor beta, "
+      "int channel_dim) -> (Tensor, Tensor, Tensor, Tensor)");
+}

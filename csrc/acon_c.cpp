@@ -1,0 +1,133 @@
+#include "acon_c.h"
+
+#include <algorithm>
+#include <numeric>
+#include <vector>
+
+namespace acon_cuda {
+namespace {
+
+bool is_supported_float(at::ScalarType t) {
+  return t == at::kFloat || t == at::kDouble || t == at::kHalf ||
+      t == at::kBFloat16;
+}
+
+void check_param(const char* name, const at::Tensor& t, const at::Tensor& x) {
+  TORCH_CHECK(
+      t.device() == x.device(),
+      "acon_c: ", name, " is on ", t.device(), " but x is on ", x.device(),
+      "; move both to the same device");
+  TORCH_CHECK_TYPE(
+      t.scalar_type() == x.scalar_type() || t.scalar_type() == at::kFloat,
+      "acon_c: ", name, " must have x's dtype (", x.scalar_type(),
+      ") or float32, got ", t.scalar_type());
+}
+
+} // namespace
+
+int64_t check_acon_c_args(
+    const at::Tensor& x,
+    const at::Tensor& p1,
+    const at::Tensor& p2,
+    const at::Tensor& beta,
+    int64_t channel_dim,
+    const at::Tensor& grad_y) {
+  TORCH_CHECK_TYPE(
+      is_supported_float(x.scalar_type()),
+      "acon_c: x must be a float32, float64, float16 or bfloat16 tensor, got ",
+      x.scalar_type());
+  TORCH_CHECK_VALUE(
+      x.dim() >= 2,
+      "acon_c: x must have at least 2 dimensions (batch, channels, ...), got shape ",
+      x.sizes());
+  TORCH_CHECK_VALUE(
+      channel_dim >= -x.dim() && channel_dim < x.dim(),
+      "acon_c: channel_dim=", channel_dim, " is out of range for x of rank ",
+      x.dim(), " (expected -", x.dim(), " <= channel_dim < ", x.dim(), ")");
+  const int64_t cdim = channel_dim < 0 ? channel_dim + x.dim() : channel_dim;
+  const int64_t channels = x.size(cdim);
+  const int64_t batch = x.size(0);
+
+  check_param("p1", p1, x);
+  check_param("p2", p2, x);
+  check_param("beta", beta, x);
+  TORCH_CHECK_VALUE(
+      p1.numel() == channels,
+      "acon_c: p1 must hold C = x.shape[channel_dim] = ", channels,
+      " values, got shape ", p1.sizes());
+  TORCH_CHECK_VALUE(
+      p2.numel() == channels,
+      "acon_c: p2 must hold C = x.shape[channel_dim] = ", channels,
+      " values, got shape ", p2.sizes());
+  TORCH_CHECK_VALUE(
+      beta.numel() == channels || beta.numel() == batch * channels,
+      "acon_c: beta must hold C = ", channels, " values (one per channel) or N*C = ",
+      batch * channels, " values (one per sample and channel, in (N, C) order), got shape ",
+      beta.sizes());
+  TORCH_CHECK_VALUE(
+      beta.numel() == channels || cdim != 0,
+      "acon_c: a per-sample beta needs a batch axis distinct from the channel axis, "
+      "but channel_dim is 0");
+
+  if (grad_y.defined()) {
+    TORCH_CHECK(
+        grad_y.device() == x.device(), "acon_c: grad_y is on ", grad_y.device(),
+        " but x is on ", x.device());
+    TORCH_CHECK_TYPE(
+        grad_y.scalar_type() == x.scalar_type(), "acon_c: grad_y must have x's dtype (",
+        x.scalar_type(), "), got ", grad_y.scalar_type());
+    TORCH_CHECK_VALUE(
+        grad_y.sizes() == x.sizes(), "acon_c: grad_y must have x's shape ", x.sizes(),
+        ", got ", grad_y.sizes());
+  }
+  return cdim;
+}
+
+WorkTensors make_work_tensors(
+    const at::Tensor& out,
+    const at::Tensor& x,
+    const at::Tensor& beta,
+    int64_t channel_dim,
+    const at::Tensor& grad_y) {
+  WorkTensors w;
+  ChannelLayout& layout = w.layout;
+  layout.channels = x.size(channel_dim);
+  layout.per_sample_beta = beta.numel() != layout.channels;
+
+  // Dimensions in the memory order of `out`, outermost first. A per-sample
+  // beta needs the batch outermost so that a group is one contiguous block.
+  const int64_t ndim = x.dim();
+  std::vector<int64_t> perm(ndim);
+  std::iota(perm.begin(), perm.end(), 0);
+  std::stable_sort(
+      perm.begin() + (layout.per_sample_beta ? 1 : 0), perm.end(),
+      [&](int64_t a, int64_t b) { return out.stride(a) > out.stride(b); });
+
+  w.out = out;
+  if (!out.permute(perm).is_contiguous()) {
+    // Only reachable with a per-sample beta on a layout whose batch axis is
+    // not outermost: compute in a contiguous buffer, the caller copies back.
+    std::iota(perm.begin(), perm.end(), 0);
+    w.out = at::empty(x.sizes(), out.options());
+  }
+  w.x = x.permute(perm).contiguous();
+  if (grad_y.defined()) {
+    w.grad_y = grad_y.permute(perm).contiguous();
+  }
+
+  const int64_t pos = std::find(perm.begin(), perm.end(), channel_dim) - perm.begin();
+  for (int64_t i = 0; i < ndim; ++i) {
+    if (i < pos) {
+      layout.outer *= x.size(perm[i]);
+    } else if (i > pos) {
+      layout.inner *= x.size(perm[i]);
+    }
+  }
+  if (layout.per_sample_beta && x.size(0) > 0) {
+    layout.groups = x.size(0);
+    layout.outer /= layout.groups;
+  }
+  return w;
+}
+
+} // namespace acon_cuda

@@ -1,0 +1,50 @@
+// Device-independent part of the fused ACON-C ops: argument checks and the
+// memory layout the kernels iterate over. Kernels for every device share it.
+#pragma once
+
+#include <ATen/ATen.h>
+
+namespace acon_cuda {
+
+// The kernels see x as a contiguous [groups, outer, channels, inner] block:
+// `groups` is the batch for a per-sample beta (1 otherwise), `outer` the
+// product of the sizes stored before the channel axis (per group) and `inner`
+// the product of those stored after it. NCHW gives inner = H*W; channels_last
+// and features-last give inner = 1.
+struct ChannelLayout {
+  int64_t groups = 1;
+  int64_t outer = 1;
+  int64_t channels = 0;
+  int64_t inner = 1;
+  bool per_sample_beta = false;
+};
+
+// Validates the arguments of acon_c_forward / acon_c_backward (grad_y may be
+// undefined for the forward) and returns the channel axis in [0, x.dim()).
+// Errors name the offending argument and raise ValueError / TypeError.
+int64_t check_acon_c_args(
+    const at::Tensor& x,
+    const at::Tensor& p1,
+    const at::Tensor& p2,
+    const at::Tensor& beta,
+    int64_t channel_dim,
+    const at::Tensor& grad_y = at::Tensor());
+
+// Working copies of x (and grad_y) in the memory layout of `out`, which must
+// have been allocated with at::empty_like(x): the kernels then read and write
+// every tensor with the same flat index. Copies only when a layout differs.
+struct WorkTensors {
+  ChannelLayout layout;
+  at::Tensor out;     // written by the kernel; equals the caller's out unless
+                      // the layout needed a contiguous detour (copy back!)
+  at::Tensor x;
+  at::Tensor grad_y;  // undefined for the forward
+};
+WorkTensors make_work_tensors(
+    const at::Tensor& out,
+    const at::Tensor& x,
+    const at::Tensor& beta,
+    int64_t channel_dim,
+    const at::Tensor& grad_y = at::Tensor());
+
+} // namespace acon_cuda

@@ -1,0 +1,190 @@
+// CPU implementations of the acon ops: argument checks, layout, parameter
+// tables, and the choice of kernel build for this CPU.
+#include "acon_c_kernel.h"
+
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Version.h>
+#include <torch/library.h>
+
+#include <string>
+#include <vector>
+
+namespace acon_cuda::cpu {
+namespace {
+
+enum class KernelIsa { kDefault, kAvx2, kAvx512 };
+
+// PyTorch's own choice for its CPU kernels: it honours ATEN_CPU_CAPABILITY
+// and what this CPU supports.
+KernelIsa kernel_isa() {
+  static const KernelIsa isa = [] {
+#ifdef ACON_CPU_X86_VARIANTS
+    const std::string capability = at::get_cpu_capability();
+    if (capability == "AVX512") {
+      return KernelIsa::kAvx512;
+    }
+    if (capability == "AVX2") {
+      return KernelIsa::kAvx2;
+    }
+#endif
+    return KernelIsa::kDefault;
+  }();
+  return isa;
+}
+
+std::string kernel_isa_name() {
+  switch (kernel_isa()) {
+    case KernelIsa::kAvx512:
+      return "AVX512";
+    case KernelIsa::kAvx2:
+      return "AVX2";
+    default:
+      return "DEFAULT";
+  }
+}
+
+void run_forward_kernel(const AconCKernelArgs& args) {
+  switch (kernel_isa()) {
+#ifdef ACON_CPU_X86_VARIANTS
+    case KernelIsa::kAvx512:
+      return AVX512::acon_c_forward_kernel(args);
+    case KernelIsa::kAvx2:
+      return AVX2::acon_c_forward_kernel(args);
+#endif
+    default:
+      return DEFAULT::acon_c_forward_kernel(args);
+  }
+}
+
+void run_backward_kernel(const AconCKernelArgs& args) {
+  switch (kernel_isa()) {
+#ifdef ACON_CPU_X86_VARIANTS
+    case KernelIsa::kAvx512:
+      return AVX512::acon_c_backward_kernel(args);
+    case KernelIsa::kAvx2:
+      return AVX2::acon_c_backward_kernel(args);
+#endif
+    default:
+      return DEFAULT::acon_c_backward_kernel(args);
+  }
+}
+
+// Per-channel tables in opmath precision (see AconCKernelArgs), in one buffer:
+// d, p2, then one bd row per group. A buffer of C-sized rows, never x-sized.
+template <typename opmath_t>
+std::vector<opmath_t> build_tables(
+    const at::Tensor& p1, const at::Tensor& p2, const at::Tensor& beta,
+    const ChannelLayout& layout, int64_t stride) {
+  const auto opmath = c10::CppTypeToScalarType<opmath_t>::value;
+  const at::Tensor p1c = p1.reshape(-1).to(opmath).contiguous();
+  const at::Tensor p2c = p2.reshape(-1).to(opmath).contiguous();
+  const at::Tensor bc = beta.reshape(-1).to(opmath).contiguous();
+  const opmath_t* p1v = p1c.const_data_ptr<opmath_t>();
+  const opmath_t* p2v = p2c.const_data_ptr<opmath_t>();
+  const opmath_t* bv = bc.const_data_ptr<opmath_t>();
+  const int64_t C = layout.channels;
+
+  std::vector<opmath_t> tables((2 + layout.groups) * stride, opmath_t(0));
+  opmath_t* d = tables.data();
+  opmath_t* p2t = d + stride;
+  opmath_t* bd = p2t + stride;
+  for (int64_t c = 0; c < C; ++c) {
+    d[c] = p1v[c] - p2v[c];
+    p2t[c] = p2v[c];
+  }
+  for (int64_t g = 0; g < layout.groups; ++g) {
+    for (int64_t c = 0; c < C; ++c) {
+      bd[g * stride + c] = bv[g * C + c] * d[c];
+    }
+  }
+  return tables;
+}
+
+// Fills the table pointers of `args` from a table buffer kept alive by the caller.
+template <typename opmath_t>
+void point_at_tables(AconCKernelArgs& args, const std::vector<opmath_t>& tables) {
+  args.d = tables.data();
+  args.p2 = tables.data() + args.table_stride;
+  args.bd = tables.data() + 2 * args.table_stride;
+}
+
+// Runs `kernel` with x (and grad_y) in the layout of `out`, parameter tables
+// built for x's dtype, and `out` written in place.
+template <typename Kernel>
+void launch(
+    const at::Tensor& out, const at::Tensor& x, const at::Tensor& p1,
+    const at::Tensor& p2, const at::Tensor& beta, int64_t cdim,
+    const at::Tensor& grad_y, AconCKernelArgs& args, const Kernel& kernel) {
+  WorkTensors w = make_work_tensors(out, x, beta, cdim, grad_y);
+  args.layout = w.layout;
+  args.dtype = x.scalar_type();
+  args.table_stride = (w.layout.channels + kTableAlign - 1) / kTableAlign * kTableAlign;
+  args.x = w.x.const_data_ptr();
+  args.grad_y = grad_y.defined() ? w.grad_y.const_data_ptr() : nullptr;
+  args.out = w.out.mutable_data_ptr();
+  if (x.scalar_type() == at::kDouble) {
+    const auto tables = build_tables<double>(p1, p2, beta, w.layout, args.table_stride);
+    point_at_tables(args, tables);
+    kernel(args);
+  } else {
+    const auto tables = build_tables<float>(p1, p2, beta, w.layout, args.table_stride);
+    point_at_tables(args, tables);
+    kernel(args);
+  }
+  if (!w.out.is_same(out)) {
+    out.copy_(w.out);
+  }
+}
+
+at::Tensor acon_c_forward_cpu(
+    const at::Tensor& x, const at::Tensor& p1, const at::Tensor& p2,
+    const at::Tensor& beta, int64_t channel_dim) {
+  const int64_t cdim = check_acon_c_args(x, p1, p2, beta, channel_dim);
+  at::Tensor y = at::empty_like(x);
+  if (x.numel() > 0) {
+    AconCKernelArgs args{};
+    launch(y, x, p1, p2, beta, cdim, at::Tensor(), args, run_forward_kernel);
+  }
+  return y;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> acon_c_backward_cpu(
+    const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& p1,
+    const at::Tensor& p2, const at::Tensor& beta, int64_t channel_dim) {
+  const int64_t cdim = check_acon_c_args(x, p1, p2, beta, channel_dim, grad_y);
+  const int64_t C = x.size(cdim);
+  at::Tensor grad_x = at::empty_like(x);
+  // A = sum dy*x*h, B = sum dy*x (per channel), G (per channel or per sample
+  // and channel, as beta): dp1 = A, dp2 = B - A, dbeta = G.
+  at::Tensor sums = at::zeros({2 * C + beta.numel()}, x.options().dtype(at::kDouble));
+  if (x.numel() > 0) {
+    AconCKernelArgs args{};
+    double* s = sums.mutable_data_ptr<double>();
+    args.sum_a = s;
+    args.sum_b = s + C;
+    args.sum_g = s + 2 * C;
+    launch(grad_x, x, p1, p2, beta, cdim, grad_y, args, run_backward_kernel);
+  }
+  const at::Tensor a = sums.narrow(0, 0, C);
+  const at::Tensor b = sums.narrow(0, C, C);
+  const at::Tensor g = sums.narrow(0, 2 * C, beta.numel());
+  // Each gradient gets storage of its own (copy=true), never a view of sums.
+  const auto as_grad_of = [](const at::Tensor& sum, const at::Tensor& param) {
+    return sum.to(param.scalar_type(), /*non_blocking=*/false, /*copy=*/true).reshape(param.sizes());
+  };
+  return {grad_x, as_grad_of(a, p1), as_grad_of(b - a, p2), as_grad_of(g, beta)};
+}
+
+} // namespace
+} // namespace acon_cuda::cpu
+
+TORCH_LIBRARY_FRAGMENT(acon, m) {
+  // Which build of the CPU kernels runs here: "AVX512", "AVX2" or "DEFAULT".
+  m.def("cpu_kernel_isa() -> str", &acon_cuda::cpu::kernel_isa_name);
+}
+
+TORCH_LIBRARY_IMPL(acon, CPU, m) {
+  m.impl("acon_c_forward", &acon_cuda::cpu::acon_c_forward_cpu);
+  m.impl("acon_c_backward", &acon_cuda::cpu::acon_c_backward_cpu);
+}

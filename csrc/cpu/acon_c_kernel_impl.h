@@ -1,0 +1,375 @@
+// CPU kernels of the fused ACON-C ops. Included once per instruction set by
+// acon_c_kernel_{default,avx2,avx512}.cpp, each of which defines CPU_CAPABILITY
+// first, so at::vec::Vectorized is as wide as that instruction set allows.
+#pragma once
+
+#include "acon_c_kernel.h"
+
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+#include <c10/util/irange.h>
+
+#include <algorithm>
+#include <vector>
+
+namespace acon_cuda::cpu::CPU_CAPABILITY {
+namespace {
+
+using at::vec::Vectorized;
+
+// Elementwise work is split into tasks of at least this many elements.
+constexpr int64_t kGrainElements = 32768;
+// The backward's reduction blocks depend on the problem size only, never on
+// the thread count, so parameter gradients are bit-identical for any number of
+// threads: each block sums in a fixed order, then blocks are combined in order.
+constexpr int64_t kBlockElements = 65536;
+constexpr int64_t kMaxBlocks = 64;
+// Opmath partial sums are moved into double at least this often, which bounds
+// the rounding error of float accumulation.
+constexpr int64_t kFlushRows = 64;
+constexpr int64_t kFlushElements = 4096;
+
+int64_t ceil_div(int64_t a, int64_t b) {
+  return (a + b - 1) / b;
+}
+
+// Loads and stores kStep elements of scalar_t as kNumF vectors of opmath_t:
+// one vector for float and double, two float vectors for float16/bfloat16.
+template <typename scalar_t>
+struct Lanes {
+  using opmath_t = at::opmath_type<scalar_t>;
+  using FVec = Vectorized<opmath_t>;
+  using SVec = Vectorized<scalar_t>;
+  static constexpr int64_t kStep = SVec::size();
+  static constexpr int64_t kWidth = FVec::size();
+  static constexpr int kNumF = kStep / kWidth;
+
+  static void load(const scalar_t* p, int64_t n, FVec* out) {
+    const SVec v = n == kStep ? SVec::loadu(p) : SVec::loadu(p, n);
+    if constexpr (kNumF == 1) {
+      out[0] = v;
+    } else {
+      std::tie(out[0], out[1]) = at::vec::convert_to_float<scalar_t>(v);
+    }
+  }
+
+  static void store(scalar_t* p, int64_t n, const FVec* in) {
+    SVec v;
+    if constexpr (kNumF == 1) {
+      v = in[0];
+    } else {
+      v = at::vec::convert_from_float<scalar_t>(in[0], in[1]);
+    }
+    if (n == kStep) {
+      v.store(p);
+    } else {
+      v.store(p, n);
+    }
+  }
+
+  // Lane order is fixed, so the result is deterministic.
+  static double sum(const FVec* v) {
+    double total = 0;
+    for (const auto j : c10::irange(kNumF)) {
+      opmath_t buf[kWidth];
+      v[j].store(buf);
+      for (const auto i : c10::irange(kWidth)) {
+        total += buf[i];
+      }
+    }
+    return total;
+  }
+};
+
+// S = sigmoid(u) and S_neg = 1 - S = sigmoid(-u), both from t = exp(-|u|),
+// which never overflows: no inf/inf, and 1 - S without cancellation. At
+// u = -inf this gives S = 0 exactly (and S = 1 at +inf), as torch.sigmoid does.
+template <typename V>
+inline void sigmoid_pair(const V& u, V& s, V& s_neg) {
+  const V t = u.abs().neg().exp_u20();
+  const V r = V(1) / (V(1) + t);  // sigmoid(|u|)
+  const V q = t * r;              // sigmoid(-|u|)
+  const V nonneg = u >= V(0);
+  s = V::blendv(q, r, nonneg);
+  s_neg = V::blendv(r, q, nonneg);
+}
+
+// y = d*x*S + p2*x with u = bd*x, written x*(d*S + p2) like the reference.
+template <typename V>
+inline V acon_c_value(const V& x, const V& d, const V& p2, const V& bd) {
+  V s, s_neg;
+  sigmoid_pair(bd * x, s, s_neg);
+  return x * at::vec::fmadd(d, s, p2);
+}
+
+// dx and the three per-element terms of the parameter sums (ACON_MATH.md).
+template <typename V>
+struct AconCGrad {
+  V dx, a, b, g;
+};
+
+template <typename V>
+inline AconCGrad<V> acon_c_grad(
+    const V& x, const V& dy, const V& d, const V& p2, const V& bd) {
+  const V u = bd * x;
+  V s, s_neg;
+  sigmoid_pair(u, s, s_neg);
+  const V h = s * at::vec::fmadd(u, s_neg, V(1));
+  const V b = dy * x;
+  const V dxd = d * x;
+  // (d*x) * ((d*x)*S*(1-S)): no (d*x)^2 that could overflow on its own.
+  return {dy * at::vec::fmadd(d, h, p2), b * h, b, (dy * dxd) * (dxd * (s * s_neg))};
+}
+
+template <typename scalar_t>
+void forward_typed(const AconCKernelArgs& args) {
+  using L = Lanes<scalar_t>;
+  using opmath_t = typename L::opmath_t;
+  using FVec = typename L::FVec;
+  const ChannelLayout& lay = args.layout;
+  const int64_t C = lay.channels;
+  const int64_t I = lay.inner;
+  const auto* x = static_cast<const scalar_t*>(args.x);
+  auto* y = static_cast<scalar_t*>(args.out);
+  const auto* d = static_cast<const opmath_t*>(args.d);
+  const auto* p2 = static_cast<const opmath_t*>(args.p2);
+  const auto* bd = static_cast<const opmath_t*>(args.bd);
+
+  if (I == 1) {
+    // Channels innermost: a row is C elements, parameters vary along it.
+    const int64_t rows = lay.groups * lay.outer;
+    at::parallel_for(0, rows, ceil_div(kGrainElements, C), [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r) {
+        const opmath_t* bd_row = bd + (r / lay.outer) * args.table_stride;
+        const scalar_t* xr = x + r * C;
+        scalar_t* yr = y + r * C;
+        for (int64_t c = 0; c < C; c += L::kStep) {
+          const int64_t n = std::min(L::kStep, C - c);
+          FVec v[L::kNumF];
+          L::load(xr + c, n, v);
+          for (const auto j : c10::irange(L::kNumF)) {
+            const int64_t cj = c + j * L::kWidth;
+            v[j] = acon_c_value(v[j], FVec::loadu(d + cj), FVec::loadu(p2 + cj), FVec::loadu(bd_row + cj));
+          }
+          L::store(yr + c, n, v);
+        }
+      }
+    });
+  } else {
+    // A row is the `inner` elements of one channel: parameters are scalars.
+    const int64_t rows = lay.groups * lay.outer * C;
+    at::parallel_for(0, rows, ceil_div(kGrainElements, I), [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r) {
+        const int64_t c = r % C;
+        const int64_t g = r / (lay.outer * C);
+        const FVec dv(d[c]), p2v(p2[c]), bdv(bd[g * args.table_stride + c]);
+        const scalar_t* xr = x + r * I;
+        scalar_t* yr = y + r * I;
+        for (int64_t i = 0; i < I; i += L::kStep) {
+          const int64_t n = std::min(L::kStep, I - i);
+          FVec v[L::kNumF];
+          L::load(xr + i, n, v);
+          for (const auto j : c10::irange(L::kNumF)) {
+            v[j] = acon_c_value(v[j], dv, p2v, bdv);
+          }
+          L::store(yr + i, n, v);
+        }
+      }
+    });
+  }
+}
+
+// Where one block's sums go: a and b always into the block's own partials; g
+// into the partials too, or straight into args.sum_g when the block owns
+// whole groups of a per-sample beta.
+struct BlockSinks {
+  double* a;
+  double* b;
+  double* g;
+};
+
+// Backward over rows [u0, u1) of group g, channels innermost (inner == 1).
+template <typename scalar_t>
+void backward_rows_channels_inner(
+    const AconCKernelArgs& args, int64_t g, int64_t u0, int64_t u1,
+    const BlockSinks& sinks, std::vector<at::opmath_type<scalar_t>>& acc) {
+  using L = Lanes<scalar_t>;
+  using opmath_t = typename L::opmath_t;
+  using FVec = typename L::FVec;
+  const int64_t C = args.layout.channels;
+  const int64_t stride = args.table_stride;
+  const auto* d = static_cast<const opmath_t*>(args.d);
+  const auto* p2 = static_cast<const opmath_t*>(args.p2);
+  const opmath_t* bd = static_cast<const opmath_t*>(args.bd) + g * stride;
+  const int64_t row0 = g * args.layout.outer;
+  const auto* x = static_cast<const scalar_t*>(args.x) + row0 * C;
+  const auto* dy = static_cast<const scalar_t*>(args.grad_y) + row0 * C;
+  auto* dx = static_cast<scalar_t*>(args.out) + row0 * C;
+
+  // acc holds opmath partial sums of a, b and g per channel, table_stride each.
+  std::fill(acc.begin(), acc.end(), opmath_t(0));
+  opmath_t* acc_a = acc.data();
+  opmath_t* acc_b = acc_a + stride;
+  opmath_t* acc_g = acc_b + stride;
+  auto flush = [&] {
+    for (const auto c : c10::irange(C)) {
+      sinks.a[c] += acc_a[c];
+      sinks.b[c] += acc_b[c];
+      sinks.g[c] += acc_g[c];
+    }
+    std::fill(acc.begin(), acc.end(), opmath_t(0));
+  };
+
+  int64_t pending = 0;
+  for (int64_t r = u0; r < u1; ++r) {
+    for (int64_t c = 0; c < C; c += L::kStep) {
+      const int64_t n = std::min(L::kStep, C - c);
+      FVec xv[L::kNumF], dyv[L::kNumF];
+      L::load(x + r * C + c, n, xv);
+      L::load(dy + r * C + c, n, dyv);
+      for (const auto j : c10::irange(L::kNumF)) {
+        const int64_t cj = c + j * L::kWidth;
+        const auto grad = acon_c_grad(
+            xv[j], dyv[j], FVec::loadu(d + cj), FVec::loadu(p2 + cj), FVec::loadu(bd + cj));
+        xv[j] = grad.dx;
+        (FVec::loadu(acc_a + cj) + grad.a).store(acc_a + cj);
+        (FVec::loadu(acc_b + cj) + grad.b).store(acc_b + cj);
+        (FVec::loadu(acc_g + cj) + grad.g).store(acc_g + cj);
+      }
+      L::store(dx + r * C + c, n, xv);
+    }
+    if (++pending == kFlushRows) {
+      flush();
+      pending = 0;
+    }
+  }
+  flush();
+}
+
+// Backward over rows [u0, u1) of group g, one channel per row (inner > 1).
+template <typename scalar_t>
+void backward_rows_channel_runs(
+    const AconCKernelArgs& args, int64_t g, int64_t u0, int64_t u1,
+    const BlockSinks& sinks) {
+  using L = Lanes<scalar_t>;
+  using opmath_t = typename L::opmath_t;
+  using FVec = typename L::FVec;
+  const int64_t C = args.layout.channels;
+  const int64_t I = args.layout.inner;
+  const auto* d = static_cast<const opmath_t*>(args.d);
+  const auto* p2 = static_cast<const opmath_t*>(args.p2);
+  const opmath_t* bd = static_cast<const opmath_t*>(args.bd) + g * args.table_stride;
+  const int64_t row0 = g * args.layout.outer * C;
+  const auto* x = static_cast<const scalar_t*>(args.x) + row0 * I;
+  const auto* dy = static_cast<const scalar_t*>(args.grad_y) + row0 * I;
+  auto* dx = static_cast<scalar_t*>(args.out) + row0 * I;
+
+  for (int64_t r = u0; r < u1; ++r) {
+    const int64_t c = r % C;
+    const FVec dv(d[c]), p2v(p2[c]), bdv(bd[c]);
+    for (int64_t i0 = 0; i0 < I; i0 += kFlushElements) {
+      FVec acc_a[L::kNumF], acc_b[L::kNumF], acc_g[L::kNumF];
+      for (const auto j : c10::irange(L::kNumF)) {
+        acc_a[j] = acc_b[j] = acc_g[j] = FVec(0);
+      }
+      const int64_t i1 = std::min(I, i0 + kFlushElements);
+      for (int64_t i = i0; i < i1; i += L::kStep) {
+        const int64_t n = std::min(L::kStep, i1 - i);
+        FVec xv[L::kNumF], dyv[L::kNumF];
+        L::load(x + r * I + i, n, xv);
+        L::load(dy + r * I + i, n, dyv);
+        for (const auto j : c10::irange(L::kNumF)) {
+          const auto grad = acon_c_grad(xv[j], dyv[j], dv, p2v, bdv);
+          xv[j] = grad.dx;
+          acc_a[j] = acc_a[j] + grad.a;
+          acc_b[j] = acc_b[j] + grad.b;
+          acc_g[j] = acc_g[j] + grad.g;
+        }
+        L::store(dx + r * I + i, n, xv);
+      }
+      sinks.a[c] += L::sum(acc_a);
+      sinks.b[c] += L::sum(acc_b);
+      sinks.g[c] += L::sum(acc_g);
+    }
+  }
+}
+
+template <typename scalar_t>
+void backward_typed(const AconCKernelArgs& args) {
+  using opmath_t = at::opmath_type<scalar_t>;
+  const ChannelLayout& lay = args.layout;
+  const int64_t C = lay.channels;
+  const bool channels_inner = lay.inner == 1;
+  const int64_t units = channels_inner ? lay.outer : lay.outer * C;  // rows per group
+  const int64_t numel = lay.groups * lay.outer * C * lay.inner;
+
+  // A block covers either whole groups or a slice of one group.
+  const int64_t target = std::clamp<int64_t>(ceil_div(numel, kBlockElements), 1, kMaxBlocks);
+  const bool whole_groups = lay.groups >= target;
+  const int64_t splits = whole_groups ? 1 : std::min(ceil_div(target, lay.groups), units);
+  const int64_t blocks = whole_groups ? target : lay.groups * splits;
+  const bool g_direct = lay.per_sample_beta && whole_groups;
+
+  // partial[k] holds block k's sums: a[C], b[C], g[C].
+  std::vector<double> partial(blocks * 3 * C, 0.0);
+  at::parallel_for(0, blocks, 1, [&](int64_t kb, int64_t ke) {
+    std::vector<opmath_t> acc(channels_inner ? 3 * args.table_stride : 0);
+    for (int64_t k = kb; k < ke; ++k) {
+      double* own = partial.data() + k * 3 * C;
+      int64_t g0, g1, u0, u1;
+      if (whole_groups) {
+        g0 = k * lay.groups / blocks;
+        g1 = (k + 1) * lay.groups / blocks;
+        u0 = 0;
+        u1 = units;
+      } else {
+        g0 = k / splits;
+        g1 = g0 + 1;
+        u0 = (k % splits) * units / splits;
+        u1 = (k % splits + 1) * units / splits;
+      }
+      for (int64_t g = g0; g < g1; ++g) {
+        const BlockSinks sinks{own, own + C, g_direct ? args.sum_g + g * C : own + 2 * C};
+        if (channels_inner) {
+          backward_rows_channels_inner<scalar_t>(args, g, u0, u1, sinks, acc);
+        } else {
+          backward_rows_channel_runs<scalar_t>(args, g, u0, u1, sinks);
+        }
+      }
+    }
+  });
+
+  // Fixed-order combine of the block partials.
+  for (int64_t k = 0; k < blocks; ++k) {
+    const double* own = partial.data() + k * 3 * C;
+    // Without g_direct, block k adds to group k / splits for a per-sample
+    // beta (whole_groups is false then), and to the single row otherwise.
+    double* g_row = lay.per_sample_beta ? args.sum_g + (k / splits) * C : args.sum_g;
+    for (const auto c : c10::irange(C)) {
+      args.sum_a[c] += own[c];
+      args.sum_b[c] += own[C + c];
+      if (!g_direct) {
+        g_row[c] += own[2 * C + c];
+      }
+    }
+  }
+}
+
+} // namespace
+
+void acon_c_forward_kernel(const AconCKernelArgs& args) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, args.dtype, "acon_c_forward_cpu", [&] {
+    forward_typed<scalar_t>(args);
+  });
+}
+
+void acon_c_backward_kernel(const AconCKernelArgs& args) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, args.dtype, "acon_c_backward_cpu", [&] {
+    backward_typed<scalar_t>(args);
+  });
+}
+
+} // namespace acon_cuda::cpu::CPU_CAPABILITY
