@@ -8,7 +8,6 @@
 #include <torch/library.h>
 
 #include <string>
-#include <vector>
 
 namespace acon_cuda::cpu {
 namespace {
@@ -70,12 +69,13 @@ void run_backward_kernel(const AconCKernelArgs& args) {
   }
 }
 
-// Per-channel tables in opmath precision (see AconCKernelArgs), in one buffer:
-// d, p2, then one bd row per group. A buffer of C-sized rows, never x-sized.
+// The ParamLines tables of AconCKernelArgs: C-sized, never x-sized. The CPU
+// allocator aligns them to 64 bytes, so vector loads never straddle lines.
 template <typename opmath_t>
-std::vector<opmath_t> build_tables(
+at::Tensor build_param_lines(
     const at::Tensor& p1, const at::Tensor& p2, const at::Tensor& beta,
-    const ChannelLayout& layout, int64_t stride) {
+    const ChannelLayout& layout, int64_t padded_channels) {
+  using Lines = ParamLines<opmath_t>;
   const auto opmath = c10::CppTypeToScalarType<opmath_t>::value;
   const at::Tensor p1c = p1.reshape(-1).to(opmath).contiguous();
   const at::Tensor p2c = p2.reshape(-1).to(opmath).contiguous();
@@ -85,28 +85,19 @@ std::vector<opmath_t> build_tables(
   const opmath_t* bv = bc.const_data_ptr<opmath_t>();
   const int64_t C = layout.channels;
 
-  std::vector<opmath_t> tables((2 + layout.groups) * stride, opmath_t(0));
-  opmath_t* d = tables.data();
-  opmath_t* p2t = d + stride;
-  opmath_t* bd = p2t + stride;
-  for (int64_t c = 0; c < C; ++c) {
-    d[c] = p1v[c] - p2v[c];
-    p2t[c] = p2v[c];
-  }
+  at::Tensor tables = at::zeros({layout.groups * 3 * padded_channels}, p1c.options());
+  opmath_t* base = tables.mutable_data_ptr<opmath_t>();
   for (int64_t g = 0; g < layout.groups; ++g) {
+    opmath_t* t = base + g * 3 * padded_channels;
     for (int64_t c = 0; c < C; ++c) {
-      bd[g * stride + c] = bv[g * C + c] * d[c];
+      const opmath_t d = p1v[c] - p2v[c];
+      opmath_t* line = t + Lines::index(c);
+      line[0] = d;
+      line[Lines::kLine] = p2v[c];
+      line[2 * Lines::kLine] = bv[g * C + c] * d;
     }
   }
   return tables;
-}
-
-// Fills the table pointers of `args` from a table buffer kept alive by the caller.
-template <typename opmath_t>
-void point_at_tables(AconCKernelArgs& args, const std::vector<opmath_t>& tables) {
-  args.d = tables.data();
-  args.p2 = tables.data() + args.table_stride;
-  args.bd = tables.data() + 2 * args.table_stride;
 }
 
 // Runs `kernel` with x (and grad_y) in the layout of `out`, parameter tables
@@ -119,19 +110,16 @@ void launch(
   WorkTensors w = make_work_tensors(out, x, beta, cdim, grad_y);
   args.layout = w.layout;
   args.dtype = x.scalar_type();
-  args.table_stride = (w.layout.channels + kTableAlign - 1) / kTableAlign * kTableAlign;
+  args.padded_channels = (w.layout.channels + kTableAlign - 1) / kTableAlign * kTableAlign;
+  args.group_stride = 3 * args.padded_channels;
   args.x = w.x.const_data_ptr();
   args.grad_y = grad_y.defined() ? w.grad_y.const_data_ptr() : nullptr;
   args.out = w.out.mutable_data_ptr();
-  if (x.scalar_type() == at::kDouble) {
-    const auto tables = build_tables<double>(p1, p2, beta, w.layout, args.table_stride);
-    point_at_tables(args, tables);
-    kernel(args);
-  } else {
-    const auto tables = build_tables<float>(p1, p2, beta, w.layout, args.table_stride);
-    point_at_tables(args, tables);
-    kernel(args);
-  }
+  const at::Tensor tables = x.scalar_type() == at::kDouble
+      ? build_param_lines<double>(p1, p2, beta, w.layout, args.padded_channels)
+      : build_param_lines<float>(p1, p2, beta, w.layout, args.padded_channels);
+  args.params = tables.const_data_ptr();
+  kernel(args);
   if (!w.out.is_same(out)) {
     out.copy_(w.out);
   }

@@ -8,17 +8,27 @@
 
 namespace acon_cuda::cpu {
 
-// Tables of per-channel values in opmath precision (float, or double for
-// float64 x), each padded with zeros to `table_stride` entries so that vector
-// loads past C stay in bounds: d = p1 - p2, p2, and bd = beta * d, which has
-// one row per group (per sample for a per-sample beta).
+// Per-channel values in opmath precision (float, or double for float64 x):
+// d = p1 - p2, p2 and bd = beta * d. They are interleaved one cache line at a
+// time ([d line][p2 line][bd line] for each line of channels), so that a
+// channels-innermost kernel reads one table stream rather than three. A
+// per-sample beta has one such table per group; group_stride apart.
+template <typename opmath_t>
+struct ParamLines {
+  static constexpr int64_t kLine = 64 / sizeof(opmath_t);
+  // Index of channel c's d; its p2 is kLine further on, its bd 2 * kLine.
+  static constexpr int64_t index(int64_t c) {
+    return (c / kLine) * 3 * kLine + c % kLine;
+  }
+};
+
 struct AconCKernelArgs {
   ChannelLayout layout;
   at::ScalarType dtype;
-  int64_t table_stride;
-  const void* d;
-  const void* p2;
-  const void* bd;
+  // Channels rounded up to kTableAlign: vector loads past C stay in bounds.
+  int64_t padded_channels;
+  const void* params;  // ParamLines tables, 64-byte aligned, zero padding
+  int64_t group_stride;  // elements between the tables of two groups
   const void* x;       // dtype, contiguous in layout order
   const void* grad_y;  // backward only
   void* out;           // y (forward) or grad_x (backward)
@@ -30,7 +40,7 @@ struct AconCKernelArgs {
   double* sum_g;
 };
 
-// Every table_stride is a multiple of this (the widest vector of any dtype).
+// padded_channels is a multiple of this (the widest vector of any dtype).
 constexpr int64_t kTableAlign = 64;
 
 #define ACON_DECLARE_CPU_KERNELS(isa)                          \

@@ -84,14 +84,38 @@ struct Lanes {
   }
 };
 
+// 1 / (1 + t) for t in [0, 1]. The division is the slowest instruction of the
+// kernels; on AVX2 / AVX-512 the hardware reciprocal estimate plus one Newton
+// step is within a unit or two in the last place of float.
+template <typename V>
+inline V reciprocal_of_one_plus(const V& t) {
+  return V(1) / (V(1) + t);
+}
+
+#if defined(CPU_CAPABILITY_AVX512)
+template <>
+inline Vectorized<float> reciprocal_of_one_plus(const Vectorized<float>& t) {
+  const __m512 a = _mm512_add_ps(_mm512_set1_ps(1.f), t);
+  const __m512 r = _mm512_rcp14_ps(a);
+  return _mm512_mul_ps(r, _mm512_fnmadd_ps(a, r, _mm512_set1_ps(2.f)));
+}
+#elif defined(CPU_CAPABILITY_AVX2)
+template <>
+inline Vectorized<float> reciprocal_of_one_plus(const Vectorized<float>& t) {
+  const __m256 a = _mm256_add_ps(_mm256_set1_ps(1.f), t);
+  const __m256 r = _mm256_rcp_ps(a);
+  return _mm256_mul_ps(r, _mm256_fnmadd_ps(a, r, _mm256_set1_ps(2.f)));
+}
+#endif
+
 // S = sigmoid(u) and S_neg = 1 - S = sigmoid(-u), both from t = exp(-|u|),
 // which never overflows: no inf/inf, and 1 - S without cancellation. At
 // u = -inf this gives S = 0 exactly (and S = 1 at +inf), as torch.sigmoid does.
 template <typename V>
 inline void sigmoid_pair(const V& u, V& s, V& s_neg) {
   const V t = u.abs().neg().exp_u20();
-  const V r = V(1) / (V(1) + t);  // sigmoid(|u|)
-  const V q = t * r;              // sigmoid(-|u|)
+  const V r = reciprocal_of_one_plus(t);  // sigmoid(|u|)
+  const V q = t * r;                      // sigmoid(-|u|)
   const V nonneg = u >= V(0);
   s = V::blendv(q, r, nonneg);
   s_neg = V::blendv(r, q, nonneg);
@@ -124,38 +148,61 @@ inline AconCGrad<V> acon_c_grad(
   return {dy * at::vec::fmadd(d, h, p2), b * h, b, (dy * dxd) * (dxd * (s * s_neg))};
 }
 
+// d, p2 and bd of the kWidth channels from c on (ParamLines layout).
+template <typename FVec, typename opmath_t>
+struct ChannelParams {
+  FVec d, p2, bd;
+  ChannelParams(const opmath_t* lines, int64_t c) {
+    const opmath_t* p = lines + ParamLines<opmath_t>::index(c);
+    d = FVec::loadu(p);
+    p2 = FVec::loadu(p + ParamLines<opmath_t>::kLine);
+    bd = FVec::loadu(p + 2 * ParamLines<opmath_t>::kLine);
+  }
+  // The same values in every lane: channel c alone (rows of one channel).
+  static ChannelParams broadcast(const opmath_t* lines, int64_t c) {
+    const opmath_t* p = lines + ParamLines<opmath_t>::index(c);
+    constexpr int64_t kLine = ParamLines<opmath_t>::kLine;
+    return ChannelParams(FVec(p[0]), FVec(p[kLine]), FVec(p[2 * kLine]));
+  }
+
+ private:
+  ChannelParams(FVec d_, FVec p2_, FVec bd_) : d(d_), p2(p2_), bd(bd_) {}
+};
+
 template <typename scalar_t>
 void forward_typed(const AconCKernelArgs& args) {
   using L = Lanes<scalar_t>;
   using opmath_t = typename L::opmath_t;
+  using Params = ChannelParams<typename L::FVec, opmath_t>;
   using FVec = typename L::FVec;
   const ChannelLayout& lay = args.layout;
   const int64_t C = lay.channels;
   const int64_t I = lay.inner;
   const auto* x = static_cast<const scalar_t*>(args.x);
   auto* y = static_cast<scalar_t*>(args.out);
-  const auto* d = static_cast<const opmath_t*>(args.d);
-  const auto* p2 = static_cast<const opmath_t*>(args.p2);
-  const auto* bd = static_cast<const opmath_t*>(args.bd);
+  const auto* params = static_cast<const opmath_t*>(args.params);
 
   if (I == 1) {
     // Channels innermost: a row is C elements, parameters vary along it.
     const int64_t rows = lay.groups * lay.outer;
     at::parallel_for(0, rows, ceil_div(kGrainElements, C), [&](int64_t begin, int64_t end) {
-      for (int64_t r = begin; r < end; ++r) {
-        const opmath_t* bd_row = bd + (r / lay.outer) * args.table_stride;
-        const scalar_t* xr = x + r * C;
-        scalar_t* yr = y + r * C;
-        for (int64_t c = 0; c < C; c += L::kStep) {
-          const int64_t n = std::min(L::kStep, C - c);
-          FVec v[L::kNumF];
-          L::load(xr + c, n, v);
-          for (const auto j : c10::irange(L::kNumF)) {
-            const int64_t cj = c + j * L::kWidth;
-            v[j] = acon_c_value(v[j], FVec::loadu(d + cj), FVec::loadu(p2 + cj), FVec::loadu(bd_row + cj));
+      for (int64_t r0 = begin; r0 < end;) {  // group by group
+        const int64_t g = r0 / lay.outer;
+        const int64_t r1 = std::min(end, (g + 1) * lay.outer);
+        const opmath_t* lines = params + g * args.group_stride;
+        for (int64_t r = r0; r < r1; ++r) {
+          for (int64_t c = 0; c < C; c += L::kStep) {
+            const int64_t n = std::min(L::kStep, C - c);
+            FVec v[L::kNumF];
+            L::load(x + r * C + c, n, v);
+            for (const auto j : c10::irange(L::kNumF)) {
+              const Params p(lines, c + j * L::kWidth);
+              v[j] = acon_c_value(v[j], p.d, p.p2, p.bd);
+            }
+            L::store(y + r * C + c, n, v);
           }
-          L::store(yr + c, n, v);
         }
+        r0 = r1;
       }
     });
   } else {
@@ -163,19 +210,16 @@ void forward_typed(const AconCKernelArgs& args) {
     const int64_t rows = lay.groups * lay.outer * C;
     at::parallel_for(0, rows, ceil_div(kGrainElements, I), [&](int64_t begin, int64_t end) {
       for (int64_t r = begin; r < end; ++r) {
-        const int64_t c = r % C;
         const int64_t g = r / (lay.outer * C);
-        const FVec dv(d[c]), p2v(p2[c]), bdv(bd[g * args.table_stride + c]);
-        const scalar_t* xr = x + r * I;
-        scalar_t* yr = y + r * I;
+        const Params p = Params::broadcast(params + g * args.group_stride, r % C);
         for (int64_t i = 0; i < I; i += L::kStep) {
           const int64_t n = std::min(L::kStep, I - i);
           FVec v[L::kNumF];
-          L::load(xr + i, n, v);
+          L::load(x + r * I + i, n, v);
           for (const auto j : c10::irange(L::kNumF)) {
-            v[j] = acon_c_value(v[j], dv, p2v, bdv);
+            v[j] = acon_c_value(v[j], p.d, p.p2, p.bd);
           }
-          L::store(yr + i, n, v);
+          L::store(y + r * I + i, n, v);
         }
       }
     });
@@ -192,35 +236,33 @@ struct BlockSinks {
 };
 
 // Backward over rows [u0, u1) of group g, channels innermost (inner == 1).
+// `acc` (3 * padded_channels, 64-byte aligned) holds opmath partial sums of
+// a, b and g in the ParamLines layout: one stream, like the parameters.
 template <typename scalar_t>
 void backward_rows_channels_inner(
     const AconCKernelArgs& args, int64_t g, int64_t u0, int64_t u1,
-    const BlockSinks& sinks, std::vector<at::opmath_type<scalar_t>>& acc) {
+    const BlockSinks& sinks, at::opmath_type<scalar_t>* acc) {
   using L = Lanes<scalar_t>;
   using opmath_t = typename L::opmath_t;
   using FVec = typename L::FVec;
+  using Lines = ParamLines<opmath_t>;
   const int64_t C = args.layout.channels;
-  const int64_t stride = args.table_stride;
-  const auto* d = static_cast<const opmath_t*>(args.d);
-  const auto* p2 = static_cast<const opmath_t*>(args.p2);
-  const opmath_t* bd = static_cast<const opmath_t*>(args.bd) + g * stride;
+  const auto* lines = static_cast<const opmath_t*>(args.params) + g * args.group_stride;
   const int64_t row0 = g * args.layout.outer;
   const auto* x = static_cast<const scalar_t*>(args.x) + row0 * C;
   const auto* dy = static_cast<const scalar_t*>(args.grad_y) + row0 * C;
   auto* dx = static_cast<scalar_t*>(args.out) + row0 * C;
 
-  // acc holds opmath partial sums of a, b and g per channel, table_stride each.
-  std::fill(acc.begin(), acc.end(), opmath_t(0));
-  opmath_t* acc_a = acc.data();
-  opmath_t* acc_b = acc_a + stride;
-  opmath_t* acc_g = acc_b + stride;
-  auto flush = [&] {
+  const int64_t acc_size = 3 * args.padded_channels;
+  std::fill(acc, acc + acc_size, opmath_t(0));
+  const auto flush = [&] {
     for (const auto c : c10::irange(C)) {
-      sinks.a[c] += acc_a[c];
-      sinks.b[c] += acc_b[c];
-      sinks.g[c] += acc_g[c];
+      const opmath_t* s = acc + Lines::index(c);
+      sinks.a[c] += s[0];
+      sinks.b[c] += s[Lines::kLine];
+      sinks.g[c] += s[2 * Lines::kLine];
     }
-    std::fill(acc.begin(), acc.end(), opmath_t(0));
+    std::fill(acc, acc + acc_size, opmath_t(0));
   };
 
   int64_t pending = 0;
@@ -232,12 +274,13 @@ void backward_rows_channels_inner(
       L::load(dy + r * C + c, n, dyv);
       for (const auto j : c10::irange(L::kNumF)) {
         const int64_t cj = c + j * L::kWidth;
-        const auto grad = acon_c_grad(
-            xv[j], dyv[j], FVec::loadu(d + cj), FVec::loadu(p2 + cj), FVec::loadu(bd + cj));
+        const ChannelParams<FVec, opmath_t> p(lines, cj);
+        const auto grad = acon_c_grad(xv[j], dyv[j], p.d, p.p2, p.bd);
         xv[j] = grad.dx;
-        (FVec::loadu(acc_a + cj) + grad.a).store(acc_a + cj);
-        (FVec::loadu(acc_b + cj) + grad.b).store(acc_b + cj);
-        (FVec::loadu(acc_g + cj) + grad.g).store(acc_g + cj);
+        opmath_t* s = acc + Lines::index(cj);
+        (FVec::loadu(s) + grad.a).store(s);
+        (FVec::loadu(s + Lines::kLine) + grad.b).store(s + Lines::kLine);
+        (FVec::loadu(s + 2 * Lines::kLine) + grad.g).store(s + 2 * Lines::kLine);
       }
       L::store(dx + r * C + c, n, xv);
     }
@@ -257,11 +300,10 @@ void backward_rows_channel_runs(
   using L = Lanes<scalar_t>;
   using opmath_t = typename L::opmath_t;
   using FVec = typename L::FVec;
+  using Params = ChannelParams<FVec, opmath_t>;
   const int64_t C = args.layout.channels;
   const int64_t I = args.layout.inner;
-  const auto* d = static_cast<const opmath_t*>(args.d);
-  const auto* p2 = static_cast<const opmath_t*>(args.p2);
-  const opmath_t* bd = static_cast<const opmath_t*>(args.bd) + g * args.table_stride;
+  const auto* lines = static_cast<const opmath_t*>(args.params) + g * args.group_stride;
   const int64_t row0 = g * args.layout.outer * C;
   const auto* x = static_cast<const scalar_t*>(args.x) + row0 * I;
   const auto* dy = static_cast<const scalar_t*>(args.grad_y) + row0 * I;
@@ -269,7 +311,7 @@ void backward_rows_channel_runs(
 
   for (int64_t r = u0; r < u1; ++r) {
     const int64_t c = r % C;
-    const FVec dv(d[c]), p2v(p2[c]), bdv(bd[c]);
+    const Params p = Params::broadcast(lines, c);
     for (int64_t i0 = 0; i0 < I; i0 += kFlushElements) {
       FVec acc_a[L::kNumF], acc_b[L::kNumF], acc_g[L::kNumF];
       for (const auto j : c10::irange(L::kNumF)) {
@@ -282,7 +324,7 @@ void backward_rows_channel_runs(
         L::load(x + r * I + i, n, xv);
         L::load(dy + r * I + i, n, dyv);
         for (const auto j : c10::irange(L::kNumF)) {
-          const auto grad = acon_c_grad(xv[j], dyv[j], dv, p2v, bdv);
+          const auto grad = acon_c_grad(xv[j], dyv[j], p.d, p.p2, p.bd);
           xv[j] = grad.dx;
           acc_a[j] = acc_a[j] + grad.a;
           acc_b[j] = acc_b[j] + grad.b;
@@ -316,7 +358,10 @@ void backward_typed(const AconCKernelArgs& args) {
   // partial[k] holds block k's sums: a[C], b[C], g[C].
   std::vector<double> partial(blocks * 3 * C, 0.0);
   at::parallel_for(0, blocks, 1, [&](int64_t kb, int64_t ke) {
-    std::vector<opmath_t> acc(channels_inner ? 3 * args.table_stride : 0);
+    at::Tensor acc;  // per task, for the channels-innermost kernel
+    if (channels_inner) {
+      acc = at::empty({3 * args.padded_channels}, c10::CppTypeToScalarType<opmath_t>::value);
+    }
     for (int64_t k = kb; k < ke; ++k) {
       double* own = partial.data() + k * 3 * C;
       int64_t g0, g1, u0, u1;
@@ -334,7 +379,8 @@ void backward_typed(const AconCKernelArgs& args) {
       for (int64_t g = g0; g < g1; ++g) {
         const BlockSinks sinks{own, own + C, g_direct ? args.sum_g + g * C : own + 2 * C};
         if (channels_inner) {
-          backward_rows_channels_inner<scalar_t>(args, g, u0, u1, sinks, acc);
+          backward_rows_channels_inner<scalar_t>(
+              args, g, u0, u1, sinks, acc.mutable_data_ptr<opmath_t>());
         } else {
           backward_rows_channel_runs<scalar_t>(args, g, u0, u1, sinks);
         }

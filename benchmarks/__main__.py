@@ -1,0 +1,3 @@
+from .bench_acon import main
+
+main()
