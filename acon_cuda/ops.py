@@ -36,11 +36,14 @@ def cpu_kernel_isa() -> str:
 
 @torch.library.register_fake("acon::acon_c_forward")
 def _acon_c_forward_fake(x, p1, p2, beta, channel_dim):
+    torch.ops.acon.acon_c_check_args(x, p1, p2, beta, channel_dim)
     return torch.empty_like(x)
 
 
 @torch.library.register_fake("acon::acon_c_backward")
 def _acon_c_backward_fake(grad_y, x, p1, p2, beta, channel_dim):
+    torch.ops.acon.acon_c_check_args(x, p1, p2, beta, channel_dim, grad_y)
+
     def grad_like(t):
         return t.new_empty(t.shape)
 

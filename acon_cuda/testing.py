@@ -7,16 +7,28 @@ DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 # Every device the package has kernels for; tests skip those absent here.
 DEVICES = ["cpu", "cuda"]
 
-# (rtol, atol) for comparing a result of this dtype with the float64 truth
-# rounded to it. Reduced types get two units of rounding (the fused op and the
-# truth may round a value to neighbouring numbers); float32 allows for
-# exp_u20's approximation (relative error below 2e-6).
+# (rtol, atol) of the arithmetic in each opmath dtype, relative to the
+# magnitude of the terms that make a result: float32 allows for exp_u20 and
+# the reciprocal estimate (a few units in the last place) and for float32
+# accumulation of up to a few thousand terms before sums move to float64.
 TOLERANCES = {
-    torch.float64: (1e-10, 1e-12),
-    torch.float32: (2e-5, 1e-6),
-    torch.float16: (2e-3, 1e-4),
-    torch.bfloat16: (1.6e-2, 1e-3),
+    torch.float64: (1e-12, 1e-300),
+    torch.float32: (1e-5, 1e-30),
 }
+
+# (rtol, atol) of rounding a result to a narrower dtype: the fused op and the
+# float64 truth may land one unit in the last place apart; atol covers
+# float16's subnormals.
+ROUNDING = {
+    torch.float32: (2 ** -23, 1e-45),
+    torch.float16: (2 ** -10, 2 ** -24),
+    torch.bfloat16: (2 ** -7, 1e-38),
+}
+
+
+def opmath_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The precision the kernels compute in for inputs of `dtype`."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def device_available(device: str) -> bool:

@@ -17,4 +17,9 @@ TORCH_LIBRARY(acon, m) {
   m.def(
       "acon_c_backward(Tensor grad_y, Tensor x, Tensor p1, Tensor p2, Tensor beta, "
       "int channel_dim) -> (Tensor, Tensor, Tensor, Tensor)");
+  // The argument checks of both ops, on metadata only: the fake kernels call
+  // it so that meta and fake tensors get the same errors as real ones.
+  m.def(
+      "acon_c_check_args(Tensor x, Tensor p1, Tensor p2, Tensor beta, int channel_dim, "
+      "Tensor? grad_y=None) -> ()");
 }

@@ -1,5 +1,7 @@
 #include "acon_c.h"
 
+#include <torch/library.h>
+
 #include <algorithm>
 #include <numeric>
 #include <vector>
@@ -131,3 +133,14 @@ WorkTensors make_work_tensors(
 }
 
 } // namespace acon_cuda
+
+TORCH_LIBRARY_IMPL(acon, CompositeExplicitAutograd, m) {
+  m.impl(
+      "acon_c_check_args",
+      [](const at::Tensor& x, const at::Tensor& p1, const at::Tensor& p2,
+         const at::Tensor& beta, int64_t channel_dim,
+         const std::optional<at::Tensor>& grad_y) {
+        acon_cuda::check_acon_c_args(
+            x, p1, p2, beta, channel_dim, grad_y.value_or(at::Tensor()));
+      });
+}

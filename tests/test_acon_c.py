@@ -1,0 +1,132 @@
+"""The fused op against the float64 reference: values, gradients, layouts."""
+
+import pytest
+import torch
+
+import acon_cuda
+from acon_cuda.testing import DTYPES, opmath_dtype
+
+from cases import LAYOUTS, SHAPES, assert_close_to_truth, make_params, make_x, run_fused, run_truth
+
+
+def check_against_truth(x, p1, p2, beta, channel_dim):
+    grad = torch.randn_like(x)
+    y, grads = run_fused(x, p1, p2, beta, channel_dim, grad)
+    y_truth, grads_truth, y_bound, bounds = run_truth(x, p1, p2, beta, channel_dim, grad)
+    opmath = opmath_dtype(x.dtype)
+
+    assert y.shape == x.shape and y.dtype == x.dtype and y.device == x.device
+    assert_close_to_truth(y, y_truth, y_bound, opmath)
+    for name, g, t, g_truth, bound in zip(("x", "p1", "p2", "beta"), grads, (x, p1, p2, beta), grads_truth, bounds):
+        assert g.shape == t.shape and g.dtype == t.dtype, name
+        assert_close_to_truth(g, g_truth, bound, opmath)
+    return y, grads
+
+
+@pytest.mark.parametrize("per_sample", [False, True], ids=["beta_per_channel", "beta_per_sample"])
+@pytest.mark.parametrize("param_dtype", ["same", "float32"])
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).replace("torch.", ""))
+def test_matches_reference(device, dtype, shape, layout, param_dtype, per_sample):
+    if layout == "channels_last" and len(shape) not in (4, 5):
+        pytest.skip("channels_last needs rank 4 or 5")
+    if param_dtype == "float32" and dtype == torch.float32:
+        pytest.skip("same as param_dtype='same'")
+    x, channel_dim = make_x(shape, layout, dtype, device)
+    p_dtype = dtype if param_dtype == "same" else torch.float32
+    p1, p2, beta = make_params(x, channel_dim, per_sample, p_dtype)
+    y, grads = check_against_truth(x, p1, p2, beta, channel_dim)
+    # Same memory format as x: what empty_like gives (x's strides when dense).
+    assert y.stride() == torch.empty_like(x).stride()
+    assert grads[0].stride() == torch.empty_like(x).stride()
+    if x.numel() == 0:
+        for g in grads[1:]:
+            assert not g.any()
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "features_last"])
+@pytest.mark.parametrize("per_sample", [False, True], ids=["beta_per_channel", "beta_per_sample"])
+def test_gradcheck_float64(device, layout, per_sample):
+    x, channel_dim = make_x((3, 4, 3, 5), layout, torch.float64, device, scale=2.0)
+    params = make_params(x, channel_dim, per_sample, torch.float64)
+    inputs = [t.detach().clone().requires_grad_() for t in (x, *params)]
+    assert torch.autograd.gradcheck(
+        lambda *t: acon_cuda.acon_c(*t, channel_dim=channel_dim), inputs, eps=1e-6, atol=1e-8, rtol=1e-6
+    )
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).replace("torch.", ""))
+def test_extreme_magnitudes(device, dtype):
+    """|u| far past where sigmoid saturates, and results near dtype's range."""
+    big = {torch.float16: 15000.0, torch.bfloat16: 1e30, torch.float32: 1e30, torch.float64: 1e200}[dtype]
+    values = torch.tensor(
+        [-big, -big / 7, -100.0, -20.0, -2.3994, -1e-3, 0.0, 1e-3, 2.3994, 20.0, 100.0, big / 7, big],
+        dtype=torch.float64,
+    )
+    x = values.to(dtype).reshape(1, 1, -1).repeat(2, 3, 1).to(device)
+    p1 = torch.tensor([1.0, 0.5, 1.0], device=device).to(dtype)
+    p2 = torch.tensor([-4.0, 0.25, 0.0], device=device).to(dtype)
+    beta = torch.tensor([1.0, 3.0, 1.0], device=device).to(dtype)
+    if dtype == torch.float16:
+        # ACON_MATH.md's trap: the true y = 60000 fits in float16.
+        y = acon_cuda.acon_c(x, p1, p2, beta)
+        assert y[0, 0, 0].item() == 60000.0
+    y, grads = check_against_truth(x, p1, p2, beta, 1)
+    assert torch.isfinite(y).all()
+    assert all(torch.isfinite(g).all() for g in grads)
+
+
+def test_derivative_limits(device):
+    """As u -> +inf dy/dx -> p1; as u -> -inf, dy/dx -> p2 (ACON_MATH.md)."""
+    x = torch.tensor([[-60.0, 60.0]], dtype=torch.float64, device=device).requires_grad_()
+    p1 = torch.tensor([1.5], dtype=torch.float64, device=device)
+    p2 = torch.tensor([-0.25], dtype=torch.float64, device=device)
+    beta = torch.tensor([1.0], dtype=torch.float64, device=device)
+    acon_cuda.acon_c(x.reshape(1, 1, 2), p1, p2, beta).sum().backward()
+    assert x.grad.tolist() == [[-0.25, 1.5]]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).replace("torch.", ""))
+def test_nan_and_inf_propagate_like_the_reference(device, dtype):
+    x = torch.randn(2, 3, 8, dtype=torch.float64).to(dtype).to(device)
+    x[0, 1, 2] = float("nan")
+    x[1, 1, 3] = float("inf")
+    x[1, 1, 5] = float("-inf")
+    p1, p2, beta = make_params(x, 1, False, dtype)
+    y, grads = check_against_truth(x, p1, p2, beta, 1)
+    # Nothing beyond channel 1 is touched.
+    others = [0, 2]
+    assert torch.isfinite(y[:, others]).all()
+    assert torch.isfinite(grads[0][:, others]).all()
+    for g in grads[1:]:
+        assert torch.isfinite(g.reshape(-1)[others]).all()
+
+
+def test_per_sample_beta_nan_stays_in_its_sample(device):
+    x = torch.randn(3, 4, 5, device=device)
+    x[1, 2, 0] = float("nan")
+    p1, p2, beta = make_params(x, 1, True, torch.float32)
+    _, grads = check_against_truth(x, p1, p2, beta, 1)
+    dbeta = grads[3]
+    assert dbeta[1, 2].isnan() and torch.isfinite(dbeta[[0, 2]]).all() and torch.isfinite(dbeta[1, [0, 1, 3]]).all()
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "features_last"])
+@pytest.mark.parametrize("per_sample", [False, True], ids=["beta_per_channel", "beta_per_sample"])
+def test_parameter_gradients_are_deterministic(device, layout, per_sample):
+    """Bit-identical on every run, and (CPU) for any number of threads."""
+    x, channel_dim = make_x((8, 64, 28, 28), layout, torch.float32, device)
+    p1, p2, beta = make_params(x, channel_dim, per_sample, torch.float32)
+    grad = torch.randn_like(x)
+    first = run_fused(x, p1, p2, beta, channel_dim, grad)[1]
+    threads = torch.get_num_threads()
+    try:
+        for n in (1, 3, threads):
+            if device == "cpu":
+                torch.set_num_threads(n)
+            again = run_fused(x, p1, p2, beta, channel_dim, grad)[1]
+            for a, b in zip(first, again):
+                assert torch.equal(a, b)
+    finally:
+        torch.set_num_threads(threads)
