@@ -3,6 +3,8 @@
 import torch
 from torch import Tensor
 
+from . import reference
+
 __all__ = ["acon_c", "cpu_kernel_isa"]
 
 
@@ -59,10 +61,31 @@ def _acon_c_setup_context(ctx, inputs, output):
 
 def _acon_c_backward(ctx, grad_y):
     x, p1, p2, beta = ctx.saved_tensors
+    if torch.is_grad_enabled():
+        # create_graph=True (double backward, e.g. a gradient penalty): the
+        # gradients must be differentiable themselves, so take them through
+        # the plain-PyTorch formula. Ordinary backward passes never get here.
+        return (*_differentiable_grads(grad_y, x, p1, p2, beta, ctx), None)
     grads = torch.ops.acon.acon_c_backward(grad_y, x, p1, p2, beta, ctx.channel_dim)
     return (*grads, None)
+
+
+def _differentiable_grads(grad_y, x, p1, p2, beta, ctx):
+    inputs = (x, p1, p2, beta)
+    wanted = [t for t, need in zip(inputs, ctx.needs_input_grad) if need]
+    y = reference.acon_c(x, p1, p2, beta, ctx.channel_dim)
+    found = iter(torch.autograd.grad(y, wanted, grad_y, create_graph=True, allow_unused=True))
+    return [next(found) if need else None for need in ctx.needs_input_grad[:4]]
+
+
+def _acon_c_backward_backward(ctx, *grads):
+    raise RuntimeError(
+        "acon::acon_c_backward is not differentiable; differentiate acon_cuda.acon_c "
+        "(its backward supports create_graph=True) instead of calling the op directly"
+    )
 
 
 torch.library.register_autograd(
     "acon::acon_c_forward", _acon_c_backward, setup_context=_acon_c_setup_context
 )
+torch.library.register_autograd("acon::acon_c_backward", _acon_c_backward_backward)

@@ -41,33 +41,35 @@ int64_t check_acon_c_args(
   TORCH_CHECK_VALUE(
       x.dim() >= 2,
       "acon_c: x must have at least 2 dimensions (batch, channels, ...), got shape ",
-      x.sizes());
+      x.sym_sizes());
   TORCH_CHECK_VALUE(
       channel_dim >= -x.dim() && channel_dim < x.dim(),
       "acon_c: channel_dim=", channel_dim, " is out of range for x of rank ",
       x.dim(), " (expected -", x.dim(), " <= channel_dim < ", x.dim(), ")");
   const int64_t cdim = channel_dim < 0 ? channel_dim + x.dim() : channel_dim;
-  const int64_t channels = x.size(cdim);
-  const int64_t batch = x.size(0);
+  // Symbolic sizes, so the fake kernels can run these checks under
+  // torch.compile with dynamic shapes.
+  const c10::SymInt channels = x.sym_size(cdim);
+  const c10::SymInt batch = x.sym_size(0);
 
   check_param("p1", p1, x);
   check_param("p2", p2, x);
   check_param("beta", beta, x);
   TORCH_CHECK_VALUE(
-      p1.numel() == channels,
+      p1.sym_numel() == channels,
       "acon_c: p1 must hold C = x.shape[channel_dim] = ", channels,
-      " values, got shape ", p1.sizes());
+      " values, got shape ", p1.sym_sizes());
   TORCH_CHECK_VALUE(
-      p2.numel() == channels,
+      p2.sym_numel() == channels,
       "acon_c: p2 must hold C = x.shape[channel_dim] = ", channels,
-      " values, got shape ", p2.sizes());
+      " values, got shape ", p2.sym_sizes());
   TORCH_CHECK_VALUE(
-      beta.numel() == channels || beta.numel() == batch * channels,
+      beta.sym_numel() == channels || beta.sym_numel() == batch * channels,
       "acon_c: beta must hold C = ", channels, " values (one per channel) or N*C = ",
       batch * channels, " values (one per sample and channel, in (N, C) order), got shape ",
-      beta.sizes());
+      beta.sym_sizes());
   TORCH_CHECK_VALUE(
-      beta.numel() == channels || cdim != 0,
+      beta.sym_numel() == channels || cdim != 0,
       "acon_c: a per-sample beta needs a batch axis distinct from the channel axis, "
       "but channel_dim is 0");
 
@@ -79,8 +81,8 @@ int64_t check_acon_c_args(
         grad_y.scalar_type() == x.scalar_type(), "acon_c: grad_y must have x's dtype (",
         x.scalar_type(), "), got ", grad_y.scalar_type());
     TORCH_CHECK_VALUE(
-        grad_y.sizes() == x.sizes(), "acon_c: grad_y must have x's shape ", x.sizes(),
-        ", got ", grad_y.sizes());
+        grad_y.sym_sizes() == x.sym_sizes(), "acon_c: grad_y must have x's shape ",
+        x.sym_sizes(), ", got ", grad_y.sym_sizes());
   }
   return cdim;
 }

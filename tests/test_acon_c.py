@@ -23,18 +23,27 @@ def check_against_truth(x, p1, p2, beta, channel_dim):
     return y, grads
 
 
+def shape_layouts():
+    for shape in SHAPES:
+        for layout in LAYOUTS:
+            if layout != "channels_last" or len(shape) in (4, 5):
+                yield pytest.param(shape, layout, id="x".join(map(str, shape)) + "-" + layout)
+
+
+def dtype_pairs():
+    """(x dtype, parameter dtype): the same, or float32 parameters (mixed precision)."""
+    for dtype in DTYPES:
+        name = str(dtype).replace("torch.", "")
+        yield pytest.param(dtype, dtype, id=name)
+        if dtype != torch.float32:
+            yield pytest.param(dtype, torch.float32, id=name + "-float32_params")
+
+
 @pytest.mark.parametrize("per_sample", [False, True], ids=["beta_per_channel", "beta_per_sample"])
-@pytest.mark.parametrize("param_dtype", ["same", "float32"])
-@pytest.mark.parametrize("layout", LAYOUTS)
-@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
-@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).replace("torch.", ""))
-def test_matches_reference(device, dtype, shape, layout, param_dtype, per_sample):
-    if layout == "channels_last" and len(shape) not in (4, 5):
-        pytest.skip("channels_last needs rank 4 or 5")
-    if param_dtype == "float32" and dtype == torch.float32:
-        pytest.skip("same as param_dtype='same'")
+@pytest.mark.parametrize("shape, layout", shape_layouts())
+@pytest.mark.parametrize("dtype, p_dtype", dtype_pairs())
+def test_matches_reference(device, dtype, p_dtype, shape, layout, per_sample):
     x, channel_dim = make_x(shape, layout, dtype, device)
-    p_dtype = dtype if param_dtype == "same" else torch.float32
     p1, p2, beta = make_params(x, channel_dim, per_sample, p_dtype)
     y, grads = check_against_truth(x, p1, p2, beta, channel_dim)
     # Same memory format as x: what empty_like gives (x's strides when dense).

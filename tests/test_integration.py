@@ -1,0 +1,214 @@
+"""The op as PyTorch sees it: registration, fake kernels, torch.compile,
+saved tensors, bad input, and the CPU kernel builds per instruction set."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import acon_cuda
+from acon_cuda import reference
+
+from cases import make_params, make_x
+
+OPS = ["acon_c_forward", "acon_c_backward"]
+
+
+@pytest.mark.parametrize("op", OPS)
+def test_ops_have_kernels(op):
+    name = f"acon::{op}"
+    assert torch._C._dispatch_has_kernel_for_dispatch_key(name, "CPU")
+    assert torch._C._dispatch_has_kernel_for_dispatch_key(name, "Meta")
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "features_last"])
+@pytest.mark.parametrize("per_sample", [False, True], ids=["beta_per_channel", "beta_per_sample"])
+def test_opcheck(device, layout, per_sample):
+    x, channel_dim = make_x((2, 5, 3, 4), layout, torch.float32, device)
+    p1, p2, beta = make_params(x, channel_dim, per_sample, torch.float32)
+    grad = torch.randn_like(x)
+    inputs = [t.requires_grad_() for t in (x, p1, p2, beta)]
+    torch.library.opcheck(torch.ops.acon.acon_c_forward.default, (*inputs, channel_dim))
+    detached = [t.detach() for t in (grad, x, p1, p2, beta)]
+    torch.library.opcheck(torch.ops.acon.acon_c_backward.default, (*detached, channel_dim))
+
+
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+def test_torch_compile_fullgraph_forward_and_backward(device, backend):
+    x, _ = make_x((4, 6, 5, 7), "channels_last", torch.float32, device)
+    params = make_params(x, 1, False, torch.float32)
+
+    def loss(x, p1, p2, beta):
+        return (acon_cuda.acon_c(x, p1, p2, beta) * torch.arange(7.0, device=x.device)).sum()
+
+    compiled = torch.compile(loss, fullgraph=True, backend=backend)
+    eager_in = [t.detach().clone().requires_grad_() for t in (x, *params)]
+    comp_in = [t.detach().clone().requires_grad_() for t in (x, *params)]
+    expected = loss(*eager_in)
+    expected.backward()
+    actual = compiled(*comp_in)
+    actual.backward()
+    torch.testing.assert_close(actual, expected)
+    for a, e in zip(comp_in, eager_in):
+        torch.testing.assert_close(a.grad, e.grad)
+
+
+@pytest.mark.parametrize("per_sample", [False, True], ids=["beta_per_channel", "beta_per_sample"])
+def test_saves_only_inputs_for_backward(device, per_sample):
+    x, _ = make_x((4, 8, 6, 6), "contiguous", torch.float32, device)
+    params = make_params(x, 1, per_sample, torch.float32)
+    inputs = [t.requires_grad_() for t in (x, *params)]
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        y = acon_cuda.acon_c(*inputs)
+    saved_bytes = sum(t.numel() * t.element_size() for t in saved)
+    allowed = sum(t.numel() * t.element_size() for t in inputs)
+    assert saved_bytes <= allowed
+    assert any(t.data_ptr() == x.data_ptr() for t in saved)  # x itself, not a copy
+    y.sum().backward()  # and that is enough for the backward
+
+
+def test_reference_saves_more(device):
+    """The point of the fused op: the plain composite keeps activation-sized
+    intermediates for backward."""
+    x, _ = make_x((4, 8, 6, 6), "contiguous", torch.float32, device)
+    inputs = [t.requires_grad_() for t in (x, *make_params(x, 1, False, torch.float32))]
+    storages = set()
+    with torch.autograd.graph.saved_tensors_hooks(
+        lambda t: storages.add((t.untyped_storage().data_ptr(), t.untyped_storage().nbytes())) or t, lambda t: t
+    ):
+        reference.acon_c(*inputs)
+    assert sum(n for _, n in storages) >= 3 * x.numel() * x.element_size()
+
+
+@pytest.mark.parametrize("per_sample", [False, True], ids=["beta_per_channel", "beta_per_sample"])
+def test_double_backward(device, per_sample):
+    """create_graph=True gives differentiable gradients (gradient penalties)."""
+    x, _ = make_x((2, 3, 4), "contiguous", torch.float64, device)
+    inputs = [t.requires_grad_() for t in (x, *make_params(x, 1, per_sample, torch.float64))]
+    assert torch.autograd.gradgradcheck(lambda *t: acon_cuda.acon_c(*t), inputs)
+
+
+def test_backward_op_itself_is_not_differentiable(device):
+    x, _ = make_x((2, 3, 4), "contiguous", torch.float64, device)
+    inputs = [t.requires_grad_() for t in (x, *make_params(x, 1, False, torch.float64))]
+    grads = torch.ops.acon.acon_c_backward(torch.ones_like(x), *inputs, 1)
+    with pytest.raises(RuntimeError, match="not differentiable"):
+        grads[0].sum().backward()
+
+
+def test_mixed_precision_keeps_x_dtype(device):
+    x = torch.randn(2, 4, 3, 3, device=device, dtype=torch.bfloat16)
+    p1, p2, beta = [t.requires_grad_() for t in make_params(x, 1, False, torch.float32)]
+    y = acon_cuda.acon_c(x, p1, p2, beta)
+    assert y.dtype == torch.bfloat16
+    y.float().sum().backward()
+    assert p1.grad.dtype == p2.grad.dtype == beta.grad.dtype == torch.float32
+
+
+def test_accepts_any_parameter_shape_with_c_values(device):
+    x = torch.randn(2, 4, 3, device=device)
+    p1 = torch.randn(1, 4, 1, device=device)
+    p2 = torch.randn(4, 1, device=device)
+    beta = torch.randn(2, 2, device=device)  # 4 values
+    expected = reference.acon_c(x, p1, p2, beta)
+    torch.testing.assert_close(acon_cuda.acon_c(x, p1, p2, beta), expected)
+
+
+def call(x=None, p1=None, p2=None, beta=None, channel_dim=1):
+    x = torch.randn(2, 3, 4) if x is None else x
+    c = x.shape[channel_dim % x.dim()] if x.dim() > 0 else 1
+    p1 = torch.randn(c) if p1 is None else p1
+    p2 = torch.randn(c) if p2 is None else p2
+    beta = torch.randn(c) if beta is None else beta
+    return acon_cuda.acon_c(x, p1, p2, beta, channel_dim=channel_dim)
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, words",
+    [
+        (dict(x=torch.ones(2, 3, 4, dtype=torch.int64)), TypeError, "x must be a float"),
+        (dict(x=torch.ones(2, 3, 4, dtype=torch.complex64)), TypeError, "x must be a float"),
+        (dict(x=torch.ones(2, 3, 4, dtype=torch.bool)), TypeError, "x must be a float"),
+        (dict(x=torch.ones(5)), ValueError, "at least 2 dimensions"),
+        (dict(x=torch.ones(())), ValueError, "at least 2 dimensions"),
+        (dict(channel_dim=3), ValueError, "channel_dim=3"),
+        (dict(channel_dim=-4), ValueError, "channel_dim=-4"),
+        (dict(p1=torch.randn(4)), ValueError, "p1 must hold C"),
+        (dict(p2=torch.randn(1, 2, 1)), ValueError, "p2 must hold C"),
+        (dict(beta=torch.randn(5)), ValueError, "beta must hold C"),
+        (dict(beta=torch.randn(3, 3)), ValueError, "beta must hold C"),
+        (dict(x=torch.randn(2, 3), beta=torch.randn(2, 2), channel_dim=0), ValueError, "per-sample beta"),
+        (dict(p1=torch.randn(3, dtype=torch.float64)), TypeError, "p1 must have x's dtype"),
+        (dict(x=torch.randn(2, 3, 4).bfloat16(), p2=torch.randn(3).half()), TypeError, "p2 must have x's dtype"),
+        (dict(beta=torch.ones(3, dtype=torch.int32)), TypeError, "beta must have x's dtype"),
+        (dict(p1=torch.randn(3, device="meta")), RuntimeError, "p1 is on meta but x is on cpu"),
+        (dict(beta=torch.randn(3, device="meta")), RuntimeError, "beta is on meta but x is on cpu"),
+    ],
+)
+def test_bad_input_raises_a_clear_error(kwargs, error, words):
+    with pytest.raises(error, match=words):
+        call(**kwargs)
+
+
+def test_bad_input_raises_under_meta_and_compile():
+    x = torch.randn(2, 3, 4, device="meta")
+    with pytest.raises(ValueError, match="p1 must hold C"):
+        acon_cuda.acon_c(x, torch.randn(5, device="meta"), torch.randn(3, device="meta"), torch.randn(3, device="meta"))
+    compiled = torch.compile(acon_cuda.acon_c, fullgraph=True, backend="aot_eager")
+    with pytest.raises(Exception, match="beta must hold C"):
+        compiled(torch.randn(2, 3, 4), torch.randn(3), torch.randn(3), torch.randn(4))
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, words",
+    [
+        (dict(grad_y=torch.randn(2, 3, 5)), ValueError, "grad_y must have x's shape"),
+        (dict(grad_y=torch.randn(2, 3, 4, dtype=torch.float64)), TypeError, "grad_y must have x's dtype"),
+    ],
+)
+def test_backward_op_checks_grad_y(kwargs, error, words):
+    x, p1, p2, beta = torch.randn(2, 3, 4), torch.randn(3), torch.randn(3), torch.randn(3)
+    with pytest.raises(error, match=words):
+        torch.ops.acon.acon_c_backward(kwargs["grad_y"], x, p1, p2, beta, 1)
+
+
+def test_cpu_kernels_use_pytorchs_instruction_set():
+    """The vectorised build that runs is the one PyTorch picked for its own
+    CPU kernels (AVX-512 on this project's machines)."""
+    expected = torch.backends.cpu.get_cpu_capability()
+    if expected not in ("AVX512", "AVX2"):
+        expected = "DEFAULT"
+    assert acon_cuda.cpu_kernel_isa() == expected
+
+
+def supported_isas():
+    capability = torch.backends.cpu.get_cpu_capability()
+    isas = ["default"]
+    if capability in ("AVX2", "AVX512"):
+        isas.append("avx2")
+    if capability == "AVX512":
+        isas.append("avx512")
+    return isas
+
+
+@pytest.mark.parametrize("isa", supported_isas())
+def test_each_cpu_kernel_build_matches_reference(isa):
+    """Each instruction-set build, forced through ATEN_CPU_CAPABILITY in a
+    fresh process, passes the reference comparison."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    env = dict(os.environ, ATEN_CPU_CAPABILITY=isa)
+    check = (
+        "import acon_cuda, sys; isa = acon_cuda.cpu_kernel_isa(); "
+        f"sys.exit(0 if isa == {isa.upper()!r} else 'runs ' + isa)"
+    )
+    subprocess.run([sys.executable, "-c", check], env=env, check=True, timeout=120)
+    selection = "cpu and (float32 or bfloat16 or float64) and not strided and not transposed and not params"
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider",
+         os.path.join(here, "test_acon_c.py"), "-k", selection],
+        env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
