@@ -40,8 +40,8 @@ def dtype_pairs():
 
 
 @pytest.mark.parametrize("per_sample", [False, True], ids=["beta_per_channel", "beta_per_sample"])
-@pytest.mark.parametrize("shape, layout", shape_layouts())
-@pytest.mark.parametrize("dtype, p_dtype", dtype_pairs())
+@pytest.mark.parametrize("shape, layout", list(shape_layouts()))
+@pytest.mark.parametrize("dtype, p_dtype", list(dtype_pairs()))
 def test_matches_reference(device, dtype, p_dtype, shape, layout, per_sample):
     x, channel_dim = make_x(shape, layout, dtype, device)
     p1, p2, beta = make_params(x, channel_dim, per_sample, p_dtype)
