@@ -13,6 +13,7 @@
 #include <c10/util/irange.h>
 
 #include <algorithm>
+#include <cstdint>
 #include <vector>
 
 namespace acon_cuda::cpu::CPU_CAPABILITY {
@@ -27,6 +28,9 @@ constexpr int64_t kGrainElements = 32768;
 // threads: each block sums in a fixed order, then blocks are combined in order.
 constexpr int64_t kBlockElements = 65536;
 constexpr int64_t kMaxBlocks = 64;
+// Fewer blocks for very wide C, so the blocks' partial sums (3 * C doubles
+// each) stay within this many doubles.
+constexpr int64_t kPartialBudget = int64_t(1) << 18;
 // Opmath partial sums are moved into double at least this often, which bounds
 // the rounding error of float accumulation.
 constexpr int64_t kFlushRows = 64;
@@ -34,6 +38,21 @@ constexpr int64_t kFlushElements = 4096;
 
 int64_t ceil_div(int64_t a, int64_t b) {
   return (a + b - 1) / b;
+}
+
+// Grow-only scratch memory of the calling thread, 64-byte aligned: the
+// kernels allocate nothing per call (repeated large allocations make the
+// system allocator hand pages back and fault them in again). kSlot tells
+// apart buffers that are live at the same time.
+template <typename T, int kSlot>
+T* thread_scratch(int64_t n) {
+  constexpr int64_t kAlign = 64 / sizeof(T);
+  thread_local std::vector<T> buffer;
+  if (static_cast<int64_t>(buffer.size()) < n + kAlign) {
+    buffer.resize(n + kAlign);
+  }
+  const auto address = reinterpret_cast<std::uintptr_t>(buffer.data());
+  return buffer.data() + (kAlign - static_cast<int64_t>(address % 64) / sizeof(T)) % kAlign;
 }
 
 // Loads and stores kStep elements of scalar_t as kNumF vectors of opmath_t:
@@ -349,21 +368,21 @@ void backward_typed(const AconCKernelArgs& args) {
   const int64_t numel = lay.groups * lay.outer * C * lay.inner;
 
   // A block covers either whole groups or a slice of one group.
-  const int64_t target = std::clamp<int64_t>(ceil_div(numel, kBlockElements), 1, kMaxBlocks);
+  const int64_t max_blocks = std::clamp<int64_t>(kPartialBudget / (3 * C), 1, kMaxBlocks);
+  const int64_t target = std::clamp<int64_t>(ceil_div(numel, kBlockElements), 1, max_blocks);
   const bool whole_groups = lay.groups >= target;
   const int64_t splits = whole_groups ? 1 : std::min(ceil_div(target, lay.groups), units);
   const int64_t blocks = whole_groups ? target : lay.groups * splits;
   const bool g_direct = lay.per_sample_beta && whole_groups;
 
   // partial[k] holds block k's sums: a[C], b[C], g[C].
-  std::vector<double> partial(blocks * 3 * C, 0.0);
+  double* partial = thread_scratch<double, 0>(blocks * 3 * C);
   at::parallel_for(0, blocks, 1, [&](int64_t kb, int64_t ke) {
-    at::Tensor acc;  // per task, for the channels-innermost kernel
-    if (channels_inner) {
-      acc = at::empty({3 * args.padded_channels}, c10::CppTypeToScalarType<opmath_t>::value);
-    }
+    // Per worker thread, for the channels-innermost kernel.
+    opmath_t* acc = channels_inner ? thread_scratch<opmath_t, 1>(3 * args.padded_channels) : nullptr;
     for (int64_t k = kb; k < ke; ++k) {
-      double* own = partial.data() + k * 3 * C;
+      double* own = partial + k * 3 * C;
+      std::fill(own, own + 3 * C, 0.0);
       int64_t g0, g1, u0, u1;
       if (whole_groups) {
         g0 = k * lay.groups / blocks;
@@ -379,8 +398,7 @@ void backward_typed(const AconCKernelArgs& args) {
       for (int64_t g = g0; g < g1; ++g) {
         const BlockSinks sinks{own, own + C, g_direct ? args.sum_g + g * C : own + 2 * C};
         if (channels_inner) {
-          backward_rows_channels_inner<scalar_t>(
-              args, g, u0, u1, sinks, acc.mutable_data_ptr<opmath_t>());
+          backward_rows_channels_inner<scalar_t>(args, g, u0, u1, sinks, acc);
         } else {
           backward_rows_channel_runs<scalar_t>(args, g, u0, u1, sinks);
         }
@@ -390,7 +408,7 @@ void backward_typed(const AconCKernelArgs& args) {
 
   // Fixed-order combine of the block partials.
   for (int64_t k = 0; k < blocks; ++k) {
-    const double* own = partial.data() + k * 3 * C;
+    const double* own = partial + k * 3 * C;
     // Without g_direct, block k adds to group k / splits for a per-sample
     // beta (whole_groups is false then), and to the single row otherwise.
     double* g_row = lay.per_sample_beta ? args.sum_g + (k / splits) * C : args.sum_g;
