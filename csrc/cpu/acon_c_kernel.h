@@ -18,7 +18,8 @@ struct ParamLines {
   static constexpr int64_t kLine = 64 / sizeof(opmath_t);
   // Index of channel c's d; its p2 is kLine further on, its bd 2 * kLine.
   static constexpr int64_t index(int64_t c) {
-    return (c / kLine) * 3 * kLine + c % kLine;
+    const auto u = static_cast<uint64_t>(c);  // unsigned: shifts, not divisions
+    return static_cast<int64_t>((u / kLine) * 3 * kLine + u % kLine);
   }
 };
 

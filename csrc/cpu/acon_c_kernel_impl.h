@@ -188,59 +188,80 @@ struct ChannelParams {
   ChannelParams(FVec d_, FVec p2_, FVec bd_) : d(d_), p2(p2_), bd(bd_) {}
 };
 
+// Forward over rows [r0, r1) of group g, channels innermost (inner == 1).
+// Like every kernel loop here, it keeps what it reads in local variables:
+// vector stores may alias anything, so fields read through a reference would
+// be reloaded after every store.
 template <typename scalar_t>
-void forward_typed(const AconCKernelArgs& args) {
+void forward_rows_channels_inner(const AconCKernelArgs& args, int64_t g, int64_t r0, int64_t r1) {
   using L = Lanes<scalar_t>;
   using opmath_t = typename L::opmath_t;
-  using Params = ChannelParams<typename L::FVec, opmath_t>;
   using FVec = typename L::FVec;
-  const ChannelLayout& lay = args.layout;
-  const int64_t C = lay.channels;
-  const int64_t I = lay.inner;
+  const int64_t C = args.layout.channels;
+  const auto* lines = static_cast<const opmath_t*>(args.params) + g * args.group_stride;
   const auto* x = static_cast<const scalar_t*>(args.x);
   auto* y = static_cast<scalar_t*>(args.out);
-  const auto* params = static_cast<const opmath_t*>(args.params);
+  for (int64_t r = r0; r < r1; ++r) {
+    for (int64_t c = 0; c < C; c += L::kStep) {
+      const int64_t n = std::min(L::kStep, C - c);
+      FVec v[L::kNumF];
+      L::load(x + r * C + c, n, v);
+      for (const auto j : c10::irange(L::kNumF)) {
+        const ChannelParams<FVec, opmath_t> p(lines, c + j * L::kWidth);
+        v[j] = acon_c_value(v[j], p.d, p.p2, p.bd);
+      }
+      L::store(y + r * C + c, n, v);
+    }
+  }
+}
 
-  if (I == 1) {
+// Forward over rows [r0, r1), one channel per row (inner > 1).
+template <typename scalar_t>
+void forward_rows_channel_runs(const AconCKernelArgs& args, int64_t r0, int64_t r1) {
+  using L = Lanes<scalar_t>;
+  using opmath_t = typename L::opmath_t;
+  using FVec = typename L::FVec;
+  using Params = ChannelParams<FVec, opmath_t>;
+  const int64_t C = args.layout.channels;
+  const int64_t I = args.layout.inner;
+  const int64_t group_rows = args.layout.outer * C;
+  const int64_t group_stride = args.group_stride;
+  const auto* params = static_cast<const opmath_t*>(args.params);
+  const auto* x = static_cast<const scalar_t*>(args.x);
+  auto* y = static_cast<scalar_t*>(args.out);
+  for (int64_t r = r0; r < r1; ++r) {
+    const Params p = Params::broadcast(params + (r / group_rows) * group_stride, r % C);
+    for (int64_t i = 0; i < I; i += L::kStep) {
+      const int64_t n = std::min(L::kStep, I - i);
+      FVec v[L::kNumF];
+      L::load(x + r * I + i, n, v);
+      for (const auto j : c10::irange(L::kNumF)) {
+        v[j] = acon_c_value(v[j], p.d, p.p2, p.bd);
+      }
+      L::store(y + r * I + i, n, v);
+    }
+  }
+}
+
+template <typename scalar_t>
+void forward_typed(const AconCKernelArgs& args) {
+  const ChannelLayout& lay = args.layout;
+  if (lay.inner == 1) {
     // Channels innermost: a row is C elements, parameters vary along it.
     const int64_t rows = lay.groups * lay.outer;
-    at::parallel_for(0, rows, ceil_div(kGrainElements, C), [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, rows, ceil_div(kGrainElements, lay.channels), [&](int64_t begin, int64_t end) {
       for (int64_t r0 = begin; r0 < end;) {  // group by group
         const int64_t g = r0 / lay.outer;
         const int64_t r1 = std::min(end, (g + 1) * lay.outer);
-        const opmath_t* lines = params + g * args.group_stride;
-        for (int64_t r = r0; r < r1; ++r) {
-          for (int64_t c = 0; c < C; c += L::kStep) {
-            const int64_t n = std::min(L::kStep, C - c);
-            FVec v[L::kNumF];
-            L::load(x + r * C + c, n, v);
-            for (const auto j : c10::irange(L::kNumF)) {
-              const Params p(lines, c + j * L::kWidth);
-              v[j] = acon_c_value(v[j], p.d, p.p2, p.bd);
-            }
-            L::store(y + r * C + c, n, v);
-          }
-        }
+        forward_rows_channels_inner<scalar_t>(args, g, r0, r1);
         r0 = r1;
       }
     });
   } else {
     // A row is the `inner` elements of one channel: parameters are scalars.
-    const int64_t rows = lay.groups * lay.outer * C;
-    at::parallel_for(0, rows, ceil_div(kGrainElements, I), [&](int64_t begin, int64_t end) {
-      for (int64_t r = begin; r < end; ++r) {
-        const int64_t g = r / (lay.outer * C);
-        const Params p = Params::broadcast(params + g * args.group_stride, r % C);
-        for (int64_t i = 0; i < I; i += L::kStep) {
-          const int64_t n = std::min(L::kStep, I - i);
-          FVec v[L::kNumF];
-          L::load(x + r * I + i, n, v);
-          for (const auto j : c10::irange(L::kNumF)) {
-            v[j] = acon_c_value(v[j], p.d, p.p2, p.bd);
-          }
-          L::store(y + r * I + i, n, v);
-        }
-      }
+    const int64_t rows = lay.groups * lay.outer * lay.channels;
+    at::parallel_for(0, rows, ceil_div(kGrainElements, lay.inner), [&](int64_t begin, int64_t end) {
+      forward_rows_channel_runs<scalar_t>(args, begin, end);
     });
   }
 }
