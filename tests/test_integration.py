@@ -1,6 +1,7 @@
 """The op as PyTorch sees it: registration, fake kernels, torch.compile,
 saved tensors, bad input, and the CPU kernel builds per instruction set."""
 
+import math
 import os
 import subprocess
 import sys
@@ -53,6 +54,34 @@ def test_torch_compile_fullgraph_forward_and_backward(device, backend):
     torch.testing.assert_close(actual, expected)
     for a, e in zip(comp_in, eager_in):
         torch.testing.assert_close(a.grad, e.grad)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "features_last"])
+@pytest.mark.parametrize("per_sample", [False, True], ids=["beta_per_channel", "beta_per_sample"])
+def test_supported_layouts_are_not_copied(device, layout, per_sample):
+    """Forward and backward run on x (and a gradient of x's layout) in place:
+    no copy, clone or contiguous-ing kernel of activation size."""
+    x, channel_dim = make_x((4, 16, 9, 11), layout, torch.float32, device)
+    inputs = [t.requires_grad_() for t in (x, *make_params(x, channel_dim, per_sample, torch.float32))]
+    grad = torch.randn_like(x)
+    with torch.profiler.profile(record_shapes=True) as prof:
+        y = acon_cuda.acon_c(*inputs, channel_dim=channel_dim)
+        torch.autograd.grad(y, inputs, grad)
+    copy_ops = ("aten::copy_", "aten::clone", "aten::_to_copy", "aten::contiguous")
+
+    def activation_copies(prof):
+        return [
+            (e.key, e.input_shapes)
+            for e in prof.key_averages(group_by_input_shape=True)
+            if e.key in copy_ops and any(math.prod(shape) == x.numel() for shape in e.input_shapes if shape)
+        ]
+
+    assert not activation_copies(prof)
+    # The check can see a copy: a gradient in another layout needs one.
+    with torch.profiler.profile(record_shapes=True) as prof:
+        other_layout = grad.transpose(0, 1).contiguous().transpose(0, 1)
+        torch.autograd.grad(acon_cuda.acon_c(*inputs, channel_dim=channel_dim), inputs, other_layout)
+    assert activation_copies(prof)
 
 
 @pytest.mark.parametrize("per_sample", [False, True], ids=["beta_per_channel", "beta_per_sample"])
