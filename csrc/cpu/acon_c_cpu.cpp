@@ -12,61 +12,33 @@
 namespace acon_cuda::cpu {
 namespace {
 
-enum class KernelIsa { kDefault, kAvx2, kAvx512 };
+// One build of the CPU kernels.
+struct CpuKernels {
+  const char* isa;
+  void (*forward)(const AconCKernelArgs&);
+  void (*backward)(const AconCKernelArgs&);
+};
 
-// PyTorch's own choice for its CPU kernels: it honours ATEN_CPU_CAPABILITY
-// and what this CPU supports.
-KernelIsa kernel_isa() {
-  static const KernelIsa isa = [] {
+// The build for PyTorch's own choice of CPU capability, which honours
+// ATEN_CPU_CAPABILITY and what this CPU supports.
+const CpuKernels& cpu_kernels() {
+  static const CpuKernels chosen = [] {
 #ifdef ACON_CPU_X86_VARIANTS
     const std::string capability = at::get_cpu_capability();
     if (capability == "AVX512") {
-      return KernelIsa::kAvx512;
+      return CpuKernels{"AVX512", AVX512::acon_c_forward_kernel, AVX512::acon_c_backward_kernel};
     }
     if (capability == "AVX2") {
-      return KernelIsa::kAvx2;
+      return CpuKernels{"AVX2", AVX2::acon_c_forward_kernel, AVX2::acon_c_backward_kernel};
     }
 #endif
-    return KernelIsa::kDefault;
+    return CpuKernels{"DEFAULT", DEFAULT::acon_c_forward_kernel, DEFAULT::acon_c_backward_kernel};
   }();
-  return isa;
+  return chosen;
 }
 
 std::string kernel_isa_name() {
-  switch (kernel_isa()) {
-    case KernelIsa::kAvx512:
-      return "AVX512";
-    case KernelIsa::kAvx2:
-      return "AVX2";
-    default:
-      return "DEFAULT";
-  }
-}
-
-void run_forward_kernel(const AconCKernelArgs& args) {
-  switch (kernel_isa()) {
-#ifdef ACON_CPU_X86_VARIANTS
-    case KernelIsa::kAvx512:
-      return AVX512::acon_c_forward_kernel(args);
-    case KernelIsa::kAvx2:
-      return AVX2::acon_c_forward_kernel(args);
-#endif
-    default:
-      return DEFAULT::acon_c_forward_kernel(args);
-  }
-}
-
-void run_backward_kernel(const AconCKernelArgs& args) {
-  switch (kernel_isa()) {
-#ifdef ACON_CPU_X86_VARIANTS
-    case KernelIsa::kAvx512:
-      return AVX512::acon_c_backward_kernel(args);
-    case KernelIsa::kAvx2:
-      return AVX2::acon_c_backward_kernel(args);
-#endif
-    default:
-      return DEFAULT::acon_c_backward_kernel(args);
-  }
+  return cpu_kernels().isa;
 }
 
 // The ParamLines tables of AconCKernelArgs: C-sized, never x-sized. The CPU
@@ -132,7 +104,7 @@ at::Tensor acon_c_forward_cpu(
   at::Tensor y = at::empty_like(x);
   if (x.numel() > 0) {
     AconCKernelArgs args{};
-    launch(y, x, p1, p2, beta, cdim, at::Tensor(), args, run_forward_kernel);
+    launch(y, x, p1, p2, beta, cdim, at::Tensor(), args, cpu_kernels().forward);
   }
   return y;
 }
@@ -152,7 +124,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> acon_c_backward_cpu(
     args.sum_a = s;
     args.sum_b = s + C;
     args.sum_g = s + 2 * C;
-    launch(grad_x, x, p1, p2, beta, cdim, grad_y, args, run_backward_kernel);
+    launch(grad_x, x, p1, p2, beta, cdim, grad_y, args, cpu_kernels().backward);
   }
   const at::Tensor a = sums.narrow(0, 0, C);
   const at::Tensor b = sums.narrow(0, C, C);
