@@ -2,8 +2,6 @@
 // tables, and the choice of kernel build for this CPU.
 #include "acon_c_kernel.h"
 
-#include <ATen/Dispatch.h>
-#include <ATen/OpMathType.h>
 #include <ATen/Version.h>
 #include <torch/library.h>
 
@@ -74,11 +72,11 @@ at::Tensor build_param_lines(
 
 // Runs `kernel` with x (and grad_y) in the layout of `out`, parameter tables
 // built for x's dtype, and `out` written in place.
-template <typename Kernel>
 void launch(
     const at::Tensor& out, const at::Tensor& x, const at::Tensor& p1,
     const at::Tensor& p2, const at::Tensor& beta, int64_t cdim,
-    const at::Tensor& grad_y, AconCKernelArgs& args, const Kernel& kernel) {
+    const at::Tensor& grad_y, AconCKernelArgs& args,
+    void (*kernel)(const AconCKernelArgs&)) {
   WorkTensors w = make_work_tensors(out, x, beta, cdim, grad_y);
   args.layout = w.layout;
   args.dtype = x.scalar_type();
