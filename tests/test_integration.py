@@ -56,6 +56,30 @@ def test_torch_compile_fullgraph_forward_and_backward(device, backend):
         torch.testing.assert_close(a.grad, e.grad)
 
 
+def test_compiled_graphs_call_the_fused_ops(device):
+    """AOTAutograd traces the fused forward and backward ops, not the
+    plain-PyTorch formula that serves double backward."""
+    from functorch.compile import make_boxed_func
+    from torch._dynamo.backends.common import aot_autograd
+
+    graphs = []
+
+    def keep(gm, example_inputs):
+        graphs.append([str(n.target) for n in gm.graph.nodes if n.op == "call_function"])
+        return make_boxed_func(gm.forward)
+
+    x, _ = make_x((2, 3, 4), "contiguous", torch.float32, device)
+    inputs = [t.requires_grad_() for t in (x, *make_params(x, 1, False, torch.float32))]
+    compiled = torch.compile(
+        lambda *t: acon_cuda.acon_c(*t).sum(), backend=aot_autograd(fw_compiler=keep, bw_compiler=keep), fullgraph=True
+    )
+    compiled(*inputs).backward()
+    forward, backward = graphs
+    assert "acon.acon_c_forward.default" in forward
+    assert "acon.acon_c_backward.default" in backward
+    assert "aten.sigmoid.default" not in forward + backward
+
+
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last", "features_last"])
 @pytest.mark.parametrize("per_sample", [False, True], ids=["beta_per_channel", "beta_per_sample"])
 def test_supported_layouts_are_not_copied(device, layout, per_sample):
