@@ -124,11 +124,13 @@ def run_truth(x, p1, p2, beta, channel_dim, grad):
 
 
 def assert_close_to_truth(actual, truth, size, opmath_dtype):
-    """|actual - truth| <= rounding to actual's dtype + compute error * bound.
+    """|actual - truth| <= rounding to actual's dtype + arithmetic error.
 
-    `size` is (magnitude, truth's own error): the magnitude of the terms that made each value (for a sum,
+    `size` is (magnitude, truth's own error). The arithmetic error is taken
+    relative to the magnitude of the terms that made each value (for a sum,
     the sum of their absolute values), so the test stays tight where a result
-    is small because its terms are, and fair where they cancel.
+    is small because its terms are, and fair where they cancel. NaN must meet
+    NaN and an infinity the same infinity.
     """
     # Rounding the result to a dtype narrower than the arithmetic's.
     out_rtol, out_atol = (0.0, 0.0) if actual.dtype == opmath_dtype else ROUNDING[actual.dtype]
