@@ -275,6 +275,60 @@ struct BlockSinks {
   double* g;
 };
 
+// Backward over `rows` rows of C channels (channels innermost) that span at
+// most kChunks vectors of scalar_t, kChunks * kNumF <= kMaxRegisterVectors:
+// each chunk's parameters and partial sums stay in registers over all rows.
+// The sums are added into `acc` (ParamLines layout) at the end.
+constexpr int kMaxRegisterVectors = 4;
+
+template <typename scalar_t, int kChunks>
+void backward_narrow_rows(
+    const scalar_t* x, const scalar_t* dy, scalar_t* dx, int64_t C, int64_t rows,
+    const at::opmath_type<scalar_t>* lines, at::opmath_type<scalar_t>* acc) {
+  using L = Lanes<scalar_t>;
+  using opmath_t = typename L::opmath_t;
+  using FVec = typename L::FVec;
+  using Lines = ParamLines<opmath_t>;
+  constexpr int kF = L::kNumF;
+  FVec d[kChunks][kF], p2[kChunks][kF], bd[kChunks][kF];
+  FVec sa[kChunks][kF], sb[kChunks][kF], sg[kChunks][kF];
+  int64_t n[kChunks];
+  for (const auto k : c10::irange(kChunks)) {
+    n[k] = std::min(L::kStep, C - k * L::kStep);
+    for (const auto j : c10::irange(kF)) {
+      const ChannelParams<FVec, opmath_t> p(lines, k * L::kStep + j * L::kWidth);
+      d[k][j] = p.d;
+      p2[k][j] = p.p2;
+      bd[k][j] = p.bd;
+      sa[k][j] = sb[k][j] = sg[k][j] = FVec(0);
+    }
+  }
+  for (int64_t r = 0; r < rows; ++r) {
+    for (const auto k : c10::irange(kChunks)) {
+      const int64_t offset = r * C + k * L::kStep;
+      FVec xv[kF], dyv[kF];
+      L::load(x + offset, n[k], xv);
+      L::load(dy + offset, n[k], dyv);
+      for (const auto j : c10::irange(kF)) {
+        const auto grad = acon_c_grad(xv[j], dyv[j], d[k][j], p2[k][j], bd[k][j]);
+        xv[j] = grad.dx;
+        sa[k][j] = sa[k][j] + grad.a;
+        sb[k][j] = sb[k][j] + grad.b;
+        sg[k][j] = sg[k][j] + grad.g;
+      }
+      L::store(dx + offset, n[k], xv);
+    }
+  }
+  for (const auto k : c10::irange(kChunks)) {
+    for (const auto j : c10::irange(kF)) {
+      opmath_t* s = acc + Lines::index(k * L::kStep + j * L::kWidth);
+      (FVec::loadu(s) + sa[k][j]).store(s);
+      (FVec::loadu(s + Lines::kLine) + sb[k][j]).store(s + Lines::kLine);
+      (FVec::loadu(s + 2 * Lines::kLine) + sg[k][j]).store(s + 2 * Lines::kLine);
+    }
+  }
+}
+
 // Backward over rows [u0, u1) of group g, channels innermost (inner == 1).
 // `acc` (3 * padded_channels, 64-byte aligned) holds opmath partial sums of
 // a, b and g in the ParamLines layout: one stream, like the parameters.
@@ -305,31 +359,51 @@ void backward_rows_channels_inner(
     std::fill(acc, acc + acc_size, opmath_t(0));
   };
 
-  int64_t pending = 0;
-  for (int64_t r = u0; r < u1; ++r) {
-    for (int64_t c = 0; c < C; c += L::kStep) {
-      const int64_t n = std::min(L::kStep, C - c);
-      FVec xv[L::kNumF], dyv[L::kNumF];
-      L::load(x + r * C + c, n, xv);
-      L::load(dy + r * C + c, n, dyv);
-      for (const auto j : c10::irange(L::kNumF)) {
-        const int64_t cj = c + j * L::kWidth;
-        const ChannelParams<FVec, opmath_t> p(lines, cj);
-        const auto grad = acon_c_grad(xv[j], dyv[j], p.d, p.p2, p.bd);
-        xv[j] = grad.dx;
-        opmath_t* s = acc + Lines::index(cj);
-        (FVec::loadu(s) + grad.a).store(s);
-        (FVec::loadu(s + Lines::kLine) + grad.b).store(s + Lines::kLine);
-        (FVec::loadu(s + 2 * Lines::kLine) + grad.g).store(s + 2 * Lines::kLine);
+  const int64_t chunks = ceil_div(C, L::kStep);
+  for (int64_t r0 = u0; r0 < u1; r0 += kFlushRows) {
+    const int64_t r1 = std::min(u1, r0 + kFlushRows);
+    const int64_t offset = r0 * C;
+    if (chunks * L::kNumF <= kMaxRegisterVectors) {
+      const auto narrow = [&](auto chunk_count) {
+        backward_narrow_rows<scalar_t, decltype(chunk_count)::value>(
+            x + offset, dy + offset, dx + offset, C, r1 - r0, lines, acc);
+      };
+      switch (chunks) {
+        case 1:
+          narrow(std::integral_constant<int, 1>());
+          break;
+        case 2:
+          narrow(std::integral_constant<int, 2>());
+          break;
+        case 3:
+          narrow(std::integral_constant<int, 3>());
+          break;
+        default:
+          narrow(std::integral_constant<int, kMaxRegisterVectors / L::kNumF>());
       }
-      L::store(dx + r * C + c, n, xv);
+    } else {
+      for (int64_t r = r0; r < r1; ++r) {
+        for (int64_t c = 0; c < C; c += L::kStep) {
+          const int64_t n = std::min(L::kStep, C - c);
+          FVec xv[L::kNumF], dyv[L::kNumF];
+          L::load(x + r * C + c, n, xv);
+          L::load(dy + r * C + c, n, dyv);
+          for (const auto j : c10::irange(L::kNumF)) {
+            const int64_t cj = c + j * L::kWidth;
+            const ChannelParams<FVec, opmath_t> p(lines, cj);
+            const auto grad = acon_c_grad(xv[j], dyv[j], p.d, p.p2, p.bd);
+            xv[j] = grad.dx;
+            opmath_t* s = acc + Lines::index(cj);
+            (FVec::loadu(s) + grad.a).store(s);
+            (FVec::loadu(s + Lines::kLine) + grad.b).store(s + Lines::kLine);
+            (FVec::loadu(s + 2 * Lines::kLine) + grad.g).store(s + 2 * Lines::kLine);
+          }
+          L::store(dx + r * C + c, n, xv);
+        }
+      }
     }
-    if (++pending == kFlushRows) {
-      flush();
-      pending = 0;
-    }
+    flush();
   }
-  flush();
 }
 
 // Backward over rows [u0, u1) of group g, one channel per row (inner > 1).
