@@ -39,35 +39,23 @@ std::string kernel_isa_name() {
   return cpu_kernels().isa;
 }
 
-// The ParamLines tables of AconCKernelArgs: C-sized, never x-sized. The CPU
-// allocator aligns them to 64 bytes, so vector loads never straddle lines.
+// The ParamLines of AconCKernelArgs: C-sized. The CPU allocator aligns them
+// to 64 bytes, so vector loads never straddle cache lines.
 template <typename opmath_t>
-at::Tensor build_param_lines(
-    const at::Tensor& p1, const at::Tensor& p2, const at::Tensor& beta,
-    const ChannelLayout& layout, int64_t padded_channels) {
-  using Lines = ParamLines<opmath_t>;
+at::Tensor build_param_lines(const at::Tensor& p1, const at::Tensor& p2, int64_t padded_channels) {
   const auto opmath = c10::CppTypeToScalarType<opmath_t>::value;
   const at::Tensor p1c = p1.reshape(-1).to(opmath).contiguous();
   const at::Tensor p2c = p2.reshape(-1).to(opmath).contiguous();
-  const at::Tensor bc = beta.reshape(-1).to(opmath).contiguous();
   const opmath_t* p1v = p1c.const_data_ptr<opmath_t>();
   const opmath_t* p2v = p2c.const_data_ptr<opmath_t>();
-  const opmath_t* bv = bc.const_data_ptr<opmath_t>();
-  const int64_t C = layout.channels;
-
-  at::Tensor tables = at::zeros({layout.groups * 3 * padded_channels}, p1c.options());
-  opmath_t* base = tables.mutable_data_ptr<opmath_t>();
-  for (int64_t g = 0; g < layout.groups; ++g) {
-    opmath_t* t = base + g * 3 * padded_channels;
-    for (int64_t c = 0; c < C; ++c) {
-      const opmath_t d = p1v[c] - p2v[c];
-      opmath_t* line = t + Lines::index(c);
-      line[0] = d;
-      line[Lines::kLine] = p2v[c];
-      line[2 * Lines::kLine] = bv[g * C + c] * d;
-    }
+  at::Tensor lines = at::zeros({2 * padded_channels}, p1c.options());
+  opmath_t* base = lines.mutable_data_ptr<opmath_t>();
+  for (int64_t c = 0; c < p1c.numel(); ++c) {
+    opmath_t* line = base + ParamLines<opmath_t>::index(c);
+    line[0] = p1v[c] - p2v[c];
+    line[ParamLines<opmath_t>::kLine] = p2v[c];
   }
-  return tables;
+  return lines;
 }
 
 // Runs `kernel` with x (and grad_y) in the layout of `out`, parameter tables
@@ -81,14 +69,16 @@ void launch(
   args.layout = w.layout;
   args.dtype = x.scalar_type();
   args.padded_channels = (w.layout.channels + kTableAlign - 1) / kTableAlign * kTableAlign;
-  args.group_stride = 3 * args.padded_channels;
   args.x = w.x.const_data_ptr();
   args.grad_y = grad_y.defined() ? w.grad_y.const_data_ptr() : nullptr;
   args.out = w.out.mutable_data_ptr();
-  const at::Tensor tables = x.scalar_type() == at::kDouble
-      ? build_param_lines<double>(p1, p2, beta, w.layout, args.padded_channels)
-      : build_param_lines<float>(p1, p2, beta, w.layout, args.padded_channels);
-  args.params = tables.const_data_ptr();
+  const bool is_double = x.scalar_type() == at::kDouble;
+  const at::Tensor lines = is_double ? build_param_lines<double>(p1, p2, args.padded_channels)
+                                     : build_param_lines<float>(p1, p2, args.padded_channels);
+  // No copy for the usual float32 (float64) beta.
+  const at::Tensor beta_opmath = beta.reshape(-1).to(is_double ? at::kDouble : at::kFloat).contiguous();
+  args.params = lines.const_data_ptr();
+  args.beta = beta_opmath.const_data_ptr();
   kernel(args);
   if (!w.out.is_same(out)) {
     out.copy_(w.out);

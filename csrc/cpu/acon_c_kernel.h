@@ -8,28 +8,32 @@
 
 namespace acon_cuda::cpu {
 
-// Per-channel values in opmath precision (float, or double for float64 x):
-// d = p1 - p2, p2 and bd = beta * d. They are interleaved one cache line at a
-// time ([d line][p2 line][bd line] for each line of channels), so that a
-// channels-innermost kernel reads one table stream rather than three. A
-// per-sample beta has one such table per group; group_stride apart.
-template <typename opmath_t>
-struct ParamLines {
-  static constexpr int64_t kLine = 64 / sizeof(opmath_t);
-  // Index of channel c's d; its p2 is kLine further on, its bd 2 * kLine.
+// Per-channel arrays interleaved one cache line at a time: kRows values per
+// channel ([row 0 line][row 1 line]... for each line of channels), so that a
+// channels-innermost kernel reads one stream rather than kRows.
+template <typename T, int kRows>
+struct Lines {
+  static constexpr int64_t kLine = 64 / sizeof(T);
+  // Index of channel c's row-0 value; its row-k value is k * kLine further on.
   static constexpr int64_t index(int64_t c) {
     const auto u = static_cast<uint64_t>(c);  // unsigned: shifts, not divisions
-    return static_cast<int64_t>((u / kLine) * 3 * kLine + u % kLine);
+    return static_cast<int64_t>((u / kLine) * kRows * kLine + u % kLine);
   }
 };
+
+// d = p1 - p2 and p2 in opmath precision (float, or double for float64 x).
+template <typename opmath_t>
+using ParamLines = Lines<opmath_t, 2>;
 
 struct AconCKernelArgs {
   ChannelLayout layout;
   at::ScalarType dtype;
   // Channels rounded up to kTableAlign: vector loads past C stay in bounds.
   int64_t padded_channels;
-  const void* params;  // ParamLines tables, 64-byte aligned, zero padding
-  int64_t group_stride;  // elements between the tables of two groups
+  const void* params;  // ParamLines, 64-byte aligned, zero padding
+  // beta in opmath precision, contiguous, C values per group (one group, or
+  // one per sample), not padded. Kernels take beta * d as the reference does.
+  const void* beta;
   const void* x;       // dtype, contiguous in layout order
   const void* grad_y;  // backward only
   void* out;           // y (forward) or grad_x (backward)

@@ -167,21 +167,24 @@ inline AconCGrad<V> acon_c_grad(
   return {dy * at::vec::fmadd(d, h, p2), b * h, b, (dy * dxd) * (dxd * (s * s_neg))};
 }
 
-// d, p2 and bd of the kWidth channels from c on (ParamLines layout).
+// d, p2 and bd = beta * d (rounded as the reference rounds it) of the kWidth
+// channels from c on; `count` of them are real channels (beta is not padded).
 template <typename FVec, typename opmath_t>
 struct ChannelParams {
   FVec d, p2, bd;
-  ChannelParams(const opmath_t* lines, int64_t c) {
-    const opmath_t* p = lines + ParamLines<opmath_t>::index(c);
+  ChannelParams(const opmath_t* lines, const opmath_t* beta, int64_t c, int64_t count) {
+    using PL = ParamLines<opmath_t>;
+    const opmath_t* p = lines + PL::index(c);
     d = FVec::loadu(p);
-    p2 = FVec::loadu(p + ParamLines<opmath_t>::kLine);
-    bd = FVec::loadu(p + 2 * ParamLines<opmath_t>::kLine);
+    p2 = FVec::loadu(p + PL::kLine);
+    const FVec b = count >= FVec::size() ? FVec::loadu(beta + c) : FVec::loadu(beta + c, std::max<int64_t>(count, 0));
+    bd = b * d;
   }
   // The same values in every lane: channel c alone (rows of one channel).
-  static ChannelParams broadcast(const opmath_t* lines, int64_t c) {
-    const opmath_t* p = lines + ParamLines<opmath_t>::index(c);
-    constexpr int64_t kLine = ParamLines<opmath_t>::kLine;
-    return ChannelParams(FVec(p[0]), FVec(p[kLine]), FVec(p[2 * kLine]));
+  static ChannelParams broadcast(const opmath_t* lines, const opmath_t* beta, int64_t c) {
+    using PL = ParamLines<opmath_t>;
+    const opmath_t* p = lines + PL::index(c);
+    return ChannelParams(FVec(p[0]), FVec(p[PL::kLine]), FVec(beta[c] * p[0]));
   }
 
  private:
@@ -198,7 +201,8 @@ void forward_rows_channels_inner(const AconCKernelArgs& args, int64_t g, int64_t
   using opmath_t = typename L::opmath_t;
   using FVec = typename L::FVec;
   const int64_t C = args.layout.channels;
-  const auto* lines = static_cast<const opmath_t*>(args.params) + g * args.group_stride;
+  const auto* lines = static_cast<const opmath_t*>(args.params);
+  const auto* beta = static_cast<const opmath_t*>(args.beta) + g * C;
   const auto* x = static_cast<const scalar_t*>(args.x);
   auto* y = static_cast<scalar_t*>(args.out);
   for (int64_t r = r0; r < r1; ++r) {
@@ -207,7 +211,7 @@ void forward_rows_channels_inner(const AconCKernelArgs& args, int64_t g, int64_t
       FVec v[L::kNumF];
       L::load(x + r * C + c, n, v);
       for (const auto j : c10::irange(L::kNumF)) {
-        const ChannelParams<FVec, opmath_t> p(lines, c + j * L::kWidth);
+        const ChannelParams<FVec, opmath_t> p(lines, beta, c + j * L::kWidth, n - j * L::kWidth);
         v[j] = acon_c_value(v[j], p.d, p.p2, p.bd);
       }
       L::store(y + r * C + c, n, v);
@@ -225,12 +229,12 @@ void forward_rows_channel_runs(const AconCKernelArgs& args, int64_t r0, int64_t 
   const int64_t C = args.layout.channels;
   const int64_t I = args.layout.inner;
   const int64_t group_rows = args.layout.outer * C;
-  const int64_t group_stride = args.group_stride;
-  const auto* params = static_cast<const opmath_t*>(args.params);
+  const auto* lines = static_cast<const opmath_t*>(args.params);
+  const auto* beta = static_cast<const opmath_t*>(args.beta);
   const auto* x = static_cast<const scalar_t*>(args.x);
   auto* y = static_cast<scalar_t*>(args.out);
   for (int64_t r = r0; r < r1; ++r) {
-    const Params p = Params::broadcast(params + (r / group_rows) * group_stride, r % C);
+    const Params p = Params::broadcast(lines, beta + (r / group_rows) * C, r % C);
     for (int64_t i = 0; i < I; i += L::kStep) {
       const int64_t n = std::min(L::kStep, I - i);
       FVec v[L::kNumF];
@@ -266,29 +270,46 @@ void forward_typed(const AconCKernelArgs& args) {
   }
 }
 
-// Where one block's sums go: a and b always into the block's own partials; g
-// into the partials too, or straight into args.sum_g when the block owns
-// whole groups of a per-sample beta.
-struct BlockSinks {
-  double* a;
-  double* b;
-  double* g;
-};
+// Partial sums of the a, b and g terms per channel, in opmath precision.
+template <typename opmath_t>
+using SumLines = Lines<opmath_t, 3>;
+
+// Adds the SumLines sums in `acc` to the double sums a, b and g (any of
+// them may be null: those sums stay in acc) and zeroes what it moved.
+template <typename opmath_t>
+void move_sums(opmath_t* acc, int64_t C, double* a, double* b, double* g) {
+  using SL = SumLines<opmath_t>;
+  double* sinks[3] = {a, b, g};
+  for (int64_t c0 = 0; c0 < C; c0 += SL::kLine) {
+    const int64_t n = std::min(SL::kLine, C - c0);
+    for (const auto k : c10::irange(3)) {
+      if (sinks[k] == nullptr) {
+        continue;
+      }
+      opmath_t* s = acc + SL::index(c0) + k * SL::kLine;
+      for (int64_t i = 0; i < n; ++i) {
+        sinks[k][c0 + i] += s[i];
+        s[i] = opmath_t(0);
+      }
+    }
+  }
+}
 
 // Backward over `rows` rows of C channels (channels innermost) that span at
 // most kChunks vectors of scalar_t, kChunks * kNumF <= kMaxRegisterVectors:
 // each chunk's parameters and partial sums stay in registers over all rows.
-// The sums are added into `acc` (ParamLines layout) at the end.
+// The sums are added into `acc` (SumLines) at the end.
 constexpr int kMaxRegisterVectors = 4;
 
 template <typename scalar_t, int kChunks>
 void backward_narrow_rows(
     const scalar_t* x, const scalar_t* dy, scalar_t* dx, int64_t C, int64_t rows,
-    const at::opmath_type<scalar_t>* lines, at::opmath_type<scalar_t>* acc) {
+    const at::opmath_type<scalar_t>* lines, const at::opmath_type<scalar_t>* beta,
+    at::opmath_type<scalar_t>* acc) {
   using L = Lanes<scalar_t>;
   using opmath_t = typename L::opmath_t;
   using FVec = typename L::FVec;
-  using Lines = ParamLines<opmath_t>;
+  using SL = SumLines<opmath_t>;
   constexpr int kF = L::kNumF;
   FVec d[kChunks][kF], p2[kChunks][kF], bd[kChunks][kF];
   FVec sa[kChunks][kF], sb[kChunks][kF], sg[kChunks][kF];
@@ -296,7 +317,7 @@ void backward_narrow_rows(
   for (const auto k : c10::irange(kChunks)) {
     n[k] = std::min(L::kStep, C - k * L::kStep);
     for (const auto j : c10::irange(kF)) {
-      const ChannelParams<FVec, opmath_t> p(lines, k * L::kStep + j * L::kWidth);
+      const ChannelParams<FVec, opmath_t> p(lines, beta, k * L::kStep + j * L::kWidth, n[k] - j * L::kWidth);
       d[k][j] = p.d;
       p2[k][j] = p.p2;
       bd[k][j] = p.bd;
@@ -321,95 +342,123 @@ void backward_narrow_rows(
   }
   for (const auto k : c10::irange(kChunks)) {
     for (const auto j : c10::irange(kF)) {
-      opmath_t* s = acc + Lines::index(k * L::kStep + j * L::kWidth);
+      opmath_t* s = acc + SL::index(k * L::kStep + j * L::kWidth);
       (FVec::loadu(s) + sa[k][j]).store(s);
-      (FVec::loadu(s + Lines::kLine) + sb[k][j]).store(s + Lines::kLine);
-      (FVec::loadu(s + 2 * Lines::kLine) + sg[k][j]).store(s + 2 * Lines::kLine);
+      (FVec::loadu(s + SL::kLine) + sb[k][j]).store(s + SL::kLine);
+      (FVec::loadu(s + 2 * SL::kLine) + sg[k][j]).store(s + 2 * SL::kLine);
     }
   }
 }
 
-// Backward over rows [u0, u1) of group g, channels innermost (inner == 1).
-// `acc` (3 * padded_channels, 64-byte aligned) holds opmath partial sums of
-// a, b and g in the ParamLines layout: one stream, like the parameters.
+// Backward over `rows` rows of C channels (channels innermost), any C: the
+// terms go into `acc` (SumLines) vector by vector.
 template <typename scalar_t>
-void backward_rows_channels_inner(
-    const AconCKernelArgs& args, int64_t g, int64_t u0, int64_t u1,
-    const BlockSinks& sinks, at::opmath_type<scalar_t>* acc) {
+void backward_wide_rows(
+    const scalar_t* x, const scalar_t* dy, scalar_t* dx, int64_t C, int64_t rows,
+    const at::opmath_type<scalar_t>* lines, const at::opmath_type<scalar_t>* beta,
+    at::opmath_type<scalar_t>* acc) {
   using L = Lanes<scalar_t>;
   using opmath_t = typename L::opmath_t;
   using FVec = typename L::FVec;
-  using Lines = ParamLines<opmath_t>;
-  const int64_t C = args.layout.channels;
-  const auto* lines = static_cast<const opmath_t*>(args.params) + g * args.group_stride;
-  const int64_t row0 = g * args.layout.outer;
-  const auto* x = static_cast<const scalar_t*>(args.x) + row0 * C;
-  const auto* dy = static_cast<const scalar_t*>(args.grad_y) + row0 * C;
-  auto* dx = static_cast<scalar_t*>(args.out) + row0 * C;
-
-  const int64_t acc_size = 3 * args.padded_channels;
-  std::fill(acc, acc + acc_size, opmath_t(0));
-  const auto flush = [&] {
-    for (const auto c : c10::irange(C)) {
-      const opmath_t* s = acc + Lines::index(c);
-      sinks.a[c] += s[0];
-      sinks.b[c] += s[Lines::kLine];
-      sinks.g[c] += s[2 * Lines::kLine];
-    }
-    std::fill(acc, acc + acc_size, opmath_t(0));
-  };
-
-  const int64_t chunks = ceil_div(C, L::kStep);
-  for (int64_t r0 = u0; r0 < u1; r0 += kFlushRows) {
-    const int64_t r1 = std::min(u1, r0 + kFlushRows);
-    const int64_t offset = r0 * C;
-    if (chunks * L::kNumF <= kMaxRegisterVectors) {
-      const auto narrow = [&](auto chunk_count) {
-        backward_narrow_rows<scalar_t, decltype(chunk_count)::value>(
-            x + offset, dy + offset, dx + offset, C, r1 - r0, lines, acc);
-      };
-      switch (chunks) {
-        case 1:
-          narrow(std::integral_constant<int, 1>());
-          break;
-        case 2:
-          narrow(std::integral_constant<int, 2>());
-          break;
-        case 3:
-          narrow(std::integral_constant<int, 3>());
-          break;
-        default:
-          narrow(std::integral_constant<int, kMaxRegisterVectors / L::kNumF>());
+  using SL = SumLines<opmath_t>;
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t c = 0; c < C; c += L::kStep) {
+      const int64_t n = std::min(L::kStep, C - c);
+      FVec xv[L::kNumF], dyv[L::kNumF];
+      L::load(x + r * C + c, n, xv);
+      L::load(dy + r * C + c, n, dyv);
+      for (const auto j : c10::irange(L::kNumF)) {
+        const int64_t cj = c + j * L::kWidth;
+        const ChannelParams<FVec, opmath_t> p(lines, beta, cj, n - j * L::kWidth);
+        const auto grad = acon_c_grad(xv[j], dyv[j], p.d, p.p2, p.bd);
+        xv[j] = grad.dx;
+        opmath_t* s = acc + SL::index(cj);
+        (FVec::loadu(s) + grad.a).store(s);
+        (FVec::loadu(s + SL::kLine) + grad.b).store(s + SL::kLine);
+        (FVec::loadu(s + 2 * SL::kLine) + grad.g).store(s + 2 * SL::kLine);
       }
-    } else {
-      for (int64_t r = r0; r < r1; ++r) {
-        for (int64_t c = 0; c < C; c += L::kStep) {
-          const int64_t n = std::min(L::kStep, C - c);
-          FVec xv[L::kNumF], dyv[L::kNumF];
-          L::load(x + r * C + c, n, xv);
-          L::load(dy + r * C + c, n, dyv);
-          for (const auto j : c10::irange(L::kNumF)) {
-            const int64_t cj = c + j * L::kWidth;
-            const ChannelParams<FVec, opmath_t> p(lines, cj);
-            const auto grad = acon_c_grad(xv[j], dyv[j], p.d, p.p2, p.bd);
-            xv[j] = grad.dx;
-            opmath_t* s = acc + Lines::index(cj);
-            (FVec::loadu(s) + grad.a).store(s);
-            (FVec::loadu(s + Lines::kLine) + grad.b).store(s + Lines::kLine);
-            (FVec::loadu(s + 2 * Lines::kLine) + grad.g).store(s + 2 * Lines::kLine);
-          }
-          L::store(dx + r * C + c, n, xv);
-        }
-      }
+      L::store(dx + r * C + c, n, xv);
     }
-    flush();
   }
 }
 
-// Backward over rows [u0, u1) of group g, one channel per row (inner > 1).
+// Where one block's sums go: a and b always into the block's own partials; g
+// into the partials too, or straight into args.sum_g (g_direct) when the
+// block owns whole groups of a per-sample beta.
+struct BlockSinks {
+  double* own;  // a[C], b[C], g[C]
+  bool g_direct;
+};
+
+// Backward over rows [u0, u1) of each group in [g0, g1), channels innermost
+// (inner == 1). `acc` (3 * padded_channels, 64-byte aligned) collects the
+// terms in opmath precision; they move to double every kFlushRows rows, and
+// a per-sample beta's g sums at the end of each group.
 template <typename scalar_t>
-void backward_rows_channel_runs(
-    const AconCKernelArgs& args, int64_t g, int64_t u0, int64_t u1,
+void backward_block_channels_inner(
+    const AconCKernelArgs& args, int64_t g0, int64_t g1, int64_t u0, int64_t u1,
+    const BlockSinks& sinks, at::opmath_type<scalar_t>* acc) {
+  using L = Lanes<scalar_t>;
+  using opmath_t = typename L::opmath_t;
+  const int64_t C = args.layout.channels;
+  const int64_t outer = args.layout.outer;
+  const auto* lines = static_cast<const opmath_t*>(args.params);
+  const auto* x = static_cast<const scalar_t*>(args.x);
+  const auto* dy = static_cast<const scalar_t*>(args.grad_y);
+  auto* dx = static_cast<scalar_t*>(args.out);
+  double* own_a = sinks.own;
+  double* own_b = own_a + C;
+  double* own_g = sinks.g_direct ? nullptr : own_b + C;
+
+  std::fill(acc, acc + 3 * args.padded_channels, opmath_t(0));
+  const int64_t chunks = ceil_div(C, L::kStep);
+  int64_t pending = 0;
+  for (int64_t g = g0; g < g1; ++g) {
+    const auto* beta = static_cast<const opmath_t*>(args.beta) + g * C;
+    for (int64_t r0 = u0; r0 < u1;) {
+      const int64_t r1 = std::min(u1, r0 + kFlushRows - pending);
+      const int64_t offset = (g * outer + r0) * C;
+      const int64_t rows = r1 - r0;
+      if (chunks * L::kNumF <= kMaxRegisterVectors) {
+        const auto narrow = [&](auto chunk_count) {
+          backward_narrow_rows<scalar_t, decltype(chunk_count)::value>(
+              x + offset, dy + offset, dx + offset, C, rows, lines, beta, acc);
+        };
+        switch (chunks) {
+          case 1:
+            narrow(std::integral_constant<int, 1>());
+            break;
+          case 2:
+            narrow(std::integral_constant<int, 2>());
+            break;
+          case 3:
+            narrow(std::integral_constant<int, 3>());
+            break;
+          default:
+            narrow(std::integral_constant<int, kMaxRegisterVectors / L::kNumF>());
+        }
+      } else {
+        backward_wide_rows<scalar_t>(x + offset, dy + offset, dx + offset, C, rows, lines, beta, acc);
+      }
+      pending += rows;
+      r0 = r1;
+      if (pending == kFlushRows) {
+        move_sums(acc, C, own_a, own_b, own_g);
+        pending = 0;
+      }
+    }
+    if (sinks.g_direct) {
+      move_sums<opmath_t>(acc, C, nullptr, nullptr, args.sum_g + g * C);
+    }
+  }
+  move_sums(acc, C, own_a, own_b, own_g);
+}
+
+// Backward over rows [u0, u1) of each group in [g0, g1), one channel per row
+// (inner > 1).
+template <typename scalar_t>
+void backward_block_channel_runs(
+    const AconCKernelArgs& args, int64_t g0, int64_t g1, int64_t u0, int64_t u1,
     const BlockSinks& sinks) {
   using L = Lanes<scalar_t>;
   using opmath_t = typename L::opmath_t;
@@ -417,38 +466,44 @@ void backward_rows_channel_runs(
   using Params = ChannelParams<FVec, opmath_t>;
   const int64_t C = args.layout.channels;
   const int64_t I = args.layout.inner;
-  const auto* lines = static_cast<const opmath_t*>(args.params) + g * args.group_stride;
-  const int64_t row0 = g * args.layout.outer * C;
-  const auto* x = static_cast<const scalar_t*>(args.x) + row0 * I;
-  const auto* dy = static_cast<const scalar_t*>(args.grad_y) + row0 * I;
-  auto* dx = static_cast<scalar_t*>(args.out) + row0 * I;
+  const int64_t group_rows = args.layout.outer * C;
+  const auto* lines = static_cast<const opmath_t*>(args.params);
+  const auto* x = static_cast<const scalar_t*>(args.x);
+  const auto* dy = static_cast<const scalar_t*>(args.grad_y);
+  auto* dx = static_cast<scalar_t*>(args.out);
+  double* own_a = sinks.own;
+  double* own_b = own_a + C;
 
-  for (int64_t r = u0; r < u1; ++r) {
-    const int64_t c = r % C;
-    const Params p = Params::broadcast(lines, c);
-    for (int64_t i0 = 0; i0 < I; i0 += kFlushElements) {
-      FVec acc_a[L::kNumF], acc_b[L::kNumF], acc_g[L::kNumF];
-      for (const auto j : c10::irange(L::kNumF)) {
-        acc_a[j] = acc_b[j] = acc_g[j] = FVec(0);
-      }
-      const int64_t i1 = std::min(I, i0 + kFlushElements);
-      for (int64_t i = i0; i < i1; i += L::kStep) {
-        const int64_t n = std::min(L::kStep, i1 - i);
-        FVec xv[L::kNumF], dyv[L::kNumF];
-        L::load(x + r * I + i, n, xv);
-        L::load(dy + r * I + i, n, dyv);
+  for (int64_t g = g0; g < g1; ++g) {
+    const auto* beta = static_cast<const opmath_t*>(args.beta) + g * C;
+    double* g_sums = sinks.g_direct ? args.sum_g + g * C : own_b + C;
+    for (int64_t r = g * group_rows + u0; r < g * group_rows + u1; ++r) {
+      const int64_t c = r % C;
+      const Params p = Params::broadcast(lines, beta, c);
+      for (int64_t i0 = 0; i0 < I; i0 += kFlushElements) {
+        FVec acc_a[L::kNumF], acc_b[L::kNumF], acc_g[L::kNumF];
         for (const auto j : c10::irange(L::kNumF)) {
-          const auto grad = acon_c_grad(xv[j], dyv[j], p.d, p.p2, p.bd);
-          xv[j] = grad.dx;
-          acc_a[j] = acc_a[j] + grad.a;
-          acc_b[j] = acc_b[j] + grad.b;
-          acc_g[j] = acc_g[j] + grad.g;
+          acc_a[j] = acc_b[j] = acc_g[j] = FVec(0);
         }
-        L::store(dx + r * I + i, n, xv);
+        const int64_t i1 = std::min(I, i0 + kFlushElements);
+        for (int64_t i = i0; i < i1; i += L::kStep) {
+          const int64_t n = std::min(L::kStep, i1 - i);
+          FVec xv[L::kNumF], dyv[L::kNumF];
+          L::load(x + r * I + i, n, xv);
+          L::load(dy + r * I + i, n, dyv);
+          for (const auto j : c10::irange(L::kNumF)) {
+            const auto grad = acon_c_grad(xv[j], dyv[j], p.d, p.p2, p.bd);
+            xv[j] = grad.dx;
+            acc_a[j] = acc_a[j] + grad.a;
+            acc_b[j] = acc_b[j] + grad.b;
+            acc_g[j] = acc_g[j] + grad.g;
+          }
+          L::store(dx + r * I + i, n, xv);
+        }
+        own_a[c] += L::sum(acc_a);
+        own_b[c] += L::sum(acc_b);
+        g_sums[c] += L::sum(acc_g);
       }
-      sinks.a[c] += L::sum(acc_a);
-      sinks.b[c] += L::sum(acc_b);
-      sinks.g[c] += L::sum(acc_g);
     }
   }
 }
@@ -490,13 +545,11 @@ void backward_typed(const AconCKernelArgs& args) {
         u0 = (k % splits) * units / splits;
         u1 = (k % splits + 1) * units / splits;
       }
-      for (int64_t g = g0; g < g1; ++g) {
-        const BlockSinks sinks{own, own + C, g_direct ? args.sum_g + g * C : own + 2 * C};
-        if (channels_inner) {
-          backward_rows_channels_inner<scalar_t>(args, g, u0, u1, sinks, acc);
-        } else {
-          backward_rows_channel_runs<scalar_t>(args, g, u0, u1, sinks);
-        }
+      const BlockSinks sinks{own, g_direct};
+      if (channels_inner) {
+        backward_block_channels_inner<scalar_t>(args, g0, g1, u0, u1, sinks, acc);
+      } else {
+        backward_block_channel_runs<scalar_t>(args, g0, g1, u0, u1, sinks);
       }
     }
   });
