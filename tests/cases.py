@@ -9,8 +9,9 @@ from acon_cuda.testing import ROUNDING, TOLERANCES
 # Logical (N, C, *spatial) shapes: odd sizes, C = 1, spatial size 1, ranks
 # 2 to 5, empty batch, empty spatial axis, no channels, C wider than a vector
 # and not a multiple of one, C = 64 (exactly four AVX-512 float vectors: the
-# widest rows whose sums stay in registers), and one large enough for several
-# reduction blocks and threads.
+# widest rows whose sums stay in registers), and some large enough for several
+# reduction blocks and threads, also with fewer samples than blocks (a
+# per-sample beta's sums then come from several blocks).
 SHAPES = [
     (2, 3),
     (6, 1100),
@@ -26,6 +27,7 @@ SHAPES = [
     (8, 19, 33, 35),
     (3, 150, 9, 37),
     (3, 64, 5, 3),
+    (2, 16, 75, 61),
 ]
 
 # contiguous: (N, C, ...) with channel_dim=1; channels_last: rank 4/5 only;
