@@ -6,6 +6,7 @@ architectures) are honoured by torch.utils.cpp_extension.
 
 import glob
 import os
+import platform
 import re
 import shutil
 import subprocess
@@ -24,16 +25,55 @@ def rel(*patterns):
     return [os.path.relpath(path, ROOT) for path in found]
 
 
-# The baseline CPU kernel object must come before the AVX2 / AVX-512 ones (see
-# csrc/cpu/acon_c_kernel_default.cpp), hence the explicit order.
-CPU_SOURCES = rel(
-    "csrc/*.cpp",
-    "csrc/cpu/acon_c_cpu.cpp",
-    "csrc/cpu/acon_c_kernel_default.cpp",
-    "csrc/cpu/acon_c_kernel_avx2.cpp",
-    "csrc/cpu/acon_c_kernel_avx512.cpp",
-)
+# The CPU kernels are compiled once per instruction set from
+# csrc/cpu/acon_c_kernel_impl.h, with PyTorch's flags for its own CPU kernels;
+# at run time the op picks the build PyTorch picks. Only on x86-64; elsewhere
+# the baseline build alone.
+X86_64 = platform.machine().lower() in ("x86_64", "amd64")
+ISA_FLAGS = {
+    "csrc/cpu/acon_c_kernel_avx2.cpp": [
+        "-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2",
+    ],
+    "csrc/cpu/acon_c_kernel_avx512.cpp": [
+        "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma",
+        "-DCPU_CAPABILITY=AVX512", "-DCPU_CAPABILITY_AVX512",
+    ],
+}
+CPU_SOURCES = rel("csrc/*.cpp", "csrc/cpu/acon_c_cpu.cpp", "csrc/cpu/acon_c_kernel_default.cpp")
+if X86_64:
+    CPU_SOURCES += list(ISA_FLAGS)
 CUDA_SOURCES = rel("csrc/cuda/*.cpp", "csrc/cuda/*.cu")
+
+
+class BuildExtensionPerIsa(BuildExtension):
+    """BuildExtension that compiles each instruction set's kernel file with
+    that instruction set's flags (one compiler call per set of flags).
+
+    The objects built with extra flags are linked last: where several objects
+    define the same inline function, the linker keeps the first definition,
+    and that one must run on any CPU.
+    """
+
+    def build_extension(self, ext):
+        compile_all = self.compiler.compile
+
+        def compile_per_isa(sources, *args, extra_postargs=None, **kwargs):
+            groups = {}
+            for source in sources:
+                key = os.path.relpath(os.path.abspath(source), ROOT)
+                groups.setdefault(tuple(ISA_FLAGS.get(key, [])), []).append(source)
+            objects = []
+            for flags in sorted(groups, key=len):  # no extra flags first
+                post = {k: list(v) for k, v in extra_postargs.items()}
+                post["cxx"] += list(flags)
+                objects += compile_all(groups[flags], *args, extra_postargs=post, **kwargs)
+            return objects
+
+        self.compiler.compile = compile_per_isa
+        try:
+            super().build_extension(ext)
+        finally:
+            self.compiler.compile = compile_all
 
 
 def find_nvcc():
@@ -68,7 +108,7 @@ def cuda_build_problem():
     return None
 
 
-CXX_FLAGS = ["-O3", "-fopenmp"]
+CXX_FLAGS = ["-O3", "-fopenmp"] + (["-DACON_CPU_X86_VARIANTS"] if X86_64 else [])
 problem = cuda_build_problem()
 if problem is None:
     extension = CUDAExtension(
@@ -92,7 +132,7 @@ setup(
     description="Fused ACON activations (ACON-A/B/C, Meta-ACON) for PyTorch",
     packages=find_packages(include=["acon_cuda", "acon_cuda.*"]),
     ext_modules=[extension],
-    cmdclass={"build_ext": BuildExtension},
+    cmdclass={"build_ext": BuildExtensionPerIsa},
     python_requires=">=3.9",
     install_requires=["torch"],
 )

@@ -1,10 +1,10 @@
 // Interface between the CPU op (acon_c_cpu.cpp) and its kernels, which are
 // compiled once per instruction set (acon_c_kernel_{default,avx2,avx512}.cpp)
-// from acon_c_kernel_impl.h and chosen at run time, as PyTorch does.
+// from acon_c_kernel_impl.h and chosen at run time, as PyTorch does. setup.py
+// defines ACON_CPU_X86_VARIANTS where it builds the AVX2 and AVX-512 ones.
 #pragma once
 
 #include "../acon_c.h"
-#include "isa.h"
 
 namespace acon_cuda::cpu {
 

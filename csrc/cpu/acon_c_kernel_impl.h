@@ -191,30 +191,48 @@ struct ChannelParams {
   ChannelParams(FVec d_, FVec p2_, FVec bd_) : d(d_), p2(p2_), bd(bd_) {}
 };
 
+// AconCKernelArgs with its pointers typed, copied into a local object by
+// every kernel loop: vector stores may alias anything, so fields read
+// through a reference to args would be reloaded after every store.
+template <typename scalar_t>
+struct TypedArgs {
+  using opmath_t = at::opmath_type<scalar_t>;
+  int64_t C, inner, outer;
+  const opmath_t* lines;
+  const opmath_t* beta;
+  const scalar_t* x;
+  const scalar_t* dy;
+  scalar_t* out;
+  explicit TypedArgs(const AconCKernelArgs& args)
+      : C(args.layout.channels),
+        inner(args.layout.inner),
+        outer(args.layout.outer),
+        lines(static_cast<const opmath_t*>(args.params)),
+        beta(static_cast<const opmath_t*>(args.beta)),
+        x(static_cast<const scalar_t*>(args.x)),
+        dy(static_cast<const scalar_t*>(args.grad_y)),
+        out(static_cast<scalar_t*>(args.out)) {}
+};
+
 // Forward over rows [r0, r1) of group g, channels innermost (inner == 1).
-// Like every kernel loop here, it keeps what it reads in local variables:
-// vector stores may alias anything, so fields read through a reference would
-// be reloaded after every store.
 template <typename scalar_t>
 void forward_rows_channels_inner(const AconCKernelArgs& args, int64_t g, int64_t r0, int64_t r1) {
   using L = Lanes<scalar_t>;
   using opmath_t = typename L::opmath_t;
   using FVec = typename L::FVec;
-  const int64_t C = args.layout.channels;
-  const auto* lines = static_cast<const opmath_t*>(args.params);
-  const auto* beta = static_cast<const opmath_t*>(args.beta) + g * C;
-  const auto* x = static_cast<const scalar_t*>(args.x);
-  auto* y = static_cast<scalar_t*>(args.out);
+  const TypedArgs<scalar_t> a(args);
+  const int64_t C = a.C;
+  const opmath_t* beta = a.beta + g * C;
   for (int64_t r = r0; r < r1; ++r) {
     for (int64_t c = 0; c < C; c += L::kStep) {
       const int64_t n = std::min(L::kStep, C - c);
       FVec v[L::kNumF];
-      L::load(x + r * C + c, n, v);
+      L::load(a.x + r * C + c, n, v);
       for (const auto j : c10::irange(L::kNumF)) {
-        const ChannelParams<FVec, opmath_t> p(lines, beta, c + j * L::kWidth, n - j * L::kWidth);
+        const ChannelParams<FVec, opmath_t> p(a.lines, beta, c + j * L::kWidth, n - j * L::kWidth);
         v[j] = acon_c_value(v[j], p.d, p.p2, p.bd);
       }
-      L::store(y + r * C + c, n, v);
+      L::store(a.out + r * C + c, n, v);
     }
   }
 }
@@ -226,23 +244,19 @@ void forward_rows_channel_runs(const AconCKernelArgs& args, int64_t r0, int64_t 
   using opmath_t = typename L::opmath_t;
   using FVec = typename L::FVec;
   using Params = ChannelParams<FVec, opmath_t>;
-  const int64_t C = args.layout.channels;
-  const int64_t I = args.layout.inner;
-  const int64_t group_rows = args.layout.outer * C;
-  const auto* lines = static_cast<const opmath_t*>(args.params);
-  const auto* beta = static_cast<const opmath_t*>(args.beta);
-  const auto* x = static_cast<const scalar_t*>(args.x);
-  auto* y = static_cast<scalar_t*>(args.out);
+  const TypedArgs<scalar_t> a(args);
+  const int64_t C = a.C;
+  const int64_t I = a.inner;
   for (int64_t r = r0; r < r1; ++r) {
-    const Params p = Params::broadcast(lines, beta + (r / group_rows) * C, r % C);
+    const Params p = Params::broadcast(a.lines, a.beta + (r / (a.outer * C)) * C, r % C);
     for (int64_t i = 0; i < I; i += L::kStep) {
       const int64_t n = std::min(L::kStep, I - i);
       FVec v[L::kNumF];
-      L::load(x + r * I + i, n, v);
+      L::load(a.x + r * I + i, n, v);
       for (const auto j : c10::irange(L::kNumF)) {
         v[j] = acon_c_value(v[j], p.d, p.p2, p.bd);
       }
-      L::store(y + r * I + i, n, v);
+      L::store(a.out + r * I + i, n, v);
     }
   }
 }
@@ -400,12 +414,8 @@ void backward_block_channels_inner(
     const BlockSinks& sinks, at::opmath_type<scalar_t>* acc) {
   using L = Lanes<scalar_t>;
   using opmath_t = typename L::opmath_t;
-  const int64_t C = args.layout.channels;
-  const int64_t outer = args.layout.outer;
-  const auto* lines = static_cast<const opmath_t*>(args.params);
-  const auto* x = static_cast<const scalar_t*>(args.x);
-  const auto* dy = static_cast<const scalar_t*>(args.grad_y);
-  auto* dx = static_cast<scalar_t*>(args.out);
+  const TypedArgs<scalar_t> a(args);
+  const int64_t C = a.C;
   double* own_a = sinks.own;
   double* own_b = own_a + C;
   double* own_g = sinks.g_direct ? nullptr : own_b + C;
@@ -414,15 +424,15 @@ void backward_block_channels_inner(
   const int64_t chunks = ceil_div(C, L::kStep);
   int64_t pending = 0;
   for (int64_t g = g0; g < g1; ++g) {
-    const auto* beta = static_cast<const opmath_t*>(args.beta) + g * C;
+    const opmath_t* beta = a.beta + g * C;
     for (int64_t r0 = u0; r0 < u1;) {
       const int64_t r1 = std::min(u1, r0 + kFlushRows - pending);
-      const int64_t offset = (g * outer + r0) * C;
+      const int64_t offset = (g * a.outer + r0) * C;
       const int64_t rows = r1 - r0;
       if (chunks * L::kNumF <= kMaxRegisterVectors) {
         const auto narrow = [&](auto chunk_count) {
           backward_narrow_rows<scalar_t, decltype(chunk_count)::value>(
-              x + offset, dy + offset, dx + offset, C, rows, lines, beta, acc);
+              a.x + offset, a.dy + offset, a.out + offset, C, rows, a.lines, beta, acc);
         };
         switch (chunks) {
           case 1:
@@ -438,7 +448,8 @@ void backward_block_channels_inner(
             narrow(std::integral_constant<int, kMaxRegisterVectors / L::kNumF>());
         }
       } else {
-        backward_wide_rows<scalar_t>(x + offset, dy + offset, dx + offset, C, rows, lines, beta, acc);
+        backward_wide_rows<scalar_t>(
+            a.x + offset, a.dy + offset, a.out + offset, C, rows, a.lines, beta, acc);
       }
       pending += rows;
       r0 = r1;
@@ -464,22 +475,19 @@ void backward_block_channel_runs(
   using opmath_t = typename L::opmath_t;
   using FVec = typename L::FVec;
   using Params = ChannelParams<FVec, opmath_t>;
-  const int64_t C = args.layout.channels;
-  const int64_t I = args.layout.inner;
-  const int64_t group_rows = args.layout.outer * C;
-  const auto* lines = static_cast<const opmath_t*>(args.params);
-  const auto* x = static_cast<const scalar_t*>(args.x);
-  const auto* dy = static_cast<const scalar_t*>(args.grad_y);
-  auto* dx = static_cast<scalar_t*>(args.out);
+  const TypedArgs<scalar_t> a(args);
+  const int64_t C = a.C;
+  const int64_t I = a.inner;
+  const int64_t group_rows = a.outer * C;
   double* own_a = sinks.own;
   double* own_b = own_a + C;
 
   for (int64_t g = g0; g < g1; ++g) {
-    const auto* beta = static_cast<const opmath_t*>(args.beta) + g * C;
+    const opmath_t* beta = a.beta + g * C;
     double* g_sums = sinks.g_direct ? args.sum_g + g * C : own_b + C;
     for (int64_t r = g * group_rows + u0; r < g * group_rows + u1; ++r) {
       const int64_t c = r % C;
-      const Params p = Params::broadcast(lines, beta, c);
+      const Params p = Params::broadcast(a.lines, beta, c);
       for (int64_t i0 = 0; i0 < I; i0 += kFlushElements) {
         FVec acc_a[L::kNumF], acc_b[L::kNumF], acc_g[L::kNumF];
         for (const auto j : c10::irange(L::kNumF)) {
@@ -489,8 +497,8 @@ void backward_block_channel_runs(
         for (int64_t i = i0; i < i1; i += L::kStep) {
           const int64_t n = std::min(L::kStep, i1 - i);
           FVec xv[L::kNumF], dyv[L::kNumF];
-          L::load(x + r * I + i, n, xv);
-          L::load(dy + r * I + i, n, dyv);
+          L::load(a.x + r * I + i, n, xv);
+          L::load(a.dy + r * I + i, n, dyv);
           for (const auto j : c10::irange(L::kNumF)) {
             const auto grad = acon_c_grad(xv[j], dyv[j], p.d, p.p2, p.bd);
             xv[j] = grad.dx;
@@ -498,7 +506,7 @@ void backward_block_channel_runs(
             acc_b[j] = acc_b[j] + grad.b;
             acc_g[j] = acc_g[j] + grad.g;
           }
-          L::store(dx + r * I + i, n, xv);
+          L::store(a.out + r * I + i, n, xv);
         }
         own_a[c] += L::sum(acc_a);
         own_b[c] += L::sum(acc_b);
