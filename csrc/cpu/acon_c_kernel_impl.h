@@ -309,6 +309,16 @@ void move_sums(opmath_t* acc, int64_t C, double* a, double* b, double* g) {
   }
 }
 
+// Adds the a, b and g terms of the kWidth channels from c on to `acc`.
+template <typename FVec, typename opmath_t>
+inline void add_to_sums(opmath_t* acc, int64_t c, const FVec& a, const FVec& b, const FVec& g) {
+  using SL = SumLines<opmath_t>;
+  opmath_t* s = acc + SL::index(c);
+  (FVec::loadu(s) + a).store(s);
+  (FVec::loadu(s + SL::kLine) + b).store(s + SL::kLine);
+  (FVec::loadu(s + 2 * SL::kLine) + g).store(s + 2 * SL::kLine);
+}
+
 // Backward over `rows` rows of C channels (channels innermost) that span at
 // most kChunks vectors of scalar_t, kChunks * kNumF <= kMaxRegisterVectors:
 // each chunk's parameters and partial sums stay in registers over all rows.
@@ -323,7 +333,6 @@ void backward_narrow_rows(
   using L = Lanes<scalar_t>;
   using opmath_t = typename L::opmath_t;
   using FVec = typename L::FVec;
-  using SL = SumLines<opmath_t>;
   constexpr int kF = L::kNumF;
   FVec d[kChunks][kF], p2[kChunks][kF], bd[kChunks][kF];
   FVec sa[kChunks][kF], sb[kChunks][kF], sg[kChunks][kF];
@@ -356,10 +365,7 @@ void backward_narrow_rows(
   }
   for (const auto k : c10::irange(kChunks)) {
     for (const auto j : c10::irange(kF)) {
-      opmath_t* s = acc + SL::index(k * L::kStep + j * L::kWidth);
-      (FVec::loadu(s) + sa[k][j]).store(s);
-      (FVec::loadu(s + SL::kLine) + sb[k][j]).store(s + SL::kLine);
-      (FVec::loadu(s + 2 * SL::kLine) + sg[k][j]).store(s + 2 * SL::kLine);
+      add_to_sums(acc, k * L::kStep + j * L::kWidth, sa[k][j], sb[k][j], sg[k][j]);
     }
   }
 }
@@ -374,7 +380,6 @@ void backward_wide_rows(
   using L = Lanes<scalar_t>;
   using opmath_t = typename L::opmath_t;
   using FVec = typename L::FVec;
-  using SL = SumLines<opmath_t>;
   for (int64_t r = 0; r < rows; ++r) {
     for (int64_t c = 0; c < C; c += L::kStep) {
       const int64_t n = std::min(L::kStep, C - c);
@@ -386,10 +391,7 @@ void backward_wide_rows(
         const ChannelParams<FVec, opmath_t> p(lines, beta, cj, n - j * L::kWidth);
         const auto grad = acon_c_grad(xv[j], dyv[j], p.d, p.p2, p.bd);
         xv[j] = grad.dx;
-        opmath_t* s = acc + SL::index(cj);
-        (FVec::loadu(s) + grad.a).store(s);
-        (FVec::loadu(s + SL::kLine) + grad.b).store(s + SL::kLine);
-        (FVec::loadu(s + 2 * SL::kLine) + grad.g).store(s + 2 * SL::kLine);
+        add_to_sums(acc, cj, grad.a, grad.b, grad.g);
       }
       L::store(dx + r * C + c, n, xv);
     }
