@@ -13,6 +13,7 @@ import subprocess
 
 import torch
 from setuptools import find_packages, setup
+from torch.utils import cpp_extension
 from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
@@ -76,13 +77,21 @@ class BuildExtensionPerIsa(BuildExtension):
             self.compiler.compile = compile_all
 
 
-def find_nvcc():
-    cuda_home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
-    candidates = [os.path.join(cuda_home, "bin", "nvcc")] if cuda_home else []
-    candidates += [shutil.which("nvcc") or "", "/usr/local/cuda/bin/nvcc"]
-    for path in candidates:
-        if path and os.path.exists(path):
-            return os.path.realpath(path)
+def find_cuda_home():
+    """The CUDA toolkit: CUDA_HOME / CUDA_PATH if set, else the first of the
+    nvcc on PATH's install and /usr/local/cuda that has the runtime headers
+    (an nvcc copied to /usr/local/bin would make torch guess /usr/local)."""
+    given = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
+    if given:
+        return given
+    on_path = shutil.which("nvcc")
+    candidates = [os.path.dirname(os.path.dirname(os.path.realpath(on_path)))] if on_path else []
+    candidates.append("/usr/local/cuda")
+    for home in candidates:
+        if os.path.exists(os.path.join(home, "bin", "nvcc")) and os.path.exists(
+            os.path.join(home, "include", "cuda_runtime.h")
+        ):
+            return home
     return None
 
 
@@ -92,9 +101,10 @@ def cuda_build_problem():
         return "this version has no CUDA kernels"
     if torch.version.cuda is None:
         return "torch %s is a CPU-only build" % torch.__version__
-    nvcc = find_nvcc()
-    if nvcc is None:
-        return "no nvcc found"
+    cuda_home = find_cuda_home()
+    if cuda_home is None:
+        return "no CUDA toolkit found (set CUDA_HOME)"
+    nvcc = os.path.join(cuda_home, "bin", "nvcc")
     out = subprocess.run([nvcc, "--version"], capture_output=True, text=True).stdout
     match = re.search(r"release (\d+)\.(\d+)", out)
     if not match:
@@ -102,19 +112,35 @@ def cuda_build_problem():
     if match.group(1) != torch.version.cuda.split(".")[0]:
         return "nvcc %s.%s does not match torch's CUDA %s" % (
             match.group(1), match.group(2), torch.version.cuda)
-    # torch guesses CUDA_HOME from the nvcc on PATH (/usr/local/bin/nvcc gives
-    # /usr/local, where libcudart is not): point it at the real toolkit.
-    os.environ.setdefault("CUDA_HOME", os.path.dirname(os.path.dirname(nvcc)))
+    # cpp_extension guessed its CUDA_HOME when it was imported.
+    os.environ["CUDA_HOME"] = cuda_home
+    cpp_extension.CUDA_HOME = cuda_home
     return None
 
 
+# With no GPU visible torch cannot pick the target architectures itself.
+# Hopper (H100/H200) as machine code, plus its PTX, which the driver compiles
+# for newer GPUs. Each extra architecture adds about a minute to the build.
+DEFAULT_CUDA_ARCHS = "9.0+PTX"
+
+
+def default_cuda_archs():
+    if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
+        os.environ["TORCH_CUDA_ARCH_LIST"] = DEFAULT_CUDA_ARCHS
+        print("acon_cuda: no GPU visible, building CUDA kernels for TORCH_CUDA_ARCH_LIST=%s"
+              % DEFAULT_CUDA_ARCHS)
+
+
 CXX_FLAGS = ["-O3", "-fopenmp"] + (["-DACON_CPU_X86_VARIANTS"] if X86_64 else [])
+# ACON_PTXAS_VERBOSE=1 prints each kernel's registers, spills and stack.
+NVCC_FLAGS = ["-O3"] + (["-Xptxas=-v"] if os.environ.get("ACON_PTXAS_VERBOSE") else [])
 problem = cuda_build_problem()
 if problem is None:
+    default_cuda_archs()
     extension = CUDAExtension(
         "acon_cuda._C",
         CPU_SOURCES + CUDA_SOURCES,
-        extra_compile_args={"cxx": CXX_FLAGS, "nvcc": ["-O3"]},
+        extra_compile_args={"cxx": CXX_FLAGS, "nvcc": NVCC_FLAGS},
         extra_link_args=["-fopenmp"],
     )
 else:

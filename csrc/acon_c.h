@@ -47,4 +47,14 @@ WorkTensors make_work_tensors(
     int64_t channel_dim,
     const at::Tensor& grad_y = at::Tensor());
 
+// The parameter gradients from the backward's double sums, laid out as
+// [A (C values), B (C values), G (beta.numel() values)] (ACON_MATH.md):
+// dp1 = A, dp2 = B - A, dbeta = G, each in its parameter's dtype and shape
+// and with storage of its own (never a view of `sums`).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> parameter_grads_from_sums(
+    const at::Tensor& sums,
+    const at::Tensor& p1,
+    const at::Tensor& p2,
+    const at::Tensor& beta);
+
 } // namespace acon_cuda

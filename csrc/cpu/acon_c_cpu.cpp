@@ -114,14 +114,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> acon_c_backward_cpu(
     args.sum_g = s + 2 * C;
     launch(grad_x, x, p1, p2, beta, cdim, grad_y, args, cpu_kernels().backward);
   }
-  const at::Tensor a = sums.narrow(0, 0, C);
-  const at::Tensor b = sums.narrow(0, C, C);
-  const at::Tensor g = sums.narrow(0, 2 * C, beta.numel());
-  // Each gradient gets storage of its own (copy=true), never a view of sums.
-  const auto as_grad_of = [](const at::Tensor& sum, const at::Tensor& param) {
-    return sum.to(param.scalar_type(), /*non_blocking=*/false, /*copy=*/true).reshape(param.sizes());
-  };
-  return {grad_x, as_grad_of(a, p1), as_grad_of(b - a, p2), as_grad_of(g, beta)};
+  auto [grad_p1, grad_p2, grad_beta] = parameter_grads_from_sums(sums, p1, p2, beta);
+  return {grad_x, grad_p1, grad_p2, grad_beta};
 }
 
 } // namespace

@@ -1,0 +1,576 @@
+// CUDA implementations of the acon ops; the twin of csrc/cpu/acon_c_cpu.cpp.
+// Argument checks and the [groups, outer, channels, inner] layout come from
+// acon_c.h, so both devices accept and reject the same inputs.
+//
+// Two kernel shapes, as on the CPU:
+// - runs (inner > 1, e.g. NCHW): a block takes one channel and a chunk of its
+//   runs of `inner` elements; the channel's parameters are read once per
+//   block and its sums are reduced with warp shuffles.
+// - columns (inner == 1: channels_last, features-last): a block takes a tile
+//   of channels and a chunk of rows; each thread keeps its channels'
+//   parameters in registers over all its rows, and the block sums each
+//   channel's column in shared memory.
+// The backward writes each block's sums to its own slot of a partials tensor,
+// and reduce_channel_sums adds the slots in a fixed order: no atomics, so the
+// gradients are bit-identical from run to run on a given GPU.
+#include "../acon_c.h"
+
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstdint>
+
+namespace acon_cuda::cuda {
+namespace {
+
+constexpr int kThreads = 256;
+constexpr int kWarps = kThreads / 32;
+// A thread adds at most this many loop iterations of terms in opmath
+// precision before they move to double: bounds float32 accumulation error.
+constexpr int kFlushIterations = 16;
+
+// ---------------------------------------------------------------------------
+// Elementwise math, in opmath_t (float for float16/bfloat16/float32, double
+// for float64). Written as the CPU kernels write it (acon_c_kernel_impl.h).
+
+__device__ __forceinline__ float exp_of(float v) { return expf(v); }
+__device__ __forceinline__ double exp_of(double v) { return exp(v); }
+
+// S = sigmoid(u) and s_neg = 1 - S = sigmoid(-u), both from t = exp(-|u|),
+// which never overflows: no inf/inf, and 1 - S without cancellation. S is 0
+// exactly at u = -inf and 1 at +inf, as torch.sigmoid gives; NaN stays NaN.
+template <typename T>
+__device__ __forceinline__ void sigmoid_pair(T u, T& s, T& s_neg) {
+  const T t = exp_of(-fabs(u));
+  const T r = T(1) / (T(1) + t);  // sigmoid(|u|)
+  const T q = t * r;              // sigmoid(-|u|)
+  const bool nonneg = u >= T(0);
+  s = nonneg ? r : q;
+  s_neg = nonneg ? q : r;
+}
+
+// y = d*x*S + p2*x with u = bd*x, written x*(d*S + p2) like the reference.
+template <typename T>
+__device__ __forceinline__ T acon_c_value(T x, T d, T p2, T bd) {
+  T s, s_neg;
+  sigmoid_pair(bd * x, s, s_neg);
+  return x * fma(d, s, p2);
+}
+
+// dx, and adds this element's terms of the three parameter sums.
+template <typename T>
+__device__ __forceinline__ T acon_c_grad(T x, T dy, T d, T p2, T bd, T& a, T& b, T& g) {
+  const T u = bd * x;
+  T s, s_neg;
+  sigmoid_pair(u, s, s_neg);
+  const T h = s * fma(u, s_neg, T(1));
+  const T dyx = dy * x;
+  const T dxd = d * x;
+  a += dyx * h;
+  b += dyx;
+  // (d*x) * ((d*x)*S*(1-S)): no (d*x)^2 that could overflow on its own.
+  g += (dy * dxd) * (dxd * (s * s_neg));
+  return dy * fma(d, h, p2);
+}
+
+// kWidth elements moved as one aligned load or store (16 bytes when kWidth > 1).
+template <typename T, int kWidth>
+struct alignas(sizeof(T) * kWidth) Pack {
+  T v[kWidth];
+};
+
+template <typename T, int kWidth>
+__device__ __forceinline__ Pack<T, kWidth> load_pack(const T* p) {
+  return *reinterpret_cast<const Pack<T, kWidth>*>(p);
+}
+
+template <typename T, int kWidth>
+__device__ __forceinline__ void store_pack(T* p, const Pack<T, kWidth>& v) {
+  *reinterpret_cast<Pack<T, kWidth>*>(p) = v;
+}
+
+// ---------------------------------------------------------------------------
+// What every kernel gets. x, grad_y and out are contiguous in the layout
+// order [groups, outer, channels, inner] (acon_c.h).
+
+template <typename scalar_t>
+struct KernelArgs {
+  using opmath_t = at::opmath_type<scalar_t>;
+  const scalar_t* x;
+  const scalar_t* grad_y;  // backward only
+  scalar_t* out;           // y, or grad_x
+  // Contiguous, opmath_t: C values each; beta C per group (groups values of
+  // C for a per-sample beta).
+  const opmath_t* p1;
+  const opmath_t* p2;
+  const opmath_t* beta;
+  int64_t groups, outer, channels, inner;
+  bool per_sample_beta;
+  // Work items: groups x chunks x (channels for runs, column tiles for
+  // columns). A chunk is chunk_rows consecutive values of the outer index.
+  int64_t chunks, chunk_rows, items;
+  // runs: `inner` as vectors, and how far (rows, vectors) a block-wide step
+  // of kThreads vectors moves.
+  int64_t row_vectors, step_rows, step_vectors;
+  // columns: column tiles of tile_vectors vectors (a power of two <= kThreads).
+  int64_t tiles;
+  int tile_vectors;
+  // Backward: partials[((s * groups + g) * chunks + chunk) * channels + c]
+  // holds sum s (0: a, 1: b, 2: g) of one work item, channel c.
+  double* partials;
+
+  __device__ double* partial(int s, int64_t g, int64_t chunk, int64_t c) const {
+    return partials + ((s * groups + g) * chunks + chunk) * channels + c;
+  }
+};
+
+template <typename T>
+__device__ __forceinline__ T min_of(T a, T b) {
+  return a < b ? a : b;
+}
+
+__device__ __forceinline__ double warp_sum(double v) {
+#pragma unroll
+  for (int offset = 16; offset > 0; offset >>= 1) {
+    v += __shfl_down_sync(0xffffffffu, v, offset);
+  }
+  return v;
+}
+
+// Sums each of v[0..2] over the block, in a fixed order; thread 0 gets the
+// result. `scratch` holds kWarps * 3 doubles.
+__device__ __forceinline__ void block_sum3(double (&v)[3], double* scratch) {
+  const int lane = threadIdx.x % 32;
+  const int warp = threadIdx.x / 32;
+#pragma unroll
+  for (int i = 0; i < 3; ++i) {
+    v[i] = warp_sum(v[i]);
+  }
+  if (lane == 0) {
+#pragma unroll
+    for (int i = 0; i < 3; ++i) {
+      scratch[warp * 3 + i] = v[i];
+    }
+  }
+  __syncthreads();
+  if (warp == 0) {
+#pragma unroll
+    for (int i = 0; i < 3; ++i) {
+      v[i] = warp_sum(lane < kWarps ? scratch[lane * 3 + i] : 0.0);
+    }
+  }
+  __syncthreads();  // scratch is reused by the block's next work item
+}
+
+// Runs of one channel (inner > 1). A block's work item is (group g, chunk of
+// outer indices, channel c): rows of `inner` elements kWidth at a time, the
+// (row, vector) pairs of the item dealt to threads round-robin, so that short
+// runs (7x7) keep every thread busy too.
+template <typename scalar_t, int kWidth, bool kBackward>
+__global__ void __launch_bounds__(kThreads) acon_c_runs_kernel(const KernelArgs<scalar_t> args) {
+  using opmath_t = at::opmath_type<scalar_t>;
+  using P = Pack<scalar_t, kWidth>;
+  constexpr int kUnroll = kWidth > 1 ? 2 : 4;  // independent loads in flight
+  __shared__ double scratch[kWarps * 3];
+  const int64_t C = args.channels;
+  const int64_t row_stride = C * args.inner;
+  const int64_t first_row = threadIdx.x / args.row_vectors;
+  const int64_t first_vector = threadIdx.x % args.row_vectors;
+
+  for (int64_t item = blockIdx.x; item < args.items; item += gridDim.x) {
+    const int64_t c = item % C;
+    const int64_t chunk = (item / C) % args.chunks;
+    const int64_t g = item / C / args.chunks;
+    const int64_t o0 = chunk * args.chunk_rows;
+    const int64_t rows = min_of(args.chunk_rows, args.outer - o0);
+    const int64_t base = ((g * args.outer + o0) * C + c) * args.inner;
+    const opmath_t p2 = args.p2[c];
+    const opmath_t d = args.p1[c] - p2;
+    const opmath_t bd = args.beta[args.per_sample_beta ? g * C + c : c] * d;
+
+    opmath_t a = 0, b = 0, gs = 0;
+    double sums[3] = {0.0, 0.0, 0.0};
+    int iterations = 0;
+    int64_t r = first_row;
+    int64_t v = first_vector;
+    while (r < rows) {
+      int64_t offset[kUnroll];
+      bool valid[kUnroll];
+#pragma unroll
+      for (int i = 0; i < kUnroll; ++i) {
+        valid[i] = r < rows;
+        offset[i] = base + r * row_stride + v * kWidth;
+        r += args.step_rows;
+        v += args.step_vectors;
+        if (v >= args.row_vectors) {
+          v -= args.row_vectors;
+          ++r;
+        }
+      }
+      P xs[kUnroll], dys[kUnroll];
+#pragma unroll
+      for (int i = 0; i < kUnroll; ++i) {
+        if (valid[i]) {
+          xs[i] = load_pack<scalar_t, kWidth>(args.x + offset[i]);
+          if constexpr (kBackward) {
+            dys[i] = load_pack<scalar_t, kWidth>(args.grad_y + offset[i]);
+          }
+        }
+      }
+#pragma unroll
+      for (int i = 0; i < kUnroll; ++i) {
+        if (valid[i]) {
+          P out;
+#pragma unroll
+          for (int j = 0; j < kWidth; ++j) {
+            const opmath_t xv = static_cast<opmath_t>(xs[i].v[j]);
+            if constexpr (kBackward) {
+              const opmath_t dy = static_cast<opmath_t>(dys[i].v[j]);
+              out.v[j] = static_cast<scalar_t>(acon_c_grad(xv, dy, d, p2, bd, a, b, gs));
+            } else {
+              out.v[j] = static_cast<scalar_t>(acon_c_value(xv, d, p2, bd));
+            }
+          }
+          store_pack<scalar_t, kWidth>(args.out + offset[i], out);
+        }
+      }
+      if constexpr (kBackward) {
+        if (++iterations == kFlushIterations) {
+          sums[0] += a;
+          sums[1] += b;
+          sums[2] += gs;
+          a = b = gs = 0;
+          iterations = 0;
+        }
+      }
+    }
+    if constexpr (kBackward) {
+      sums[0] += a;
+      sums[1] += b;
+      sums[2] += gs;
+      block_sum3(sums, scratch);
+      if (threadIdx.x == 0) {
+        for (int s = 0; s < 3; ++s) {
+          *args.partial(s, g, chunk, c) = sums[s];
+        }
+      }
+    }
+  }
+}
+
+// Channels innermost (inner == 1): rows of C elements. A block's work item is
+// (group g, chunk of rows, tile of channels); thread (tx, ty) owns kWidth
+// channels of the tile and walks rows ty, ty + kThreads / tile_vectors, ...
+template <typename scalar_t, int kWidth, bool kBackward>
+__global__ void __launch_bounds__(kThreads) acon_c_columns_kernel(const KernelArgs<scalar_t> args) {
+  using opmath_t = at::opmath_type<scalar_t>;
+  using P = Pack<scalar_t, kWidth>;
+  constexpr int kUnroll = kWidth > 1 ? 2 : 4;
+  // Per-thread column sums, one of a, b, g at a time.
+  __shared__ double column_sums[kBackward ? kThreads * kWidth : 1];
+  const int64_t C = args.channels;
+  const int tile_vectors = args.tile_vectors;
+  const int tx = threadIdx.x % tile_vectors;
+  const int ty = threadIdx.x / tile_vectors;
+  const int row_step = kThreads / tile_vectors;
+
+  for (int64_t item = blockIdx.x; item < args.items; item += gridDim.x) {
+    const int64_t tile = item % args.tiles;
+    const int64_t chunk = (item / args.tiles) % args.chunks;
+    const int64_t g = item / args.tiles / args.chunks;
+    const int64_t c0 = (tile * tile_vectors + tx) * kWidth;
+    const bool active = c0 < C;  // C is a multiple of kWidth
+    const int64_t o0 = chunk * args.chunk_rows;
+    const int64_t rows = min_of(args.chunk_rows, args.outer - o0);
+    const int64_t base = (g * args.outer + o0) * C + c0;
+
+    opmath_t d[kWidth], p2[kWidth], bd[kWidth];
+    opmath_t a[kWidth], b[kWidth], gs[kWidth];
+    const opmath_t* beta = args.beta + (args.per_sample_beta ? g * C : 0);
+#pragma unroll
+    for (int j = 0; j < kWidth; ++j) {
+      p2[j] = active ? args.p2[c0 + j] : opmath_t(0);
+      d[j] = active ? args.p1[c0 + j] - p2[j] : opmath_t(0);
+      bd[j] = active ? beta[c0 + j] * d[j] : opmath_t(0);
+      a[j] = b[j] = gs[j] = 0;
+    }
+
+    for (int64_t r = ty; active && r < rows; r += kUnroll * row_step) {
+      P xs[kUnroll], dys[kUnroll];
+#pragma unroll
+      for (int i = 0; i < kUnroll; ++i) {
+        if (r + i * row_step < rows) {
+          const int64_t offset = base + (r + i * row_step) * C;
+          xs[i] = load_pack<scalar_t, kWidth>(args.x + offset);
+          if constexpr (kBackward) {
+            dys[i] = load_pack<scalar_t, kWidth>(args.grad_y + offset);
+          }
+        }
+      }
+#pragma unroll
+      for (int i = 0; i < kUnroll; ++i) {
+        if (r + i * row_step < rows) {
+          P out;
+#pragma unroll
+          for (int j = 0; j < kWidth; ++j) {
+            const opmath_t xv = static_cast<opmath_t>(xs[i].v[j]);
+            if constexpr (kBackward) {
+              const opmath_t dy = static_cast<opmath_t>(dys[i].v[j]);
+              out.v[j] = static_cast<scalar_t>(
+                  acon_c_grad(xv, dy, d[j], p2[j], bd[j], a[j], b[j], gs[j]));
+            } else {
+              out.v[j] = static_cast<scalar_t>(acon_c_value(xv, d[j], p2[j], bd[j]));
+            }
+          }
+          store_pack<scalar_t, kWidth>(args.out + base + (r + i * row_step) * C, out);
+        }
+      }
+    }
+
+    if constexpr (kBackward) {
+      // The chunk size bounds a thread's rows (plan_chunks), so its opmath sums
+      // hold few terms; the column sums over threads are in double.
+      const auto reduce_column = [&](const opmath_t (&term)[kWidth], int s) {
+#pragma unroll
+        for (int j = 0; j < kWidth; ++j) {
+          column_sums[threadIdx.x * kWidth + j] = static_cast<double>(term[j]);
+        }
+        __syncthreads();
+        for (int half = row_step / 2; half > 0; half /= 2) {
+          if (ty < half) {
+#pragma unroll
+            for (int j = 0; j < kWidth; ++j) {
+              column_sums[threadIdx.x * kWidth + j] +=
+                  column_sums[(threadIdx.x + half * tile_vectors) * kWidth + j];
+            }
+          }
+          __syncthreads();
+        }
+        if (ty == 0 && active) {
+#pragma unroll
+          for (int j = 0; j < kWidth; ++j) {
+            *args.partial(s, g, chunk, c0 + j) = column_sums[threadIdx.x * kWidth + j];
+          }
+        }
+        __syncthreads();
+      };
+      reduce_column(a, 0);
+      reduce_column(b, 1);
+      reduce_column(gs, 2);
+    }
+  }
+}
+
+// sums = [A (C), B (C), G (groups * C)]: A and B add every group's and
+// chunk's partials, G every chunk's of its group; each in a fixed order.
+__global__ void reduce_channel_sums(
+    const double* partials, double* sums, int64_t groups, int64_t chunks, int64_t channels) {
+  const int64_t n = (2 + groups) * channels;
+  for (int64_t j = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; j < n;
+       j += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t c = j % channels;
+    const int64_t s = min_of<int64_t>(j / channels, 2);
+    const int64_t g_first = s < 2 ? 0 : j / channels - 2;
+    const int64_t g_end = s < 2 ? groups : g_first + 1;
+    double total = 0.0;
+    for (int64_t g = g_first; g < g_end; ++g) {
+      const double* p = partials + ((s * groups + g) * chunks) * channels + c;
+      for (int64_t k = 0; k < chunks; ++k) {
+        total += p[k * channels];
+      }
+    }
+    sums[j] = total;
+  }
+}
+
+// ---------------------------------------------------------------------------
+// Host side.
+
+int64_t ceil_div(int64_t a, int64_t b) {
+  return (a + b - 1) / b;
+}
+
+struct DeviceShape {
+  int multiprocessors;
+};
+
+DeviceShape device_shape(int device) {
+  DeviceShape shape{};
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&shape.multiprocessors, cudaDevAttrMultiProcessorCount, device));
+  return shape;
+}
+
+// The widest tile (a power of two up to kThreads vectors) that wastes the
+// fewest threads on channels past C.
+int choose_tile_vectors(int64_t channel_vectors) {
+  if (channel_vectors < 32) {
+    int t = 1;
+    while (t < channel_vectors) {
+      t *= 2;
+    }
+    return t;
+  }
+  int best = 32;
+  for (int t = 64; t <= kThreads; t *= 2) {
+    if (ceil_div(channel_vectors, t) * t <= ceil_div(channel_vectors, best) * best) {
+      best = t;
+    }
+  }
+  return best;
+}
+
+// Splits the outer index into chunks: enough work items to fill the GPU once
+// (`blocks` resident blocks), and for the columns kernel few enough rows per
+// thread that its opmath sums stay short.
+template <typename scalar_t>
+void plan_chunks(KernelArgs<scalar_t>& args, int64_t items_per_chunk, int64_t max_chunk_rows, int64_t blocks) {
+  const int64_t per_chunk = args.groups * items_per_chunk;
+  int64_t chunks = std::max(ceil_div(blocks, per_chunk), ceil_div(args.outer, max_chunk_rows));
+  chunks = std::min(std::max<int64_t>(chunks, 1), args.outer);
+  args.chunk_rows = ceil_div(args.outer, chunks);
+  args.chunks = ceil_div(args.outer, args.chunk_rows);
+  args.items = per_chunk * args.chunks;
+}
+
+template <typename Kernel>
+int resident_blocks(Kernel kernel, int multiprocessors) {
+  int per_multiprocessor = 0;
+  C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_multiprocessor, kernel, kThreads, 0));
+  return std::max(per_multiprocessor, 1) * multiprocessors;
+}
+
+bool is_aligned(const void* p, int64_t bytes) {
+  return reinterpret_cast<uintptr_t>(p) % bytes == 0;
+}
+
+// Runs the forward (kBackward false) or backward kernel for x's layout and
+// alignment; for the backward, fills the partial sums and returns them.
+template <typename scalar_t, bool kBackward>
+at::Tensor run_kernel(KernelArgs<scalar_t>& args, const at::Tensor& x, int multiprocessors) {
+  constexpr int kVector = 16 / sizeof(scalar_t);
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(x.get_device()).stream();
+  const bool aligned = is_aligned(args.x, 16) && is_aligned(args.out, 16) &&
+      (!kBackward || is_aligned(args.grad_y, 16));
+  const bool runs = args.inner > 1;
+  const bool vector = aligned && (runs ? args.inner : args.channels) % kVector == 0;
+
+  auto start = [&](auto kernel, int width) {
+    const int64_t blocks = resident_blocks(kernel, multiprocessors);
+    if (runs) {
+      args.row_vectors = args.inner / width;
+      args.step_rows = kThreads / args.row_vectors;
+      args.step_vectors = kThreads % args.row_vectors;
+      plan_chunks(args, args.channels, args.outer, blocks);
+    } else {
+      args.tile_vectors = choose_tile_vectors(args.channels / width);
+      args.tiles = ceil_div(args.channels / width, args.tile_vectors);
+      const int64_t rows_per_pass = kThreads / args.tile_vectors;
+      plan_chunks(args, args.tiles, rows_per_pass * kFlushIterations, blocks);
+    }
+    at::Tensor partials;
+    if (kBackward) {
+      partials = at::empty({3 * args.groups * args.chunks * args.channels}, x.options().dtype(at::kDouble));
+      args.partials = partials.mutable_data_ptr<double>();
+    }
+    const int grid = static_cast<int>(std::min(args.items, blocks));
+    kernel<<<grid, kThreads, 0, stream>>>(args);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    return partials;
+  };
+
+  if (runs) {
+    return vector ? start(acon_c_runs_kernel<scalar_t, kVector, kBackward>, kVector)
+                  : start(acon_c_runs_kernel<scalar_t, 1, kBackward>, 1);
+  }
+  return vector ? start(acon_c_columns_kernel<scalar_t, kVector, kBackward>, kVector)
+                : start(acon_c_columns_kernel<scalar_t, 1, kBackward>, 1);
+}
+
+// Runs the forward (grad_y undefined) or the backward with x (and grad_y) in
+// the layout of `out`; the backward writes its parameter sums into `sums`.
+void launch(
+    const at::Tensor& out, const at::Tensor& x, const at::Tensor& p1, const at::Tensor& p2,
+    const at::Tensor& beta, int64_t cdim, const at::Tensor& grad_y, const at::Tensor& sums) {
+  const WorkTensors w = make_work_tensors(out, x, beta, cdim, grad_y);
+  const bool backward = grad_y.defined();
+  const at::ScalarType opmath = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  // No copies for the usual float32 (float64 for float64 x) parameters.
+  const at::Tensor p1o = p1.reshape(-1).to(opmath).contiguous();
+  const at::Tensor p2o = p2.reshape(-1).to(opmath).contiguous();
+  const at::Tensor betao = beta.reshape(-1).to(opmath).contiguous();
+  const int multiprocessors = device_shape(x.get_device()).multiprocessors;
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "acon_c_cuda", [&] {
+    using opmath_t = at::opmath_type<scalar_t>;
+    KernelArgs<scalar_t> args{};
+    args.x = w.x.const_data_ptr<scalar_t>();
+    args.grad_y = backward ? w.grad_y.const_data_ptr<scalar_t>() : nullptr;
+    args.out = w.out.mutable_data_ptr<scalar_t>();
+    args.p1 = p1o.const_data_ptr<opmath_t>();
+    args.p2 = p2o.const_data_ptr<opmath_t>();
+    args.beta = betao.const_data_ptr<opmath_t>();
+    args.groups = w.layout.groups;
+    args.outer = w.layout.outer;
+    args.channels = w.layout.channels;
+    args.inner = w.layout.inner;
+    args.per_sample_beta = w.layout.per_sample_beta;
+    if (!backward) {
+      run_kernel<scalar_t, false>(args, x, multiprocessors);
+      return;
+    }
+    const at::Tensor partials = run_kernel<scalar_t, true>(args, x, multiprocessors);
+    const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(x.get_device()).stream();
+    const int64_t n = sums.numel();
+    const int grid = static_cast<int>(std::min<int64_t>(ceil_div(n, kThreads), 4 * multiprocessors));
+    reduce_channel_sums<<<grid, kThreads, 0, stream>>>(
+        partials.const_data_ptr<double>(), sums.mutable_data_ptr<double>(), args.groups,
+        args.chunks, args.channels);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  if (!w.out.is_same(out)) {
+    out.copy_(w.out);
+  }
+}
+
+at::Tensor acon_c_forward_cuda(
+    const at::Tensor& x, const at::Tensor& p1, const at::Tensor& p2,
+    const at::Tensor& beta, int64_t channel_dim) {
+  const int64_t cdim = check_acon_c_args(x, p1, p2, beta, channel_dim);
+  const c10::cuda::CUDAGuard guard(x.device());
+  at::Tensor y = at::empty_like(x);
+  if (x.numel() > 0) {
+    launch(y, x, p1, p2, beta, cdim, at::Tensor(), at::Tensor());
+  }
+  return y;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> acon_c_backward_cuda(
+    const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& p1,
+    const at::Tensor& p2, const at::Tensor& beta, int64_t channel_dim) {
+  const int64_t cdim = check_acon_c_args(x, p1, p2, beta, channel_dim, grad_y);
+  const c10::cuda::CUDAGuard guard(x.device());
+  const int64_t C = x.size(cdim);
+  at::Tensor grad_x = at::empty_like(x);
+  // [A, B, G] as on the CPU (parameter_grads_from_sums).
+  at::Tensor sums = x.numel() > 0
+      ? at::empty({2 * C + beta.numel()}, x.options().dtype(at::kDouble))
+      : at::zeros({2 * C + beta.numel()}, x.options().dtype(at::kDouble));
+  if (x.numel() > 0) {
+    launch(grad_x, x, p1, p2, beta, cdim, grad_y, sums);
+  }
+  auto [grad_p1, grad_p2, grad_beta] = parameter_grads_from_sums(sums, p1, p2, beta);
+  return {grad_x, grad_p1, grad_p2, grad_beta};
+}
+
+} // namespace
+} // namespace acon_cuda::cuda
+
+TORCH_LIBRARY_IMPL(acon, CUDA, m) {
+  m.impl("acon_c_forward", &acon_cuda::cuda::acon_c_forward_cuda);
+  m.impl("acon_c_backward", &acon_cuda::cuda::acon_c_backward_cuda);
+}
