@@ -139,3 +139,15 @@ def test_parameter_gradients_are_deterministic(device, layout, per_sample):
                 assert torch.equal(a, b)
     finally:
         torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "features_last"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_storage_offset_that_breaks_vector_alignment(device, dtype, layout):
+    """Dense x whose data starts one element into its storage: no 16-byte
+    aligned vector loads, so the kernels take their element-wise paths."""
+    shape = (3, 16, 8, 8) if layout == "contiguous" else (3, 8, 8, 16)
+    storage = 3.0 * torch.randn(1 + torch.Size(shape).numel(), dtype=dtype, device=device)
+    x = storage[1:].view(shape)
+    p1, p2, beta = make_params(x, 1 if layout == "contiguous" else -1, False, dtype)
+    check_against_truth(x, p1, p2, beta, 1 if layout == "contiguous" else -1)
