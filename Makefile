@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 # A CUDA 13.0 build of torch: it runs on the CPU, and lets the CUDA kernels
 # compile where nvcc 13 is installed. On these machines it installs from disk.
 TORCH ?= torch==2.14.1
-DEPS := $(TORCH) numpy pytest ninja setuptools wheel
+DEPS := $(TORCH) numpy pytest ninja setuptools wheel matplotlib
 
 DEPS_STAMP := $(VENV)/.acon-deps
 BUILD_STAMP := $(VENV)/.acon-build

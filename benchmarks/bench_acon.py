@@ -1,13 +1,20 @@
-"""Fused ACON-C against its plain-PyTorch reference, torch.compile of the
-reference, and F.silu (one transcendental per element: the floor for this kind
-of op), for forward, backward and forward+backward.
+"""Fused ACON-C against what people use instead: the paper's public code, the
+plain-PyTorch reference (d*x formed once), torch.compile of the reference,
+F.silu (one transcendental per element: the floor for this kind of op) and a
+copy of x (the memory floor). Forward, backward (from the forward's saved
+state) and forward+backward, each timed on its own.
 
-Every figure is a ratio or a median time measured in this run; contenders are
-measured in interleaved rounds so that a noisy neighbour hurts all of them.
+Every figure is measured in this run: medians of interleaved rounds, after
+warm-up, with inputs rotated so that no contender runs from a warm cache.
 """
 
 import argparse
 import ctypes
+import datetime
+import itertools
+import json
+import math
+import os
 import platform
 import statistics
 import sys
@@ -20,28 +27,51 @@ from torch.utils import benchmark
 import acon_cuda
 from acon_cuda import reference
 
-# (name, shape, channel_dim, memory_format, per_sample_beta)
-CASES = [
-    ("resnet stage1 NCHW", (32, 64, 56, 56), 1, torch.contiguous_format, False),
-    ("resnet stage1 NHWC", (32, 64, 56, 56), 1, torch.channels_last, False),
-    ("resnet stage3 NCHW", (32, 256, 14, 14), 1, torch.contiguous_format, False),
-    ("meta-acon NCHW", (32, 256, 14, 14), 1, torch.contiguous_format, True),
-    ("features (N, C)", (256, 1024), 1, torch.contiguous_format, False),
-    ("tokens (B, T, C)", (8, 196, 768), -1, torch.contiguous_format, False),
-]
-QUICK_CASES = [
-    ("small NCHW", (8, 32, 28, 28), 1, torch.contiguous_format, False),
-    ("small NHWC", (8, 32, 28, 28), 1, torch.channels_last, False),
-]
+MODES = ["forward", "backward", "fwd+bwd"]
+# x-sized tensors each mode must move at least (read x, write y; read x and
+# dy, write dx): the bytes behind the GB/s figures.
+TRAFFIC = {"forward": 2, "backward": 3, "fwd+bwd": 5}
+
+# name -> (shape, channel_dim, per-sample beta). ResNet-50's stage outputs at
+# batch 32, a tensor small enough that launch overhead dominates, (N, C) and
+# (B, T, C) features, Meta-ACON's per-sample beta, and (GPU only) one above
+# 256 MB in float32 and bfloat16.
+SIZES = {
+    "stage1": ((32, 256, 56, 56), 1, False),
+    "stage2": ((32, 512, 28, 28), 1, False),
+    "stage3": ((32, 1024, 14, 14), 1, False),
+    "stage4": ((32, 2048, 7, 7), 1, False),
+    "small": ((4, 64, 8, 8), 1, False),
+    "features": ((256, 4096), 1, False),
+    "tokens": ((32, 197, 768), -1, False),
+    "meta-acon": ((32, 512, 28, 28), 1, True),
+    "large": ((64, 256, 112, 112), 1, False),
+}
+DEFAULT_SIZES = {
+    "cpu": ["stage1", "stage2", "stage3", "stage4", "small", "features", "tokens", "meta-acon"],
+    "cuda": ["large", "stage1", "stage2", "stage3", "stage4", "small", "features", "tokens", "meta-acon"],
+}
+QUICK_SIZES = ["small", "tokens"]
+# The caches a rotation of inputs must overflow (bytes): last-level cache
+# of a server CPU, and the L2 of a large GPU.
+CACHE_BYTES = {"cpu": 64 << 20, "cuda": 64 << 20}
 
 
-def make_inputs(shape, channel_dim, memory_format, per_sample, dtype):
-    x = torch.randn(shape, dtype=dtype).contiguous(memory_format=memory_format)
-    channels = shape[channel_dim]
-    p1 = torch.randn(1, channels, 1, 1)
-    p2 = torch.randn(1, channels, 1, 1)
-    beta = torch.rand(shape[0], channels) + 0.5 if per_sample else torch.ones(1, channels, 1, 1)
-    return x, p1, p2, beta
+def paper_acon_c(x, p1, p2, beta, channel_dim):
+    """ACON-C as the paper's public code writes it (AconC.forward), in x's
+    dtype: (p1*x - p2*x) * sigmoid(beta * (p1*x - p2*x)) + p2*x."""
+    shape = [1] * x.dim()
+    shape[channel_dim] = x.shape[channel_dim]
+    beta_shape = list(shape)
+    if beta.numel() != x.shape[channel_dim]:
+        beta_shape[0] = x.shape[0]
+    p1, p2, beta = (t.reshape(s).to(x.dtype) for t, s in ((p1, shape), (p2, shape), (beta, beta_shape)))
+    dpx = p1 * x - p2 * x
+    return dpx * torch.sigmoid(beta * dpx) + p2 * x
+
+
+def silu(x, p1, p2, beta, channel_dim):
+    return F.silu(x)
 
 
 def keep_freed_memory():
@@ -60,10 +90,6 @@ def keep_freed_memory():
     return bool(libc.mallopt(m_mmap_threshold, 1 << 30) and libc.mallopt(m_trim_threshold, 1 << 30))
 
 
-def silu(x, p1, p2, beta, channel_dim):
-    return F.silu(x)
-
-
 def saved_bytes(fn, inputs):
     """Bytes autograd keeps for backward (distinct storages, as packed)."""
     seen = {}
@@ -77,119 +103,321 @@ def saved_bytes(fn, inputs):
     return sum(seen.values())
 
 
-def median_ms(stmt, env, min_run_time):
-    timer = benchmark.Timer(stmt=stmt, globals=env)
-    return timer.blocked_autorange(min_run_time=min_run_time).median * 1e3
+def median_ms(fn, device, budget_s):
+    """Median time of one call of fn, in ms."""
+    if device == "cpu":
+        timer = benchmark.Timer(stmt="fn()", globals={"fn": fn})
+        return timer.blocked_autorange(min_run_time=budget_s).median * 1e3
+    # CUDA: events around batches of calls on the current stream.
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    fn()
+    end.record()
+    end.synchronize()
+    once_ms = max(start.elapsed_time(end), 1e-3)
+    number = max(1, min(1000, int(budget_s * 1e3 / 10 / once_ms)))
+    samples = []
+    for _ in range(10):
+        start.record()
+        for _ in range(number):
+            fn()
+        end.record()
+        end.synchronize()
+        samples.append(start.elapsed_time(end) / number)
+    return statistics.median(samples)
 
 
-def measure_case(case, dtype, rounds, min_run_time):
-    name, shape, channel_dim, memory_format, per_sample = case
-    x, p1, p2, beta = make_inputs(shape, channel_dim, memory_format, per_sample, dtype)
+def make_inputs(shape, channel_dim, layout, per_sample, dtype, device):
+    x = torch.randn(shape, dtype=dtype, device=device)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    channels = shape[channel_dim]
+    p1 = torch.randn(channels, device=device)
+    p2 = torch.randn(channels, device=device)
+    beta = torch.rand(shape[0], channels, device=device) + 0.5 if per_sample else torch.ones(channels, device=device)
+    return x, p1, p2, beta
+
+
+def measure_case(name, layout, dtype, device, rounds, budget_s):
+    shape, channel_dim, per_sample = SIZES[name]
+    x_bytes = math.prod(shape) * dtype.itemsize
+    # Enough copies of the inputs to overflow the caches between two uses.
+    copies = max(1, min(32, math.ceil(2 * CACHE_BYTES[device] / x_bytes)))
+    sets = [make_inputs(shape, channel_dim, layout, per_sample, dtype, device) for _ in range(copies)]
+    grads = [torch.randn_like(s[0]) for s in sets]
+    leaves = [[t.clone().requires_grad_() for t in s] for s in sets]
+
     torch._dynamo.reset()  # each case compiles afresh, within the recompile limit
     compiled = torch.compile(reference.acon_c)
     contenders = {
         "fused": acon_cuda.acon_c,
+        "paper": paper_acon_c,
         "reference": reference.acon_c,
-        "compiled ref": compiled,
-        "F.silu": silu,
+        "compiled": compiled,
+        "silu": silu,
     }
-    leaves = [t.clone().requires_grad_() for t in (x, p1, p2, beta)]
-    grad = torch.randn_like(x)
-
-    # Compile (inference graph, and forward and backward graphs) outside the
-    # timed region; its time is reported on its own.
+    # Compile (inference graph, forward and backward graphs) before timing.
     start = time.perf_counter()
-    compiled(x, p1, p2, beta, channel_dim)
-    torch.autograd.grad(compiled(*leaves, channel_dim), leaves, grad)
+    with torch.no_grad():
+        compiled(*sets[0], channel_dim)
+    torch.autograd.grad(compiled(*leaves[0], channel_dim), leaves[0], grads[0])
+    if device == "cuda":
+        torch.cuda.synchronize()
     compile_s = time.perf_counter() - start
 
-    envs = {}
-    for key, fn in contenders.items():
-        env = {"fn": fn, "leaves": leaves, "grad": grad, "cd": channel_dim, "torch": torch}
-        env["inputs"] = [x, p1, p2, beta]
-        env["y"] = fn(*leaves, channel_dim)
+    def rotation(make_call):
+        calls = itertools.cycle([make_call(i) for i in range(copies)])
+        return lambda: next(calls)()
+
+    def calls_for(fn):
         # SiLU has no parameters: its backward reaches x only.
-        env["wrt"] = leaves[:1] if fn is silu else leaves
-        envs[key] = env
-    stmts = {
-        "forward": "fn(*inputs, cd)",
-        "backward": "torch.autograd.grad(y, wrt, grad, retain_graph=True)",
-        "fwd+bwd": "torch.autograd.grad(fn(*leaves, cd), wrt, grad)",
-    }
-    for mode, stmt in stmts.items():  # warm-up: nothing lazy is timed
-        for key in contenders:
-            for _ in range(2):
-                exec(stmt, envs[key])
-    times = {(k, m): [] for k in contenders for m in stmts}
+        def wrt(i):
+            return leaves[i][:1] if fn is silu else leaves[i]
+
+        outputs = [fn(*leaves[i], channel_dim) for i in range(copies)]
+
+        def forward(i):
+            def call():
+                with torch.no_grad():
+                    fn(*sets[i], channel_dim)
+            return call
+
+        def backward(i):
+            return lambda: torch.autograd.grad(outputs[i], wrt(i), grads[i], retain_graph=True)
+
+        def both(i):
+            return lambda: torch.autograd.grad(fn(*leaves[i], channel_dim), wrt(i), grads[i])
+
+        return {"forward": rotation(forward), "backward": rotation(backward), "fwd+bwd": rotation(both)}
+
+    calls = {key: calls_for(fn) for key, fn in contenders.items()}
+    buffers = [torch.empty_like(s[0]) for s in sets]
+    calls["copy"] = {"forward": rotation(lambda i: lambda: buffers[i].copy_(sets[i][0]))}
+
+    for per_mode in calls.values():  # warm-up: nothing lazy is timed
+        for call in per_mode.values():
+            for _ in range(3 * copies if copies < 4 else copies):
+                call()
+    times = {(key, mode): [] for key, per_mode in calls.items() for mode in per_mode}
     for _ in range(rounds):
-        for mode, stmt in stmts.items():
-            for key in contenders:
-                times[(key, mode)].append(median_ms(stmt, envs[key], min_run_time))
+        for (key, mode) in times:
+            times[(key, mode)].append(median_ms(calls[key][mode], device, budget_s))
+    ms = {}
+    for (key, mode), samples in times.items():
+        ms.setdefault(key, {})[mode] = statistics.median(samples)
+
     result = {
         "case": name,
         "shape": list(shape),
         "channel_dim": channel_dim,
-        "layout": "channels_last" if memory_format == torch.channels_last else "contiguous",
+        "layout": layout,
         "per_sample_beta": per_sample,
         "dtype": str(dtype).replace("torch.", ""),
+        "x_bytes": x_bytes,
+        "input_copies": copies,
         "compile_s": compile_s,
-        "ms": {f"{k}/{m}": statistics.median(v) for (k, m), v in times.items()},
-        "saved_bytes": {
-            k: saved_bytes(fn, (*leaves, channel_dim)) for k, fn in contenders.items()
+        "ms": ms,
+        "gbps": {
+            key: {mode: TRAFFIC[mode] * x_bytes / (t * 1e6) for mode, t in per_mode.items()}
+            for key, per_mode in ms.items() if key != "copy"
         },
-        "x_bytes": x.numel() * x.element_size(),
+        "copy_gbps": TRAFFIC["forward"] * x_bytes / (ms["copy"]["forward"] * 1e6),
+        "saved_bytes": {key: saved_bytes(fn, (*leaves[0], channel_dim)) for key, fn in contenders.items()},
     }
+    if device == "cuda":
+        result["peak_bytes"] = {key: cuda_peak_bytes(fn, leaves[0], grads[0], channel_dim) for key, fn in contenders.items()}
     return result
 
 
-def print_table(results):
-    modes = ["forward", "backward", "fwd+bwd"]
-    head = f"{'case':<20} {'dtype':<8} {'mode':<9} {'fused ms':>9} {'vs ref':>7} {'vs compiled':>11} {'/ silu':>7} {'saved/x':>8}"
-    print(head)
-    print("-" * len(head))
-    for r in results:
-        for mode in modes:
-            ms = r["ms"]
-            fused = ms[f"fused/{mode}"]
-            saved = r["saved_bytes"]["fused"] / r["x_bytes"]
-            print(
-                f"{r['case']:<20} {r['dtype']:<8} {mode:<9} {fused:9.3f} "
-                f"{ms[f'reference/{mode}'] / fused:6.2f}x {ms[f'compiled ref/{mode}'] / fused:10.2f}x "
-                f"{fused / ms[f'F.silu/{mode}']:6.2f}x {saved:8.2f}"
-            )
-    print(
-        "\nvs ref / vs compiled: speedup of the fused op over the eager reference and "
-        "torch.compile(reference) (higher is better).\n/ silu: fused time over F.silu's "
-        "(lower is better; SiLU is the floor).\nsaved/x: bytes kept for backward by the fused "
-        "op over x's bytes (x itself is kept; parameters are tiny)."
+def cuda_peak_bytes(fn, leaves, grad, channel_dim):
+    """Peak CUDA memory of one forward+backward, above what was allocated before."""
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    wrt = leaves[:1] if fn is silu else leaves
+    torch.autograd.grad(fn(*leaves, channel_dim), wrt, grad)
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() - base
+
+
+def progress(done, total, label, started):
+    width = 30
+    filled = int(width * done / total)
+    elapsed = time.perf_counter() - started
+    bar = "#" * filled + "." * (width - filled)
+    sys.stderr.write(f"\r[{bar}] {done}/{total} {elapsed:5.0f} s  {label:<40.40}")
+    if done == total:
+        sys.stderr.write("\n")
+    sys.stderr.flush()
+
+
+def table(results, device):
+    """The stdout table: one row per case and mode."""
+    lines = []
+    mem = "peak MB" if device == "cuda" else "saved/x"
+    head = (
+        f"{'case':<10} {'layout':<13} {'dtype':<8} {'mode':<8} {'fused ms':>9} {'GB/s':>7} {'%copy':>6} "
+        f"{'vs paper':>8} {'vs ref':>7} {'vs compile':>10} {'/ silu':>7} {mem:>8}"
     )
+    lines += [head, "-" * len(head)]
+    for r in results:
+        ms = r["ms"]
+        for mode in MODES:
+            fused = ms["fused"][mode]
+            gbps = r["gbps"]["fused"][mode]
+            if device == "cuda":
+                memory = f"{r['peak_bytes']['fused'] / 2**20:8.1f}" if mode == "fwd+bwd" else ""
+            else:
+                memory = f"{r['saved_bytes']['fused'] / r['x_bytes']:8.2f}" if mode == "fwd+bwd" else ""
+            lines.append(
+                f"{r['case']:<10} {r['layout']:<13} {r['dtype']:<8} {mode:<8} {fused:9.3f} {gbps:7.1f} "
+                f"{100 * gbps / r['copy_gbps']:5.0f}% {ms['paper'][mode] / fused:7.2f}x "
+                f"{ms['reference'][mode] / fused:6.2f}x {ms['compiled'][mode] / fused:9.2f}x "
+                f"{fused / ms['silu'][mode]:6.2f}x {memory:>8}"
+            )
+    lines.append(
+        "\nGB/s: bytes that must move (forward: x read, y written; backward: x and dy read, dx written)\n"
+        "per second; %copy: that over the GB/s of copying x in the same run.\n"
+        "vs paper / vs ref / vs compile: speedup of the fused op over the paper's code, the reference\n"
+        "(d*x once) and torch.compile(reference); higher is better. / silu: fused time over F.silu's\n"
+        "(lower is better; SiLU is the floor). "
+        + ("peak MB: CUDA memory allocated by one forward+backward." if device == "cuda"
+           else "saved/x: bytes kept for backward over x's bytes.")
+    )
+    return "\n".join(lines)
+
+
+def machine_info(device):
+    info = {"platform": platform.platform(), "python": platform.python_version(), "cpu": platform.processor()}
+    try:
+        with open("/proc/cpuinfo") as f:
+            names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
+        info["cpu"] = names[0] if names else info["cpu"]
+        info["cpu_cores"] = len(names)
+    except OSError:
+        pass
+    info["threads"] = torch.get_num_threads()
+    if device == "cuda":
+        props = torch.cuda.get_device_properties(0)
+        info["gpu"] = props.name
+        info["gpu_multiprocessors"] = props.multi_processor_count
+    else:
+        info["cpu_kernels"] = acon_cuda.cpu_kernel_isa()
+    return info
+
+
+def plot(results, path):
+    """speedup.png: speedup over the reference and torch.compile against size."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
+    for ax, mode in zip(axes, ["forward", "backward"]):
+        for key, marker in (("reference", "o"), ("compiled", "s")):
+            for dtype, color in (("float32", "tab:blue"), ("bfloat16", "tab:orange"),
+                                 ("float16", "tab:green"), ("float64", "tab:red")):
+                points = sorted(
+                    (r["x_bytes"], r["ms"][key][mode] / r["ms"]["fused"][mode])
+                    for r in results if r["dtype"] == dtype
+                )
+                if points:
+                    xs, ys = zip(*points)
+                    label = f"over {'torch.compile(ref)' if key == 'compiled' else 'reference'}, {dtype}"
+                    ax.scatter(xs, ys, marker=marker, color=color, alpha=0.8 if key == "compiled" else 0.5,
+                               label=label)
+        ax.axhline(1.0, color="gray", linewidth=0.8)
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("x size (bytes)")
+        ax.set_title(mode)
+    axes[0].set_ylabel("speedup of the fused op")
+    axes[1].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def parse_list(value, allowed, what):
+    items = [v.strip() for v in value.split(",") if v.strip()]
+    bad = [v for v in items if v not in allowed]
+    if bad or not items:
+        raise argparse.ArgumentTypeError(f"unknown {what} {bad or value!r}; choose from {', '.join(allowed)}")
+    return items
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
-    parser.add_argument("--quick", action="store_true", help="small tensors, one round")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16", "float64"])
-    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds per case")
-    parser.add_argument(
-        "--system-malloc", action="store_true",
-        help="leave glibc's malloc as it is (page faults on every large allocation)",
-    )
+    parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--quick", action="store_true", help="two small cases, float32, one round")
+    parser.add_argument("--dtype", default="float32,bfloat16",
+                        help="comma-separated: float32, bfloat16, float16, float64 (default float32,bfloat16)")
+    parser.add_argument("--sizes", default=None,
+                        help="comma-separated, of: " + ", ".join(SIZES) + " (default: all but large on the CPU)")
+    parser.add_argument("--layout", default="contiguous,channels_last",
+                        help="comma-separated: contiguous, channels_last (4-D cases only)")
+    parser.add_argument("--rounds", type=int, default=None, help="interleaved rounds per case (default 2; 1 with --quick)")
+    parser.add_argument("--out", default="bench_results", help="folder for results.json and speedup.png")
+    parser.add_argument("--system-malloc", action="store_true",
+                        help="leave glibc's malloc as it is (page faults on every large allocation)")
     args = parser.parse_args(argv)
+
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no GPU visible")
+    if args.device == "cuda" and not torch._C._dispatch_has_kernel_for_dispatch_key("acon::acon_c_forward", "CUDA"):
+        parser.error("--device cuda: this build of acon_cuda has no CUDA kernels")
+    dtypes = ["float32"] if args.quick and args.dtype == parser.get_default("dtype") else parse_list(
+        args.dtype, ["float32", "bfloat16", "float16", "float64"], "dtype")
+    sizes = parse_list(args.sizes, list(SIZES), "size") if args.sizes else (
+        QUICK_SIZES if args.quick else DEFAULT_SIZES[args.device])
+    layouts = parse_list(args.layout, ["contiguous", "channels_last"], "layout")
+    rounds = args.rounds or (1 if args.quick else 2)
+    budget_s = 0.02 if args.quick else 0.1
     kept = False if args.system_malloc else keep_freed_memory()
-    dtype = getattr(torch, args.dtype)
-    cases = QUICK_CASES if args.quick else CASES
-    rounds = 1 if args.quick else args.rounds
-    min_run_time = 0.05 if args.quick else 0.2
-    print(
-        f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU kernels: "
-        f"{acon_cuda.cpu_kernel_isa()}, malloc keeps freed memory: {kept}",
-        file=sys.stderr,
-    )
+
+    cases = [
+        (name, layout, getattr(torch, dtype))
+        for name in sizes for dtype in dtypes for layout in layouts
+        if layout == "contiguous" or len(SIZES[name][0]) == 4
+    ]
+    info = machine_info(args.device)
+    print(f"torch {torch.__version__}, device {args.device} "
+          f"({info.get('gpu') or info.get('cpu')}), {torch.get_num_threads()} CPU threads, "
+          f"malloc keeps freed memory: {kept}", file=sys.stderr)
     results = []
-    for i, case in enumerate(cases):
-        print(f"[{i + 1}/{len(cases)}] {case[0]} {case[1]}", file=sys.stderr, flush=True)
-        results.append(measure_case(case, dtype, rounds, min_run_time))
-    print_table(results)
-    compile_s = ", ".join(f"{r['case']} {r['compile_s']:.1f} s" for r in results)
-    print(f"torch.compile time of the reference (not in the timings): {compile_s}")
-    return results
+    started = time.perf_counter()
+    for i, (name, layout, dtype) in enumerate(cases):
+        progress(i, len(cases), f"{name} {layout} {dtype}".replace("torch.", ""), started)
+        results.append(measure_case(name, layout, dtype, args.device, rounds, budget_s))
+        if args.device == "cuda":
+            torch.cuda.empty_cache()
+    progress(len(cases), len(cases), "done", started)
+
+    text = table(results, args.device)
+    print(text)
+    compile_s = ", ".join(f"{r['case']}/{r['layout']}/{r['dtype']} {r['compile_s']:.1f}" for r in results)
+    print(f"\ntorch.compile time of the reference, s (not in the timings): {compile_s}")
+    os.makedirs(args.out, exist_ok=True)
+    report = {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "torch": torch.__version__,
+        "device": args.device,
+        "machine": info,
+        "malloc_keeps_freed_memory": kept,
+        "args": vars(args),
+        "wall_s": time.perf_counter() - started,
+        "results": results,
+    }
+    with open(os.path.join(args.out, "results.json"), "w") as f:
+        json.dump(report, f, indent=1)
+    with open(os.path.join(args.out, "table.txt"), "w") as f:
+        f.write(text + "\n")
+    plotted = plot(results, os.path.join(args.out, "speedup.png"))
+    print(f"wrote {args.out}/results.json, table.txt" + (", speedup.png" if plotted else
+          " (no speedup.png: matplotlib is not installed)"), file=sys.stderr)
+    return report
