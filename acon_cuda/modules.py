@@ -1,0 +1,367 @@
+"""ACON activations as nn.Modules (ACON-A, ACON-B, ACON-C, Meta-ACON), each
+computed by the fused op, plus model conversion and optimizer groups.
+
+Parameter names and shapes follow the paper's public code ((1, C, 1, 1)), so
+its checkpoints load with ``strict=True``.
+"""
+
+import warnings
+from typing import Callable, Optional, Sequence, Tuple, Type, Union
+
+import torch
+from torch import Tensor, nn
+from torch.nn.modules.lazy import LazyModuleMixin
+from torch.nn.parameter import UninitializedParameter
+
+from . import reference
+from .ops import acon_c as fused_acon_c
+
+__all__ = ["AconA", "AconB", "AconC", "MetaAconC", "convert_activations", "param_groups"]
+
+_IMPLS = {"fused": fused_acon_c, "reference": reference.acon_c}
+
+
+class _Acon(LazyModuleMixin, nn.Module):
+    """Shared part: width (C, or None for lazy), channel axis, the
+    implementation, and the per-channel parameters named in ``_PARAMS``."""
+
+    _PARAMS: Tuple[str, ...] = ()
+    cls_to_become = None  # stays its own class once initialised
+
+    def __init__(self, width: Optional[int], channel_dim: int, impl: str, device, dtype):
+        with warnings.catch_warnings():
+            # LazyModuleMixin warns that lazy modules are new, on every
+            # construction; the convention is stable enough for a width.
+            warnings.filterwarnings("ignore", message="Lazy modules are a new feature")
+            super().__init__()
+        if width is not None and (not isinstance(width, int) or isinstance(width, bool) or width < 1):
+            raise ValueError(f"{type(self).__name__}: width must be a positive int or None (lazy), got {width!r}")
+        if not isinstance(channel_dim, int) or isinstance(channel_dim, bool):
+            raise TypeError(f"{type(self).__name__}: channel_dim must be an int, got {channel_dim!r}")
+        if impl not in _IMPLS:
+            raise ValueError(f"{type(self).__name__}: impl must be one of {sorted(_IMPLS)}, got {impl!r}")
+        self.channel_dim = channel_dim
+        self.impl = impl
+        factory = {"device": device, "dtype": dtype}
+        for name in self._PARAMS:
+            if width is None:
+                setattr(self, name, UninitializedParameter(**factory))
+            else:
+                setattr(self, name, nn.Parameter(torch.empty((1, width, 1, 1), **factory)))
+        if width is not None:
+            self.reset_parameters()
+
+    @property
+    def width(self) -> Optional[int]:
+        """C, or None while a lazy module has not seen its first input."""
+        first = getattr(self, self._PARAMS[0])
+        return None if isinstance(first, UninitializedParameter) else first.shape[1]
+
+    def reset_parameters(self) -> None:
+        raise NotImplementedError
+
+    def _channels_of(self, x: Tensor) -> int:
+        if x.dim() < 2:
+            raise ValueError(
+                f"{type(self).__name__}: expected an input of rank >= 2 (batch, channels, ...), got shape {tuple(x.shape)}"
+            )
+        if not -x.dim() <= self.channel_dim < x.dim():
+            raise ValueError(
+                f"{type(self).__name__}: channel_dim={self.channel_dim} is out of range for an input of rank {x.dim()}"
+            )
+        return x.shape[self.channel_dim]
+
+    def initialize_parameters(self, x: Tensor) -> None:  # LazyModuleMixin's hook
+        if self.has_uninitialized_params():
+            width = self._channels_of(x)
+            with torch.no_grad():
+                for name in self._PARAMS:
+                    getattr(self, name).materialize((1, width, 1, 1))
+                self.reset_parameters()
+
+    def _check_input(self, x: Tensor) -> None:
+        channels = self._channels_of(x)
+        if channels != self.width:
+            raise ValueError(
+                f"{type(self).__name__}: input has {channels} channels on axis {self.channel_dim} "
+                f"(shape {tuple(x.shape)}), but this module's width is {self.width}"
+            )
+
+    def _acon_c(self, x: Tensor, p1: Tensor, p2: Tensor, beta: Tensor) -> Tensor:
+        return _IMPLS[self.impl](x, p1, p2, beta, self.channel_dim)
+
+    def extra_repr(self) -> str:
+        width = "None (lazy)" if self.width is None else str(self.width)
+        parts = [f"width={width}", f"channel_dim={self.channel_dim}"]
+        parts += self._extra_options()
+        if self.impl != "fused":
+            parts.append(f"impl={self.impl!r}")
+        return ", ".join(parts)
+
+    def _extra_options(self):
+        return []
+
+
+class AconA(_Acon):
+    """ACON-A: ``x * sigmoid(beta * x)`` (Swish with a learnable per-channel beta).
+
+    Args:
+        width: number of channels C, or None to take it from the first input
+            (lazy, as ``nn.LazyLinear``).
+        channel_dim: the channel axis of the input (-1 for (B, T, C)).
+        impl: "fused" (the fused kernels) or "reference" (plain PyTorch ops,
+            for checking and benchmarking).
+
+    Parameter ``beta`` of shape (1, C, 1, 1), initialised to ones (so the
+    module starts as SiLU). Input: any rank >= 2 with C channels at
+    ``channel_dim``; output of the same shape, dtype and memory format.
+    """
+
+    _PARAMS = ("beta",)
+
+    def __init__(self, width=None, channel_dim=1, *, impl="fused", device=None, dtype=None):
+        super().__init__(width, channel_dim, impl, device, dtype)
+
+    def reset_parameters(self) -> None:
+        nn.init.ones_(self.beta)
+
+    def forward(self, x: Tensor) -> Tensor:
+        self._check_input(x)
+        ones = self.beta.new_ones(self.width)
+        return self._acon_c(x, ones, torch.zeros_like(ones), self.beta)
+
+
+class AconB(_Acon):
+    """ACON-B: ``(1 - p) * x * sigmoid(beta * (1 - p) * x) + p * x``.
+
+    Parameters ``p`` (zeros: the module starts as SiLU) and ``beta`` (ones),
+    each (1, C, 1, 1). Other arguments as :class:`AconA`.
+    """
+
+    _PARAMS = ("p", "beta")
+
+    def __init__(self, width=None, channel_dim=1, *, impl="fused", device=None, dtype=None):
+        super().__init__(width, channel_dim, impl, device, dtype)
+
+    def reset_parameters(self) -> None:
+        nn.init.zeros_(self.p)
+        nn.init.ones_(self.beta)
+
+    def forward(self, x: Tensor) -> Tensor:
+        self._check_input(x)
+        return self._acon_c(x, self.p.new_ones(self.width), self.p, self.beta)
+
+
+_INITS = ("paper", "swish")
+
+
+class AconC(_Acon):
+    """ACON-C: ``(p1 - p2) * x * sigmoid(beta * (p1 - p2) * x) + p2 * x``.
+
+    Parameters ``p1``, ``p2`` and ``beta``, each (1, C, 1, 1), as in the
+    paper's public code. ``init="paper"`` initialises them as that code does
+    (p1, p2 standard normal, beta ones); ``init="swish"`` sets p1 = 1, p2 = 0,
+    beta = 1, so the module equals SiLU exactly at the start: swapped into a
+    pretrained SiLU/Swish network it leaves the outputs unchanged. Other
+    arguments as :class:`AconA`.
+    """
+
+    _PARAMS = ("p1", "p2", "beta")
+
+    def __init__(self, width=None, channel_dim=1, init="paper", *, impl="fused", device=None, dtype=None):
+        if init not in _INITS:
+            raise ValueError(f"AconC: init must be one of {_INITS}, got {init!r}")
+        self.init = init
+        super().__init__(width, channel_dim, impl, device, dtype)
+
+    def reset_parameters(self) -> None:
+        if self.init == "paper":
+            nn.init.normal_(self.p1)
+            nn.init.normal_(self.p2)
+        else:
+            nn.init.ones_(self.p1)
+            nn.init.zeros_(self.p2)
+        nn.init.ones_(self.beta)
+
+    def forward(self, x: Tensor) -> Tensor:
+        self._check_input(x)
+        return self._acon_c(x, self.p1, self.p2, self.beta)
+
+    def _extra_options(self):
+        return [f"init={self.init!r}"]
+
+
+class MetaAconC(_Acon):
+    """Meta-ACON: ACON-C with beta generated from the input, per sample and channel.
+
+    ``beta = sigmoid(bn2(fc2(bn1(fc1(mean(x)))))``, where the mean runs over
+    every axis but batch and channel, ``fc1`` / ``fc2`` are 1x1 convolutions
+    with bias (C -> max(r, C // r) -> C) and ``bn1`` / ``bn2`` BatchNorm2d, as
+    in the paper's public code. ``norm=False`` drops the BatchNorms (the
+    layout of YOLOv5's MetaAconC). Parameters ``p1``, ``p2`` (1, C, 1, 1),
+    standard normal. Other arguments as :class:`AconA`.
+
+    With ``norm=True``, training needs a batch of at least 2 (BatchNorm over
+    one value per channel is undefined); a batch of 1 raises a ValueError.
+    """
+
+    _PARAMS = ("p1", "p2")
+
+    def __init__(self, width=None, r=16, channel_dim=1, norm=True, *, impl="fused", device=None, dtype=None):
+        if not isinstance(r, int) or isinstance(r, bool) or r < 1:
+            raise ValueError(f"MetaAconC: r must be a positive int, got {r!r}")
+        self.r = r
+        self.norm = bool(norm)
+        super().__init__(width, channel_dim, impl, device, dtype)
+        if width is not None:
+            self._build_generator(width, device, dtype)
+
+    def _build_generator(self, width, device, dtype):
+        hidden = max(self.r, width // self.r)
+        factory = {"device": device, "dtype": dtype}
+        self.fc1 = nn.Conv2d(width, hidden, kernel_size=1, bias=True, **factory)
+        if self.norm:
+            self.bn1 = nn.BatchNorm2d(hidden, **factory)
+        self.fc2 = nn.Conv2d(hidden, width, kernel_size=1, bias=True, **factory)
+        if self.norm:
+            self.bn2 = nn.BatchNorm2d(width, **factory)
+
+    def reset_parameters(self) -> None:
+        nn.init.normal_(self.p1)
+        nn.init.normal_(self.p2)
+
+    def initialize_parameters(self, x: Tensor) -> None:
+        if self.has_uninitialized_params():
+            super().initialize_parameters(x)
+            self._build_generator(self.width, self.p1.device, self.p1.dtype)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # A lazy module builds its generator from the checkpoint's width, so
+        # that the generator's own entries load too.
+        p1 = state_dict.get(prefix + "p1")
+        if self.has_uninitialized_params() and p1 is not None and p1.dim() == 4:
+            width = p1.shape[1]
+            with torch.no_grad():
+                for name in self._PARAMS:
+                    getattr(self, name).materialize((1, width, 1, 1))
+            self._build_generator(width, self.p1.device, self.p1.dtype)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def forward(self, x: Tensor) -> Tensor:
+        self._check_input(x)
+        cdim = self.channel_dim % x.dim()
+        if cdim == 0:
+            raise ValueError("MetaAconC: channel_dim must not be the batch axis 0 (beta is per sample and channel)")
+        n, c = x.shape[0], x.shape[cdim]
+        if self.norm and self.training and n == 1:
+            raise ValueError(
+                "MetaAconC(norm=True) cannot train on a batch of 1: its BatchNorm2d layers normalise one "
+                "value per channel and sample. Use norm=False (no BatchNorm, as YOLOv5 does), a batch of 2 "
+                "or more, or eval mode."
+            )
+        other = [i for i in range(1, x.dim()) if i != cdim]
+        mean = x.mean(dim=other) if other else x
+        h = self.fc1(mean.reshape(n, c, 1, 1))
+        if self.norm:
+            h = self.bn1(h)
+        h = self.fc2(h)
+        if self.norm:
+            h = self.bn2(h)
+        beta = torch.sigmoid(h)
+        if beta.dtype != x.dtype:
+            beta = beta.float()  # e.g. float32 x under autocast: the op takes float32
+        return self._acon_c(x, self.p1, self.p2, beta)
+
+    def _extra_options(self):
+        return [f"r={self.r}", f"norm={self.norm}"]
+
+
+_NEW = {"acon_a": AconA, "acon_b": AconB, "acon_c": AconC, "meta_acon_c": MetaAconC}
+
+
+def convert_activations(
+    model: nn.Module,
+    old: Union[Type[nn.Module], Sequence[Type[nn.Module]]] = (nn.ReLU, nn.SiLU),
+    new: Union[str, Callable[[], nn.Module]] = "acon_c",
+    **kwargs,
+) -> nn.Module:
+    """Replaces every activation module of a type in ``old`` inside ``model``
+    (recursively, in place) with a new lazy ACON module; returns ``model``.
+
+    Args:
+        model: the model (a matching module passed as ``model`` itself is not
+            replaced: there is no parent to put the new one in).
+        old: a module class or a tuple of them.
+        new: "acon_a", "acon_b", "acon_c" or "meta_acon_c", built lazily with
+            ``**kwargs`` (e.g. ``init="swish"``, ``channel_dim=-1``), or a
+            callable returning a fresh module (then ``kwargs`` must be empty).
+
+    The new modules are lazy: run one forward pass (a dry run) before creating
+    the optimizer, as with ``nn.LazyLinear``; they are created on the device
+    and dtype of the module they replace, if it has any, else the defaults.
+
+    Limits: activations called as functions (``F.relu(x)``, ``x.relu()``,
+    ``torch.relu``) are not modules and are not converted. A module object
+    used at several places in ``forward`` (torchvision's BasicBlock calls
+    ``self.relu`` twice) is replaced by one ACON module, which those places
+    then share, parameters included; they must have the same channel count.
+    """
+    if isinstance(old, type):
+        old = (old,)
+    old = tuple(old)
+    if not old or not all(isinstance(t, type) and issubclass(t, nn.Module) for t in old):
+        raise TypeError(f"convert_activations: old must be nn.Module classes, got {old!r}")
+    if isinstance(new, str):
+        if new not in _NEW:
+            raise ValueError(f"convert_activations: new must be one of {sorted(_NEW)} or a callable, got {new!r}")
+        cls = _NEW[new]
+
+        def make():
+            return cls(**kwargs)
+
+        make()  # bad kwargs fail here, before the model is touched
+    elif callable(new):
+        if kwargs:
+            raise TypeError("convert_activations: keyword arguments go with a named new module, not a callable")
+        make = new
+    else:
+        raise TypeError(f"convert_activations: new must be a name or a callable, got {new!r}")
+
+    replaced = {}  # one replacement per module object, shared as it was
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, old):
+                if id(child) not in replaced:
+                    replacement = make()
+                    if not isinstance(replacement, nn.Module):
+                        raise TypeError(f"convert_activations: new() returned {type(replacement).__name__}, not a module")
+                    replaced[id(child)] = replacement
+                setattr(parent, name, replaced[id(child)])
+    return model
+
+
+def _acon_parameters(model: nn.Module):
+    for module in model.modules():
+        if isinstance(module, _Acon):
+            for name in module._PARAMS:
+                yield getattr(module, name)
+
+
+def param_groups(model: nn.Module, weight_decay: float):
+    """Optimizer parameter groups: ACON parameters (p1, p2, beta, p) without
+    weight decay, as the paper's training code keeps them, and every other
+    parameter with ``weight_decay``. Meta-ACON's generator convolutions and
+    BatchNorms count as other parameters.
+
+    ``torch.optim.SGD(param_groups(model, 1e-4), lr=0.1, momentum=0.9)``.
+    Lazy modules must have seen an input first.
+    """
+    acon = list(_acon_parameters(model))
+    if any(isinstance(p, UninitializedParameter) for p in model.parameters()):
+        raise ValueError("param_groups: the model has uninitialised (lazy) parameters; run one forward pass first")
+    acon_ids = {id(p) for p in acon}
+    others = [p for p in model.parameters() if id(p) not in acon_ids]
+    return [
+        {"params": others, "weight_decay": weight_decay},
+        {"params": acon, "weight_decay": 0.0},
+    ]
