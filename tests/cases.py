@@ -1,10 +1,11 @@
 """Inputs and float64 truths shared by the tests."""
 
+import pytest
 import torch
 
 import acon_cuda
 from acon_cuda import reference
-from acon_cuda.testing import ROUNDING, TOLERANCES
+from acon_cuda.testing import DTYPES, ROUNDING, TOLERANCES, opmath_dtype
 
 # Logical (N, C, *spatial) shapes: odd sizes, C = 1, spatial size 1, ranks
 # 2 to 5, empty batch, empty spatial axis, no channels, C wider than a vector
@@ -152,3 +153,35 @@ def assert_close_to_truth(actual, truth, size, opmath_dtype):
         f"{int(bad.sum())} of {actual.numel()} values off; worst: actual "
         f"{actual.flatten()[bad.flatten()][:4].tolist()} truth {truth.flatten()[bad.flatten()][:4].tolist()}"
     )
+
+
+def check_against_truth(x, p1, p2, beta, channel_dim, run=None):
+    """Runs the op (run_fused, or `run` with the same signature) and checks
+    y and every gradient against the float64 truth."""
+    grad = torch.randn_like(x)
+    y, grads = (run or run_fused)(x, p1, p2, beta, channel_dim, grad)
+    y_truth, grads_truth, y_bound, bounds = run_truth(x, p1, p2, beta, channel_dim, grad)
+    opmath = opmath_dtype(x.dtype)
+
+    assert y.shape == x.shape and y.dtype == x.dtype and y.device == x.device
+    assert_close_to_truth(y, y_truth, y_bound, opmath)
+    for name, g, t, g_truth, bound in zip(("x", "p1", "p2", "beta"), grads, (x, p1, p2, beta), grads_truth, bounds):
+        assert g.shape == t.shape and g.dtype == t.dtype, name
+        assert_close_to_truth(g, g_truth, bound, opmath)
+    return y, grads
+
+
+def shape_layouts():
+    for shape in SHAPES:
+        for layout in LAYOUTS:
+            if layout != "channels_last" or len(shape) in (4, 5):
+                yield pytest.param(shape, layout, id="x".join(map(str, shape)) + "-" + layout)
+
+
+def dtype_pairs():
+    """(x dtype, parameter dtype): the same, or float32 parameters (mixed precision)."""
+    for dtype in DTYPES:
+        name = str(dtype).replace("torch.", "")
+        yield pytest.param(dtype, dtype, id=name)
+        if dtype != torch.float32:
+            yield pytest.param(dtype, torch.float32, id=name + "-float32_params")

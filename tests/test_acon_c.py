@@ -4,39 +4,9 @@ import pytest
 import torch
 
 import acon_cuda
-from acon_cuda.testing import DTYPES, opmath_dtype
+from acon_cuda.testing import DTYPES
 
-from cases import LAYOUTS, SHAPES, assert_close_to_truth, make_params, make_x, run_fused, run_truth
-
-
-def check_against_truth(x, p1, p2, beta, channel_dim):
-    grad = torch.randn_like(x)
-    y, grads = run_fused(x, p1, p2, beta, channel_dim, grad)
-    y_truth, grads_truth, y_bound, bounds = run_truth(x, p1, p2, beta, channel_dim, grad)
-    opmath = opmath_dtype(x.dtype)
-
-    assert y.shape == x.shape and y.dtype == x.dtype and y.device == x.device
-    assert_close_to_truth(y, y_truth, y_bound, opmath)
-    for name, g, t, g_truth, bound in zip(("x", "p1", "p2", "beta"), grads, (x, p1, p2, beta), grads_truth, bounds):
-        assert g.shape == t.shape and g.dtype == t.dtype, name
-        assert_close_to_truth(g, g_truth, bound, opmath)
-    return y, grads
-
-
-def shape_layouts():
-    for shape in SHAPES:
-        for layout in LAYOUTS:
-            if layout != "channels_last" or len(shape) in (4, 5):
-                yield pytest.param(shape, layout, id="x".join(map(str, shape)) + "-" + layout)
-
-
-def dtype_pairs():
-    """(x dtype, parameter dtype): the same, or float32 parameters (mixed precision)."""
-    for dtype in DTYPES:
-        name = str(dtype).replace("torch.", "")
-        yield pytest.param(dtype, dtype, id=name)
-        if dtype != torch.float32:
-            yield pytest.param(dtype, torch.float32, id=name + "-float32_params")
+from cases import check_against_truth, dtype_pairs, make_params, make_x, run_fused, shape_layouts
 
 
 @pytest.mark.parametrize("per_sample", [False, True], ids=["beta_per_channel", "beta_per_sample"])

@@ -24,6 +24,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <vector>
 
 namespace acon_cuda::cuda {
 namespace {
@@ -37,16 +38,29 @@ constexpr int kFlushIterations = 16;
 // ---------------------------------------------------------------------------
 // Elementwise math, in opmath_t (float for float16/bfloat16/float32, double
 // for float64). Written as the CPU kernels write it (acon_c_kernel_impl.h).
+// Everything from here to the kernels is __host__ __device__: the tests run
+// the same per-thread code on the CPU (emulate_kernels below).
 
-__device__ __forceinline__ float exp_of(float v) { return expf(v); }
-__device__ __forceinline__ double exp_of(double v) { return exp(v); }
+#define ACON_HD __host__ __device__ __forceinline__
+
+ACON_HD float exp_of(float v) { return expf(v); }
+ACON_HD double exp_of(double v) { return exp(v); }
+ACON_HD float abs_of(float v) { return fabsf(v); }
+ACON_HD double abs_of(double v) { return fabs(v); }
+ACON_HD float fma_of(float a, float b, float c) { return fmaf(a, b, c); }
+ACON_HD double fma_of(double a, double b, double c) { return fma(a, b, c); }
+
+template <typename T>
+ACON_HD T min_of(T a, T b) {
+  return a < b ? a : b;
+}
 
 // S = sigmoid(u) and s_neg = 1 - S = sigmoid(-u), both from t = exp(-|u|),
 // which never overflows: no inf/inf, and 1 - S without cancellation. S is 0
 // exactly at u = -inf and 1 at +inf, as torch.sigmoid gives; NaN stays NaN.
 template <typename T>
-__device__ __forceinline__ void sigmoid_pair(T u, T& s, T& s_neg) {
-  const T t = exp_of(-fabs(u));
+ACON_HD void sigmoid_pair(T u, T& s, T& s_neg) {
+  const T t = exp_of(-abs_of(u));
   const T r = T(1) / (T(1) + t);  // sigmoid(|u|)
   const T q = t * r;              // sigmoid(-|u|)
   const bool nonneg = u >= T(0);
@@ -56,26 +70,26 @@ __device__ __forceinline__ void sigmoid_pair(T u, T& s, T& s_neg) {
 
 // y = d*x*S + p2*x with u = bd*x, written x*(d*S + p2) like the reference.
 template <typename T>
-__device__ __forceinline__ T acon_c_value(T x, T d, T p2, T bd) {
+ACON_HD T acon_c_value(T x, T d, T p2, T bd) {
   T s, s_neg;
   sigmoid_pair(bd * x, s, s_neg);
-  return x * fma(d, s, p2);
+  return x * fma_of(d, s, p2);
 }
 
 // dx, and adds this element's terms of the three parameter sums.
 template <typename T>
-__device__ __forceinline__ T acon_c_grad(T x, T dy, T d, T p2, T bd, T& a, T& b, T& g) {
+ACON_HD T acon_c_grad(T x, T dy, T d, T p2, T bd, T& a, T& b, T& g) {
   const T u = bd * x;
   T s, s_neg;
   sigmoid_pair(u, s, s_neg);
-  const T h = s * fma(u, s_neg, T(1));
+  const T h = s * fma_of(u, s_neg, T(1));
   const T dyx = dy * x;
   const T dxd = d * x;
   a += dyx * h;
   b += dyx;
   // (d*x) * ((d*x)*S*(1-S)): no (d*x)^2 that could overflow on its own.
   g += (dy * dxd) * (dxd * (s * s_neg));
-  return dy * fma(d, h, p2);
+  return dy * fma_of(d, h, p2);
 }
 
 // kWidth elements moved as one aligned load or store (16 bytes when kWidth > 1).
@@ -85,12 +99,12 @@ struct alignas(sizeof(T) * kWidth) Pack {
 };
 
 template <typename T, int kWidth>
-__device__ __forceinline__ Pack<T, kWidth> load_pack(const T* p) {
+ACON_HD Pack<T, kWidth> load_pack(const T* p) {
   return *reinterpret_cast<const Pack<T, kWidth>*>(p);
 }
 
 template <typename T, int kWidth>
-__device__ __forceinline__ void store_pack(T* p, const Pack<T, kWidth>& v) {
+ACON_HD void store_pack(T* p, const Pack<T, kWidth>& v) {
   *reinterpret_cast<Pack<T, kWidth>*>(p) = v;
 }
 
@@ -124,15 +138,197 @@ struct KernelArgs {
   // holds sum s (0: a, 1: b, 2: g) of one work item, channel c.
   double* partials;
 
-  __device__ double* partial(int s, int64_t g, int64_t chunk, int64_t c) const {
+  ACON_HD double* partial(int s, int64_t g, int64_t chunk, int64_t c) const {
     return partials + ((s * groups + g) * chunks + chunk) * channels + c;
   }
 };
 
-template <typename T>
-__device__ __forceinline__ T min_of(T a, T b) {
-  return a < b ? a : b;
+// A work item's place: group, chunk of the outer index, and channel (runs)
+// or column tile (columns), from the item number; `minor` is C or tiles.
+struct Item {
+  int64_t g, chunk, minor;
+  int64_t o0, rows;  // the chunk's first outer index and its length
+};
+
+template <typename scalar_t>
+ACON_HD Item locate(const KernelArgs<scalar_t>& args, int64_t item, int64_t minor_count) {
+  Item it;
+  it.minor = item % minor_count;
+  it.chunk = (item / minor_count) % args.chunks;
+  it.g = item / minor_count / args.chunks;
+  it.o0 = it.chunk * args.chunk_rows;
+  it.rows = min_of(args.chunk_rows, args.outer - it.o0);
+  return it;
 }
+
+// One thread's share of a runs work item (inner > 1): the item's (row,
+// vector) pairs are dealt to the block's threads round-robin, so that short
+// runs (7x7) keep every thread busy too. The backward adds the thread's
+// terms to `sums` (a, b, g), in opmath_t for at most kFlushIterations
+// iterations at a time, then in double.
+template <typename scalar_t, int kWidth, bool kBackward>
+ACON_HD void runs_thread(const KernelArgs<scalar_t>& args, const Item& it, int thread, double (&sums)[3]) {
+  using opmath_t = at::opmath_type<scalar_t>;
+  using P = Pack<scalar_t, kWidth>;
+  constexpr int kUnroll = kWidth > 1 ? 2 : 4;  // independent loads in flight
+  const int64_t C = args.channels;
+  const int64_t c = it.minor;
+  const int64_t row_stride = C * args.inner;
+  const int64_t base = ((it.g * args.outer + it.o0) * C + c) * args.inner;
+  // The channel's parameters, once per item: every thread reads the same
+  // addresses (one broadcast load each).
+  const opmath_t p2 = args.p2[c];
+  const opmath_t d = args.p1[c] - p2;
+  const opmath_t bd = args.beta[args.per_sample_beta ? it.g * C + c : c] * d;
+
+  opmath_t a = 0, b = 0, gs = 0;
+  int iterations = 0;
+  int64_t r = thread / args.row_vectors;
+  int64_t v = thread % args.row_vectors;
+  while (r < it.rows) {
+    int64_t offset[kUnroll];
+    bool valid[kUnroll];
+#pragma unroll
+    for (int i = 0; i < kUnroll; ++i) {
+      valid[i] = r < it.rows;
+      offset[i] = base + r * row_stride + v * kWidth;
+      r += args.step_rows;
+      v += args.step_vectors;
+      if (v >= args.row_vectors) {
+        v -= args.row_vectors;
+        ++r;
+      }
+    }
+    P xs[kUnroll], dys[kUnroll];
+#pragma unroll
+    for (int i = 0; i < kUnroll; ++i) {
+      if (valid[i]) {
+        xs[i] = load_pack<scalar_t, kWidth>(args.x + offset[i]);
+        if constexpr (kBackward) {
+          dys[i] = load_pack<scalar_t, kWidth>(args.grad_y + offset[i]);
+        }
+      }
+    }
+#pragma unroll
+    for (int i = 0; i < kUnroll; ++i) {
+      if (valid[i]) {
+        P out;
+#pragma unroll
+        for (int j = 0; j < kWidth; ++j) {
+          const opmath_t xv = static_cast<opmath_t>(xs[i].v[j]);
+          if constexpr (kBackward) {
+            const opmath_t dy = static_cast<opmath_t>(dys[i].v[j]);
+            out.v[j] = static_cast<scalar_t>(acon_c_grad(xv, dy, d, p2, bd, a, b, gs));
+          } else {
+            out.v[j] = static_cast<scalar_t>(acon_c_value(xv, d, p2, bd));
+          }
+        }
+        store_pack<scalar_t, kWidth>(args.out + offset[i], out);
+      }
+    }
+    if constexpr (kBackward) {
+      if (++iterations == kFlushIterations) {
+        sums[0] += a;
+        sums[1] += b;
+        sums[2] += gs;
+        a = b = gs = 0;
+        iterations = 0;
+      }
+    }
+  }
+  if constexpr (kBackward) {
+    sums[0] += a;
+    sums[1] += b;
+    sums[2] += gs;
+  }
+}
+
+// One thread's share of a columns work item (inner == 1): thread (tx, ty)
+// owns kWidth channels of the tile, keeps their parameters in registers and
+// walks rows ty, ty + kThreads / tile_vectors, ... of the chunk. The
+// backward's terms go to a, b, gs per channel, in opmath_t: plan_chunks
+// bounds a thread's rows to kFlushIterations.
+template <typename scalar_t, int kWidth, bool kBackward>
+ACON_HD void columns_thread(
+    const KernelArgs<scalar_t>& args, const Item& it, int thread,
+    at::opmath_type<scalar_t> (&a)[kWidth], at::opmath_type<scalar_t> (&b)[kWidth],
+    at::opmath_type<scalar_t> (&gs)[kWidth]) {
+  using opmath_t = at::opmath_type<scalar_t>;
+  using P = Pack<scalar_t, kWidth>;
+  constexpr int kUnroll = kWidth > 1 ? 2 : 4;
+  const int64_t C = args.channels;
+  const int tx = thread % args.tile_vectors;
+  const int ty = thread / args.tile_vectors;
+  const int row_step = kThreads / args.tile_vectors;
+  const int64_t c0 = (it.minor * args.tile_vectors + tx) * kWidth;
+#pragma unroll
+  for (int j = 0; j < kWidth; ++j) {
+    a[j] = b[j] = gs[j] = 0;
+  }
+  if (c0 >= C) {  // past the last channel (C is a multiple of kWidth)
+    return;
+  }
+  const int64_t base = (it.g * args.outer + it.o0) * C + c0;
+  const opmath_t* beta = args.beta + (args.per_sample_beta ? it.g * C : 0);
+  opmath_t d[kWidth], p2[kWidth], bd[kWidth];
+#pragma unroll
+  for (int j = 0; j < kWidth; ++j) {
+    p2[j] = args.p2[c0 + j];
+    d[j] = args.p1[c0 + j] - p2[j];
+    bd[j] = beta[c0 + j] * d[j];
+  }
+
+  for (int64_t r = ty; r < it.rows; r += kUnroll * row_step) {
+    P xs[kUnroll], dys[kUnroll];
+#pragma unroll
+    for (int i = 0; i < kUnroll; ++i) {
+      if (r + i * row_step < it.rows) {
+        const int64_t offset = base + (r + i * row_step) * C;
+        xs[i] = load_pack<scalar_t, kWidth>(args.x + offset);
+        if constexpr (kBackward) {
+          dys[i] = load_pack<scalar_t, kWidth>(args.grad_y + offset);
+        }
+      }
+    }
+#pragma unroll
+    for (int i = 0; i < kUnroll; ++i) {
+      if (r + i * row_step < it.rows) {
+        P out;
+#pragma unroll
+        for (int j = 0; j < kWidth; ++j) {
+          const opmath_t xv = static_cast<opmath_t>(xs[i].v[j]);
+          if constexpr (kBackward) {
+            const opmath_t dy = static_cast<opmath_t>(dys[i].v[j]);
+            out.v[j] = static_cast<scalar_t>(acon_c_grad(xv, dy, d[j], p2[j], bd[j], a[j], b[j], gs[j]));
+          } else {
+            out.v[j] = static_cast<scalar_t>(acon_c_value(xv, d[j], p2[j], bd[j]));
+          }
+        }
+        store_pack<scalar_t, kWidth>(args.out + base + (r + i * row_step) * C, out);
+      }
+    }
+  }
+}
+
+// Sum j of [A (C), B (C), G (groups * C)] from the partials: A and B add
+// every group's and chunk's, G every chunk's of its group; in a fixed order.
+ACON_HD double channel_sum(const double* partials, int64_t j, int64_t groups, int64_t chunks, int64_t channels) {
+  const int64_t c = j % channels;
+  const int64_t s = min_of<int64_t>(j / channels, 2);
+  const int64_t g_first = s < 2 ? 0 : j / channels - 2;
+  const int64_t g_end = s < 2 ? groups : g_first + 1;
+  double total = 0.0;
+  for (int64_t g = g_first; g < g_end; ++g) {
+    const double* p = partials + ((s * groups + g) * chunks) * channels + c;
+    for (int64_t k = 0; k < chunks; ++k) {
+      total += p[k * channels];
+    }
+  }
+  return total;
+}
+
+// ---------------------------------------------------------------------------
+// The kernels: the per-thread parts above, plus the block reductions.
 
 __device__ __forceinline__ double warp_sum(double v) {
 #pragma unroll
@@ -167,174 +363,42 @@ __device__ __forceinline__ void block_sum3(double (&v)[3], double* scratch) {
   __syncthreads();  // scratch is reused by the block's next work item
 }
 
-// Runs of one channel (inner > 1). A block's work item is (group g, chunk of
-// outer indices, channel c): rows of `inner` elements kWidth at a time, the
-// (row, vector) pairs of the item dealt to threads round-robin, so that short
-// runs (7x7) keep every thread busy too.
+// Runs of one channel (inner > 1); see runs_thread.
 template <typename scalar_t, int kWidth, bool kBackward>
 __global__ void __launch_bounds__(kThreads) acon_c_runs_kernel(const KernelArgs<scalar_t> args) {
-  using opmath_t = at::opmath_type<scalar_t>;
-  using P = Pack<scalar_t, kWidth>;
-  constexpr int kUnroll = kWidth > 1 ? 2 : 4;  // independent loads in flight
   __shared__ double scratch[kWarps * 3];
-  const int64_t C = args.channels;
-  const int64_t row_stride = C * args.inner;
-  const int64_t first_row = threadIdx.x / args.row_vectors;
-  const int64_t first_vector = threadIdx.x % args.row_vectors;
-
   for (int64_t item = blockIdx.x; item < args.items; item += gridDim.x) {
-    const int64_t c = item % C;
-    const int64_t chunk = (item / C) % args.chunks;
-    const int64_t g = item / C / args.chunks;
-    const int64_t o0 = chunk * args.chunk_rows;
-    const int64_t rows = min_of(args.chunk_rows, args.outer - o0);
-    const int64_t base = ((g * args.outer + o0) * C + c) * args.inner;
-    const opmath_t p2 = args.p2[c];
-    const opmath_t d = args.p1[c] - p2;
-    const opmath_t bd = args.beta[args.per_sample_beta ? g * C + c : c] * d;
-
-    opmath_t a = 0, b = 0, gs = 0;
+    const Item it = locate(args, item, args.channels);
     double sums[3] = {0.0, 0.0, 0.0};
-    int iterations = 0;
-    int64_t r = first_row;
-    int64_t v = first_vector;
-    while (r < rows) {
-      int64_t offset[kUnroll];
-      bool valid[kUnroll];
-#pragma unroll
-      for (int i = 0; i < kUnroll; ++i) {
-        valid[i] = r < rows;
-        offset[i] = base + r * row_stride + v * kWidth;
-        r += args.step_rows;
-        v += args.step_vectors;
-        if (v >= args.row_vectors) {
-          v -= args.row_vectors;
-          ++r;
-        }
-      }
-      P xs[kUnroll], dys[kUnroll];
-#pragma unroll
-      for (int i = 0; i < kUnroll; ++i) {
-        if (valid[i]) {
-          xs[i] = load_pack<scalar_t, kWidth>(args.x + offset[i]);
-          if constexpr (kBackward) {
-            dys[i] = load_pack<scalar_t, kWidth>(args.grad_y + offset[i]);
-          }
-        }
-      }
-#pragma unroll
-      for (int i = 0; i < kUnroll; ++i) {
-        if (valid[i]) {
-          P out;
-#pragma unroll
-          for (int j = 0; j < kWidth; ++j) {
-            const opmath_t xv = static_cast<opmath_t>(xs[i].v[j]);
-            if constexpr (kBackward) {
-              const opmath_t dy = static_cast<opmath_t>(dys[i].v[j]);
-              out.v[j] = static_cast<scalar_t>(acon_c_grad(xv, dy, d, p2, bd, a, b, gs));
-            } else {
-              out.v[j] = static_cast<scalar_t>(acon_c_value(xv, d, p2, bd));
-            }
-          }
-          store_pack<scalar_t, kWidth>(args.out + offset[i], out);
-        }
-      }
-      if constexpr (kBackward) {
-        if (++iterations == kFlushIterations) {
-          sums[0] += a;
-          sums[1] += b;
-          sums[2] += gs;
-          a = b = gs = 0;
-          iterations = 0;
-        }
-      }
-    }
+    runs_thread<scalar_t, kWidth, kBackward>(args, it, threadIdx.x, sums);
     if constexpr (kBackward) {
-      sums[0] += a;
-      sums[1] += b;
-      sums[2] += gs;
       block_sum3(sums, scratch);
       if (threadIdx.x == 0) {
         for (int s = 0; s < 3; ++s) {
-          *args.partial(s, g, chunk, c) = sums[s];
+          *args.partial(s, it.g, it.chunk, it.minor) = sums[s];
         }
       }
     }
   }
 }
 
-// Channels innermost (inner == 1): rows of C elements. A block's work item is
-// (group g, chunk of rows, tile of channels); thread (tx, ty) owns kWidth
-// channels of the tile and walks rows ty, ty + kThreads / tile_vectors, ...
+// Channels innermost (inner == 1); see columns_thread. The backward sums each
+// channel's column over the block's rows in shared memory, in double.
 template <typename scalar_t, int kWidth, bool kBackward>
 __global__ void __launch_bounds__(kThreads) acon_c_columns_kernel(const KernelArgs<scalar_t> args) {
   using opmath_t = at::opmath_type<scalar_t>;
-  using P = Pack<scalar_t, kWidth>;
-  constexpr int kUnroll = kWidth > 1 ? 2 : 4;
   // Per-thread column sums, one of a, b, g at a time.
   __shared__ double column_sums[kBackward ? kThreads * kWidth : 1];
-  const int64_t C = args.channels;
   const int tile_vectors = args.tile_vectors;
-  const int tx = threadIdx.x % tile_vectors;
   const int ty = threadIdx.x / tile_vectors;
   const int row_step = kThreads / tile_vectors;
 
   for (int64_t item = blockIdx.x; item < args.items; item += gridDim.x) {
-    const int64_t tile = item % args.tiles;
-    const int64_t chunk = (item / args.tiles) % args.chunks;
-    const int64_t g = item / args.tiles / args.chunks;
-    const int64_t c0 = (tile * tile_vectors + tx) * kWidth;
-    const bool active = c0 < C;  // C is a multiple of kWidth
-    const int64_t o0 = chunk * args.chunk_rows;
-    const int64_t rows = min_of(args.chunk_rows, args.outer - o0);
-    const int64_t base = (g * args.outer + o0) * C + c0;
-
-    opmath_t d[kWidth], p2[kWidth], bd[kWidth];
+    const Item it = locate(args, item, args.tiles);
     opmath_t a[kWidth], b[kWidth], gs[kWidth];
-    const opmath_t* beta = args.beta + (args.per_sample_beta ? g * C : 0);
-#pragma unroll
-    for (int j = 0; j < kWidth; ++j) {
-      p2[j] = active ? args.p2[c0 + j] : opmath_t(0);
-      d[j] = active ? args.p1[c0 + j] - p2[j] : opmath_t(0);
-      bd[j] = active ? beta[c0 + j] * d[j] : opmath_t(0);
-      a[j] = b[j] = gs[j] = 0;
-    }
-
-    for (int64_t r = ty; active && r < rows; r += kUnroll * row_step) {
-      P xs[kUnroll], dys[kUnroll];
-#pragma unroll
-      for (int i = 0; i < kUnroll; ++i) {
-        if (r + i * row_step < rows) {
-          const int64_t offset = base + (r + i * row_step) * C;
-          xs[i] = load_pack<scalar_t, kWidth>(args.x + offset);
-          if constexpr (kBackward) {
-            dys[i] = load_pack<scalar_t, kWidth>(args.grad_y + offset);
-          }
-        }
-      }
-#pragma unroll
-      for (int i = 0; i < kUnroll; ++i) {
-        if (r + i * row_step < rows) {
-          P out;
-#pragma unroll
-          for (int j = 0; j < kWidth; ++j) {
-            const opmath_t xv = static_cast<opmath_t>(xs[i].v[j]);
-            if constexpr (kBackward) {
-              const opmath_t dy = static_cast<opmath_t>(dys[i].v[j]);
-              out.v[j] = static_cast<scalar_t>(
-                  acon_c_grad(xv, dy, d[j], p2[j], bd[j], a[j], b[j], gs[j]));
-            } else {
-              out.v[j] = static_cast<scalar_t>(acon_c_value(xv, d[j], p2[j], bd[j]));
-            }
-          }
-          store_pack<scalar_t, kWidth>(args.out + base + (r + i * row_step) * C, out);
-        }
-      }
-    }
-
+    columns_thread<scalar_t, kWidth, kBackward>(args, it, threadIdx.x, a, b, gs);
     if constexpr (kBackward) {
-      // The chunk size bounds a thread's rows (plan_chunks), so its opmath sums
-      // hold few terms; the column sums over threads are in double.
+      const int64_t c0 = (it.minor * tile_vectors + threadIdx.x % tile_vectors) * kWidth;
       const auto reduce_column = [&](const opmath_t (&term)[kWidth], int s) {
 #pragma unroll
         for (int j = 0; j < kWidth; ++j) {
@@ -351,10 +415,10 @@ __global__ void __launch_bounds__(kThreads) acon_c_columns_kernel(const KernelAr
           }
           __syncthreads();
         }
-        if (ty == 0 && active) {
+        if (ty == 0 && c0 < args.channels) {
 #pragma unroll
           for (int j = 0; j < kWidth; ++j) {
-            *args.partial(s, g, chunk, c0 + j) = column_sums[threadIdx.x * kWidth + j];
+            *args.partial(s, it.g, it.chunk, c0 + j) = column_sums[threadIdx.x * kWidth + j];
           }
         }
         __syncthreads();
@@ -366,25 +430,68 @@ __global__ void __launch_bounds__(kThreads) acon_c_columns_kernel(const KernelAr
   }
 }
 
-// sums = [A (C), B (C), G (groups * C)]: A and B add every group's and
-// chunk's partials, G every chunk's of its group; each in a fixed order.
 __global__ void reduce_channel_sums(
     const double* partials, double* sums, int64_t groups, int64_t chunks, int64_t channels) {
   const int64_t n = (2 + groups) * channels;
   for (int64_t j = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; j < n;
        j += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const int64_t c = j % channels;
-    const int64_t s = min_of<int64_t>(j / channels, 2);
-    const int64_t g_first = s < 2 ? 0 : j / channels - 2;
-    const int64_t g_end = s < 2 ? groups : g_first + 1;
-    double total = 0.0;
-    for (int64_t g = g_first; g < g_end; ++g) {
-      const double* p = partials + ((s * groups + g) * chunks) * channels + c;
-      for (int64_t k = 0; k < chunks; ++k) {
-        total += p[k * channels];
+    sums[j] = channel_sum(partials, j, groups, chunks, channels);
+  }
+}
+
+// The same work on the CPU, block by block and thread by thread, for the
+// tests (torch.ops.acon.cuda_kernels_on_cpu): it checks the indexing and the
+// arithmetic of the kernels without a GPU. Block sums are taken in another
+// order than on the GPU; the warp and barrier code itself is not covered.
+template <typename scalar_t, int kWidth, bool kBackward>
+void emulate_runs(const KernelArgs<scalar_t>& args, int64_t grid) {
+  for (int64_t block = 0; block < grid; ++block) {
+    for (int64_t item = block; item < args.items; item += grid) {
+      const Item it = locate(args, item, args.channels);
+      double total[3] = {0.0, 0.0, 0.0};
+      for (int thread = 0; thread < kThreads; ++thread) {
+        double sums[3] = {0.0, 0.0, 0.0};
+        runs_thread<scalar_t, kWidth, kBackward>(args, it, thread, sums);
+        for (int s = 0; s < 3; ++s) {
+          total[s] += sums[s];
+        }
+      }
+      if (kBackward) {
+        for (int s = 0; s < 3; ++s) {
+          *args.partial(s, it.g, it.chunk, it.minor) = total[s];
+        }
       }
     }
-    sums[j] = total;
+  }
+}
+
+template <typename scalar_t, int kWidth, bool kBackward>
+void emulate_columns(const KernelArgs<scalar_t>& args, int64_t grid) {
+  using opmath_t = at::opmath_type<scalar_t>;
+  const int64_t tile_channels = args.tile_vectors * kWidth;
+  std::vector<double> column(3 * tile_channels);
+  for (int64_t block = 0; block < grid; ++block) {
+    for (int64_t item = block; item < args.items; item += grid) {
+      const Item it = locate(args, item, args.tiles);
+      std::fill(column.begin(), column.end(), 0.0);
+      for (int thread = 0; thread < kThreads; ++thread) {
+        opmath_t a[kWidth], b[kWidth], gs[kWidth];
+        columns_thread<scalar_t, kWidth, kBackward>(args, it, thread, a, b, gs);
+        const int64_t col = (thread % args.tile_vectors) * kWidth;
+        for (int j = 0; j < kWidth; ++j) {
+          column[col + j] += a[j];
+          column[tile_channels + col + j] += b[j];
+          column[2 * tile_channels + col + j] += gs[j];
+        }
+      }
+      if (kBackward) {
+        for (int64_t col = 0; col < tile_channels && it.minor * tile_channels + col < args.channels; ++col) {
+          for (int s = 0; s < 3; ++s) {
+            *args.partial(s, it.g, it.chunk, it.minor * tile_channels + col) = column[s * tile_channels + col];
+          }
+        }
+      }
+    }
   }
 }
 
@@ -393,16 +500,6 @@ __global__ void reduce_channel_sums(
 
 int64_t ceil_div(int64_t a, int64_t b) {
   return (a + b - 1) / b;
-}
-
-struct DeviceShape {
-  int multiprocessors;
-};
-
-DeviceShape device_shape(int device) {
-  DeviceShape shape{};
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&shape.multiprocessors, cudaDevAttrMultiProcessorCount, device));
-  return shape;
 }
 
 // The widest tile (a power of two up to kThreads vectors) that wastes the
@@ -437,30 +534,49 @@ void plan_chunks(KernelArgs<scalar_t>& args, int64_t items_per_chunk, int64_t ma
   args.items = per_chunk * args.chunks;
 }
 
-template <typename Kernel>
-int resident_blocks(Kernel kernel, int multiprocessors) {
-  int per_multiprocessor = 0;
-  C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_multiprocessor, kernel, kThreads, 0));
-  return std::max(per_multiprocessor, 1) * multiprocessors;
-}
-
 bool is_aligned(const void* p, int64_t bytes) {
   return reinterpret_cast<uintptr_t>(p) % bytes == 0;
+}
+
+// Where the kernels run: on the current stream of x's GPU, or emulated on
+// the CPU with a given GPU size (tests).
+struct Target {
+  bool emulate;
+  int multiprocessors;
+  int blocks_per_multiprocessor;  // emulation; a GPU's comes from its occupancy
+  cudaStream_t stream;
+};
+
+Target gpu_target(const at::Tensor& x) {
+  Target target{};
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&target.multiprocessors, cudaDevAttrMultiProcessorCount, x.get_device()));
+  target.stream = c10::cuda::getCurrentCUDAStream(x.get_device()).stream();
+  return target;
+}
+
+// Blocks of `kernel` resident on the whole device at once.
+template <typename Kernel>
+int64_t resident_blocks(Kernel kernel, const Target& target) {
+  if (target.emulate) {
+    return static_cast<int64_t>(target.multiprocessors) * target.blocks_per_multiprocessor;
+  }
+  int per_multiprocessor = 0;
+  C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_multiprocessor, kernel, kThreads, 0));
+  return static_cast<int64_t>(std::max(per_multiprocessor, 1)) * target.multiprocessors;
 }
 
 // Runs the forward (kBackward false) or backward kernel for x's layout and
 // alignment; for the backward, fills the partial sums and returns them.
 template <typename scalar_t, bool kBackward>
-at::Tensor run_kernel(KernelArgs<scalar_t>& args, const at::Tensor& x, int multiprocessors) {
+at::Tensor run_kernel(KernelArgs<scalar_t>& args, const at::TensorOptions& options, const Target& target) {
   constexpr int kVector = 16 / sizeof(scalar_t);
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(x.get_device()).stream();
   const bool aligned = is_aligned(args.x, 16) && is_aligned(args.out, 16) &&
       (!kBackward || is_aligned(args.grad_y, 16));
   const bool runs = args.inner > 1;
   const bool vector = aligned && (runs ? args.inner : args.channels) % kVector == 0;
 
-  auto start = [&](auto kernel, int width) {
-    const int64_t blocks = resident_blocks(kernel, multiprocessors);
+  auto start = [&](auto kernel, auto emulation, int width) {
+    const int64_t blocks = resident_blocks(kernel, target);
     if (runs) {
       args.row_vectors = args.inner / width;
       args.step_rows = kThreads / args.row_vectors;
@@ -474,28 +590,35 @@ at::Tensor run_kernel(KernelArgs<scalar_t>& args, const at::Tensor& x, int multi
     }
     at::Tensor partials;
     if (kBackward) {
-      partials = at::empty({3 * args.groups * args.chunks * args.channels}, x.options().dtype(at::kDouble));
+      partials = at::empty({3 * args.groups * args.chunks * args.channels}, options.dtype(at::kDouble));
       args.partials = partials.mutable_data_ptr<double>();
     }
-    const int grid = static_cast<int>(std::min(args.items, blocks));
-    kernel<<<grid, kThreads, 0, stream>>>(args);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    const int64_t grid = std::min(args.items, blocks);
+    if (target.emulate) {
+      emulation(args, grid);
+    } else {
+      kernel<<<static_cast<unsigned>(grid), kThreads, 0, target.stream>>>(args);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
     return partials;
   };
 
   if (runs) {
-    return vector ? start(acon_c_runs_kernel<scalar_t, kVector, kBackward>, kVector)
-                  : start(acon_c_runs_kernel<scalar_t, 1, kBackward>, 1);
+    return vector ? start(acon_c_runs_kernel<scalar_t, kVector, kBackward>,
+                          emulate_runs<scalar_t, kVector, kBackward>, kVector)
+                  : start(acon_c_runs_kernel<scalar_t, 1, kBackward>, emulate_runs<scalar_t, 1, kBackward>, 1);
   }
-  return vector ? start(acon_c_columns_kernel<scalar_t, kVector, kBackward>, kVector)
-                : start(acon_c_columns_kernel<scalar_t, 1, kBackward>, 1);
+  return vector ? start(acon_c_columns_kernel<scalar_t, kVector, kBackward>,
+                        emulate_columns<scalar_t, kVector, kBackward>, kVector)
+                : start(acon_c_columns_kernel<scalar_t, 1, kBackward>, emulate_columns<scalar_t, 1, kBackward>, 1);
 }
 
 // Runs the forward (grad_y undefined) or the backward with x (and grad_y) in
 // the layout of `out`; the backward writes its parameter sums into `sums`.
 void launch(
     const at::Tensor& out, const at::Tensor& x, const at::Tensor& p1, const at::Tensor& p2,
-    const at::Tensor& beta, int64_t cdim, const at::Tensor& grad_y, const at::Tensor& sums) {
+    const at::Tensor& beta, int64_t cdim, const at::Tensor& grad_y, const at::Tensor& sums,
+    const Target& target) {
   const WorkTensors w = make_work_tensors(out, x, beta, cdim, grad_y);
   const bool backward = grad_y.defined();
   const at::ScalarType opmath = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
@@ -503,7 +626,6 @@ void launch(
   const at::Tensor p1o = p1.reshape(-1).to(opmath).contiguous();
   const at::Tensor p2o = p2.reshape(-1).to(opmath).contiguous();
   const at::Tensor betao = beta.reshape(-1).to(opmath).contiguous();
-  const int multiprocessors = device_shape(x.get_device()).multiprocessors;
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "acon_c_cuda", [&] {
     using opmath_t = at::opmath_type<scalar_t>;
@@ -520,16 +642,22 @@ void launch(
     args.inner = w.layout.inner;
     args.per_sample_beta = w.layout.per_sample_beta;
     if (!backward) {
-      run_kernel<scalar_t, false>(args, x, multiprocessors);
+      run_kernel<scalar_t, false>(args, x.options(), target);
       return;
     }
-    const at::Tensor partials = run_kernel<scalar_t, true>(args, x, multiprocessors);
-    const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(x.get_device()).stream();
+    const at::Tensor partials = run_kernel<scalar_t, true>(args, x.options(), target);
+    const double* part = partials.const_data_ptr<double>();
+    double* total = sums.mutable_data_ptr<double>();
     const int64_t n = sums.numel();
-    const int grid = static_cast<int>(std::min<int64_t>(ceil_div(n, kThreads), 4 * multiprocessors));
-    reduce_channel_sums<<<grid, kThreads, 0, stream>>>(
-        partials.const_data_ptr<double>(), sums.mutable_data_ptr<double>(), args.groups,
-        args.chunks, args.channels);
+    if (target.emulate) {
+      for (int64_t j = 0; j < n; ++j) {
+        total[j] = channel_sum(part, j, args.groups, args.chunks, args.channels);
+      }
+      return;
+    }
+    const int64_t grid = std::min<int64_t>(ceil_div(n, kThreads), 4 * target.multiprocessors);
+    reduce_channel_sums<<<static_cast<unsigned>(grid), kThreads, 0, target.stream>>>(
+        part, total, args.groups, args.chunks, args.channels);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   if (!w.out.is_same(out)) {
@@ -537,16 +665,39 @@ void launch(
   }
 }
 
+at::Tensor forward(
+    const at::Tensor& x, const at::Tensor& p1, const at::Tensor& p2, const at::Tensor& beta,
+    int64_t cdim, const Target& target) {
+  at::Tensor y = at::empty_like(x);
+  if (x.numel() > 0) {
+    launch(y, x, p1, p2, beta, cdim, at::Tensor(), at::Tensor(), target);
+  }
+  return y;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward(
+    const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& p1, const at::Tensor& p2,
+    const at::Tensor& beta, int64_t cdim, const Target& target) {
+  const int64_t C = x.size(cdim);
+  at::Tensor grad_x = at::empty_like(x);
+  // [A, B, G] as on the CPU (parameter_grads_from_sums); every entry is
+  // written unless x is empty.
+  const auto options = x.options().dtype(at::kDouble);
+  at::Tensor sums = x.numel() > 0 ? at::empty({2 * C + beta.numel()}, options)
+                                  : at::zeros({2 * C + beta.numel()}, options);
+  if (x.numel() > 0) {
+    launch(grad_x, x, p1, p2, beta, cdim, grad_y, sums, target);
+  }
+  auto [grad_p1, grad_p2, grad_beta] = parameter_grads_from_sums(sums, p1, p2, beta);
+  return {grad_x, grad_p1, grad_p2, grad_beta};
+}
+
 at::Tensor acon_c_forward_cuda(
     const at::Tensor& x, const at::Tensor& p1, const at::Tensor& p2,
     const at::Tensor& beta, int64_t channel_dim) {
   const int64_t cdim = check_acon_c_args(x, p1, p2, beta, channel_dim);
   const c10::cuda::CUDAGuard guard(x.device());
-  at::Tensor y = at::empty_like(x);
-  if (x.numel() > 0) {
-    launch(y, x, p1, p2, beta, cdim, at::Tensor(), at::Tensor());
-  }
-  return y;
+  return forward(x, p1, p2, beta, cdim, gpu_target(x));
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> acon_c_backward_cuda(
@@ -554,17 +705,35 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> acon_c_backward_cuda(
     const at::Tensor& p2, const at::Tensor& beta, int64_t channel_dim) {
   const int64_t cdim = check_acon_c_args(x, p1, p2, beta, channel_dim, grad_y);
   const c10::cuda::CUDAGuard guard(x.device());
-  const int64_t C = x.size(cdim);
-  at::Tensor grad_x = at::empty_like(x);
-  // [A, B, G] as on the CPU (parameter_grads_from_sums).
-  at::Tensor sums = x.numel() > 0
-      ? at::empty({2 * C + beta.numel()}, x.options().dtype(at::kDouble))
-      : at::zeros({2 * C + beta.numel()}, x.options().dtype(at::kDouble));
-  if (x.numel() > 0) {
-    launch(grad_x, x, p1, p2, beta, cdim, grad_y, sums);
-  }
-  auto [grad_p1, grad_p2, grad_beta] = parameter_grads_from_sums(sums, p1, p2, beta);
-  return {grad_x, grad_p1, grad_p2, grad_beta};
+  return backward(grad_y, x, p1, p2, beta, cdim, gpu_target(x));
+}
+
+// The test hooks: the CUDA kernels' code run on CPU tensors, as if on a GPU
+// with `multiprocessors` multiprocessors holding `blocks_per_multiprocessor`
+// blocks each.
+Target emulated_target(int64_t multiprocessors, int64_t blocks_per_multiprocessor) {
+  TORCH_CHECK_VALUE(
+      multiprocessors >= 1 && blocks_per_multiprocessor >= 1 && multiprocessors * blocks_per_multiprocessor <= (1 << 20),
+      "acon_c emulation: multiprocessors and blocks_per_multiprocessor must be positive");
+  Target target{};
+  target.emulate = true;
+  target.multiprocessors = static_cast<int>(multiprocessors);
+  target.blocks_per_multiprocessor = static_cast<int>(blocks_per_multiprocessor);
+  return target;
+}
+
+at::Tensor acon_c_forward_emulated(
+    const at::Tensor& x, const at::Tensor& p1, const at::Tensor& p2, const at::Tensor& beta,
+    int64_t channel_dim, int64_t multiprocessors, int64_t blocks_per_multiprocessor) {
+  const int64_t cdim = check_acon_c_args(x, p1, p2, beta, channel_dim);
+  return forward(x, p1, p2, beta, cdim, emulated_target(multiprocessors, blocks_per_multiprocessor));
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> acon_c_backward_emulated(
+    const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& p1, const at::Tensor& p2,
+    const at::Tensor& beta, int64_t channel_dim, int64_t multiprocessors, int64_t blocks_per_multiprocessor) {
+  const int64_t cdim = check_acon_c_args(x, p1, p2, beta, channel_dim, grad_y);
+  return backward(grad_y, x, p1, p2, beta, cdim, emulated_target(multiprocessors, blocks_per_multiprocessor));
 }
 
 } // namespace
@@ -573,4 +742,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> acon_c_backward_cuda(
 TORCH_LIBRARY_IMPL(acon, CUDA, m) {
   m.impl("acon_c_forward", &acon_cuda::cuda::acon_c_forward_cuda);
   m.impl("acon_c_backward", &acon_cuda::cuda::acon_c_backward_cuda);
+}
+
+// Test hooks (tests/test_cuda_emulation.py), in CUDA builds only: the CUDA
+// kernels' per-thread code and work split, run on the CPU.
+TORCH_LIBRARY_FRAGMENT(acon, m) {
+  m.def(
+      "_acon_c_forward_cuda_emulated(Tensor x, Tensor p1, Tensor p2, Tensor beta, int channel_dim, "
+      "int multiprocessors, int blocks_per_multiprocessor) -> Tensor");
+  m.def(
+      "_acon_c_backward_cuda_emulated(Tensor grad_y, Tensor x, Tensor p1, Tensor p2, Tensor beta, "
+      "int channel_dim, int multiprocessors, int blocks_per_multiprocessor) -> (Tensor, Tensor, Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(acon, CPU, m) {
+  m.impl("_acon_c_forward_cuda_emulated", &acon_cuda::cuda::acon_c_forward_emulated);
+  m.impl("_acon_c_backward_cuda_emulated", &acon_cuda::cuda::acon_c_backward_emulated);
 }
