@@ -8,7 +8,10 @@ PY := $(VENV)/bin/python
 # A CUDA 13.0 build of torch: it runs on the CPU, and lets the CUDA kernels
 # compile where nvcc 13 is installed. On these machines it installs from disk.
 TORCH ?= torch==2.14.1
-DEPS := $(TORCH) numpy pytest ninja setuptools wheel matplotlib
+# The torchvision built for that torch (ResNet-18 in the tests and the
+# benchmark's training step); empty it with another TORCH: those parts skip.
+TORCHVISION ?= torchvision==0.29.1
+DEPS := $(TORCH) $(TORCHVISION) numpy pytest ninja setuptools wheel matplotlib scikit-learn
 
 DEPS_STAMP := $(VENV)/.acon-deps
 BUILD_STAMP := $(VENV)/.acon-build
