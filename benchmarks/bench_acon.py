@@ -103,19 +103,16 @@ def saved_bytes(fn, inputs):
     return sum(seen.values())
 
 
-def median_ms(fn, device, budget_s):
-    """Median time of one call of fn, in ms."""
+def median_ms(fn, device, budget_s, once_ms):
+    """Median time of one call of fn, in ms; once_ms is a first estimate."""
     if device == "cpu":
         timer = benchmark.Timer(stmt="fn()", globals={"fn": fn})
+        if once_ms > 1e3 * budget_s:  # slow: one call is the measurement
+            return timer.timeit(1).median * 1e3
         return timer.blocked_autorange(min_run_time=budget_s).median * 1e3
     # CUDA: events around batches of calls on the current stream.
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    fn()
-    end.record()
-    end.synchronize()
-    once_ms = max(start.elapsed_time(end), 1e-3)
-    number = max(1, min(1000, int(budget_s * 1e3 / 10 / once_ms)))
+    number = max(1, min(1000, int(budget_s * 1e3 / 10 / max(once_ms, 1e-3))))
     samples = []
     for _ in range(10):
         start.record()
@@ -194,14 +191,23 @@ def measure_case(name, layout, dtype, device, rounds, budget_s):
     buffers = [torch.empty_like(s[0]) for s in sets]
     calls["copy"] = {"forward": rotation(lambda i: lambda: buffers[i].copy_(sets[i][0]))}
 
-    for per_mode in calls.values():  # warm-up: nothing lazy is timed
-        for call in per_mode.values():
-            for _ in range(3 * copies if copies < 4 else copies):
+    # Warm-up, one call per input copy (nothing lazy is timed), which also
+    # gives each call's first time estimate.
+    estimate = {}
+    for key, per_mode in calls.items():
+        for mode, call in per_mode.items():
+            for _ in range(copies):
+                if device == "cuda":
+                    torch.cuda.synchronize()
+                start = time.perf_counter()
                 call()
+                if device == "cuda":
+                    torch.cuda.synchronize()
+            estimate[(key, mode)] = (time.perf_counter() - start) * 1e3
     times = {(key, mode): [] for key, per_mode in calls.items() for mode in per_mode}
     for _ in range(rounds):
         for (key, mode) in times:
-            times[(key, mode)].append(median_ms(calls[key][mode], device, budget_s))
+            times[(key, mode)].append(median_ms(calls[key][mode], device, budget_s, estimate[(key, mode)]))
     ms = {}
     for (key, mode), samples in times.items():
         ms.setdefault(key, {})[mode] = statistics.median(samples)
@@ -238,6 +244,74 @@ def cuda_peak_bytes(fn, leaves, grad, channel_dim):
     torch.autograd.grad(fn(*leaves, channel_dim), wrt, grad)
     torch.cuda.synchronize()
     return torch.cuda.max_memory_allocated() - base
+
+
+def measure_training_step(device, steps):
+    """A torchvision ResNet-18 (batch 16, 112x112) with its ReLUs converted to
+    AconC, fused against the reference ACON, and the unconverted ReLU model
+    for scale: median time of an SGD step, and memory."""
+    try:
+        import torchvision
+    except ImportError:
+        return None
+    x = torch.randn(16, 3, 112, 112, device=device)
+    target = torch.randint(0, 1000, (16,), device=device)
+    rows = {}
+    for impl in ("relu", "fused", "reference"):
+        torch.manual_seed(0)
+        model = torchvision.models.resnet18().to(device)
+        if impl != "relu":
+            acon_cuda.convert_activations(model, impl=impl)
+            model(x[:2])  # materialise the lazy modules
+        optimizer = torch.optim.SGD(acon_cuda.param_groups(model, 1e-4), lr=0.01, momentum=0.9)
+
+        def step():
+            loss = F.cross_entropy(model(x), target)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+
+        for _ in range(2):
+            step()
+        samples = []
+        for _ in range(steps):
+            if device == "cuda":
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            step()
+            if device == "cuda":
+                torch.cuda.synchronize()
+            samples.append((time.perf_counter() - start) * 1e3)
+        row = {
+            "ms": statistics.median(samples),
+            "saved_bytes": saved_bytes(lambda: F.cross_entropy(model(x), target), ()),
+        }
+        if device == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated()
+            step()
+            torch.cuda.synchronize()
+            row["peak_bytes"] = torch.cuda.max_memory_allocated() - base
+        rows[impl] = row
+    return {"model": "torchvision resnet18, ReLU -> AconC", "batch": 16, "image": 112, "steps": steps, "rows": rows}
+
+
+def training_table(train, device):
+    rows = train["rows"]
+    lines = [
+        f"\nTraining step: {train['model']}, batch {train['batch']}, {train['image']}x{train['image']}, "
+        f"SGD, median of {train['steps']} steps",
+        f"{'ACON':<22} {'ms / step':>10} {'vs fused':>9} {'saved for backward MB':>22}"
+        + (f" {'peak MB':>8}" if device == "cuda" else ""),
+    ]
+    for impl, label in (("fused", "AconC, fused op"), ("reference", "AconC, reference"), ("relu", "none (ReLU model)")):
+        row = rows[impl]
+        lines.append(
+            f"{label:<22} {row['ms']:10.1f} {row['ms'] / rows['fused']['ms']:8.2f}x "
+            f"{row['saved_bytes'] / 2**20:22.1f}"
+            + (f" {row['peak_bytes'] / 2**20:8.1f}" if device == "cuda" else "")
+        )
+    return "\n".join(lines)
 
 
 def progress(done, total, label, started):
@@ -342,11 +416,11 @@ def plot(results, path):
     return True
 
 
-def parse_list(value, allowed, what):
+def parse_list(parser, value, allowed, what):
     items = [v.strip() for v in value.split(",") if v.strip()]
     bad = [v for v in items if v not in allowed]
     if bad or not items:
-        raise argparse.ArgumentTypeError(f"unknown {what} {bad or value!r}; choose from {', '.join(allowed)}")
+        parser.error(f"unknown {what} {', '.join(bad) or repr(value)}; choose from {', '.join(allowed)}")
     return items
 
 
@@ -355,14 +429,16 @@ def main(argv=None):
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--quick", action="store_true", help="two small cases, float32, one round")
-    parser.add_argument("--dtype", default="float32,bfloat16",
-                        help="comma-separated: float32, bfloat16, float16, float64 (default float32,bfloat16)")
+    parser.add_argument("--dtype", default=None,
+                        help="comma-separated: float32, bfloat16, float16, float64 (default: float32 on the CPU, "
+                        "to stay within 4 minutes on 2 cores; float32,bfloat16 on CUDA)")
     parser.add_argument("--sizes", default=None,
                         help="comma-separated, of: " + ", ".join(SIZES) + " (default: all but large on the CPU)")
     parser.add_argument("--layout", default="contiguous,channels_last",
                         help="comma-separated: contiguous, channels_last (4-D cases only)")
     parser.add_argument("--rounds", type=int, default=None, help="interleaved rounds per case (default 2; 1 with --quick)")
     parser.add_argument("--out", default="bench_results", help="folder for results.json and speedup.png")
+    parser.add_argument("--no-train", action="store_true", help="skip the ResNet-18 training-step case")
     parser.add_argument("--system-malloc", action="store_true",
                         help="leave glibc's malloc as it is (page faults on every large allocation)")
     args = parser.parse_args(argv)
@@ -371,11 +447,11 @@ def main(argv=None):
         parser.error("--device cuda: no GPU visible")
     if args.device == "cuda" and not torch._C._dispatch_has_kernel_for_dispatch_key("acon::acon_c_forward", "CUDA"):
         parser.error("--device cuda: this build of acon_cuda has no CUDA kernels")
-    dtypes = ["float32"] if args.quick and args.dtype == parser.get_default("dtype") else parse_list(
-        args.dtype, ["float32", "bfloat16", "float16", "float64"], "dtype")
-    sizes = parse_list(args.sizes, list(SIZES), "size") if args.sizes else (
+    default_dtypes = "float32" if args.quick or args.device == "cpu" else "float32,bfloat16"
+    dtypes = parse_list(parser, args.dtype or default_dtypes, ["float32", "bfloat16", "float16", "float64"], "dtype")
+    sizes = parse_list(parser, args.sizes, list(SIZES), "size") if args.sizes else (
         QUICK_SIZES if args.quick else DEFAULT_SIZES[args.device])
-    layouts = parse_list(args.layout, ["contiguous", "channels_last"], "layout")
+    layouts = parse_list(parser, args.layout, ["contiguous", "channels_last"], "layout")
     rounds = args.rounds or (1 if args.quick else 2)
     budget_s = 0.02 if args.quick else 0.1
     kept = False if args.system_malloc else keep_freed_memory()
@@ -389,16 +465,24 @@ def main(argv=None):
     print(f"torch {torch.__version__}, device {args.device} "
           f"({info.get('gpu') or info.get('cpu')}), {torch.get_num_threads()} CPU threads, "
           f"malloc keeps freed memory: {kept}", file=sys.stderr)
+    do_train = not (args.quick or args.no_train)
+    total = len(cases) + do_train
     results = []
     started = time.perf_counter()
     for i, (name, layout, dtype) in enumerate(cases):
-        progress(i, len(cases), f"{name} {layout} {dtype}".replace("torch.", ""), started)
+        progress(i, total, f"{name} {layout} {dtype}".replace("torch.", ""), started)
         results.append(measure_case(name, layout, dtype, args.device, rounds, budget_s))
         if args.device == "cuda":
             torch.cuda.empty_cache()
-    progress(len(cases), len(cases), "done", started)
+    train = None
+    if do_train:
+        progress(len(cases), total, "training step (ResNet-18)", started)
+        train = measure_training_step(args.device, steps=5)
+    progress(total, total, "done", started)
 
     text = table(results, args.device)
+    if train is not None:
+        text += "\n" + training_table(train, args.device)
     print(text)
     compile_s = ", ".join(f"{r['case']}/{r['layout']}/{r['dtype']} {r['compile_s']:.1f}" for r in results)
     print(f"\ntorch.compile time of the reference, s (not in the timings): {compile_s}")
@@ -412,6 +496,7 @@ def main(argv=None):
         "args": vars(args),
         "wall_s": time.perf_counter() - started,
         "results": results,
+        "training_step": train,
     }
     with open(os.path.join(args.out, "results.json"), "w") as f:
         json.dump(report, f, indent=1)
