@@ -384,6 +384,7 @@ def plot(results, path):
     """speedup.png: speedup over the reference and torch.compile against size."""
     try:
         import matplotlib
+        import matplotlib.ticker
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
@@ -406,6 +407,9 @@ def plot(results, path):
         ax.axhline(1.0, color="gray", linewidth=0.8)
         ax.set_xscale("log")
         ax.set_yscale("log")
+        ax.yaxis.set_major_locator(matplotlib.ticker.FixedLocator([0.5, 0.75, 1, 1.5, 2, 3, 5, 8, 12, 20, 30, 50]))
+        ax.yaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}x"))
+        ax.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.set_xlabel("x size (bytes)")
         ax.set_title(mode)
     axes[0].set_ylabel("speedup of the fused op")
