@@ -124,6 +124,17 @@ def median_ms(fn, device, budget_s, once_ms):
     return statistics.median(samples)
 
 
+def wall_ms(call, device):
+    """Wall-clock time of one call, in ms, the GPU's work included."""
+    if device == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    call()
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return (time.perf_counter() - start) * 1e3
+
+
 def make_inputs(shape, channel_dim, layout, per_sample, dtype, device):
     x = torch.randn(shape, dtype=dtype, device=device)
     if layout == "channels_last":
@@ -197,13 +208,7 @@ def measure_case(name, layout, dtype, device, rounds, budget_s):
     for key, per_mode in calls.items():
         for mode, call in per_mode.items():
             for _ in range(copies):
-                if device == "cuda":
-                    torch.cuda.synchronize()
-                start = time.perf_counter()
-                call()
-                if device == "cuda":
-                    torch.cuda.synchronize()
-            estimate[(key, mode)] = (time.perf_counter() - start) * 1e3
+                estimate[(key, mode)] = wall_ms(call, device)
     times = {(key, mode): [] for key, per_mode in calls.items() for mode in per_mode}
     for _ in range(rounds):
         for (key, mode) in times:
@@ -273,15 +278,7 @@ def measure_training_step(device, steps):
 
         for _ in range(2):
             step()
-        samples = []
-        for _ in range(steps):
-            if device == "cuda":
-                torch.cuda.synchronize()
-            start = time.perf_counter()
-            step()
-            if device == "cuda":
-                torch.cuda.synchronize()
-            samples.append((time.perf_counter() - start) * 1e3)
+        samples = [wall_ms(step, device) for _ in range(steps)]
         row = {
             "ms": statistics.median(samples),
             "saved_bytes": saved_bytes(lambda: F.cross_entropy(model(x), target), ()),

@@ -39,7 +39,7 @@ constexpr int kFlushIterations = 16;
 // Elementwise math, in opmath_t (float for float16/bfloat16/float32, double
 // for float64). Written as the CPU kernels write it (acon_c_kernel_impl.h).
 // Everything from here to the kernels is __host__ __device__: the tests run
-// the same per-thread code on the CPU (emulate_kernels below).
+// the same per-thread code on the CPU (emulate_runs, emulate_columns).
 
 #define ACON_HD __host__ __device__ __forceinline__
 
@@ -161,6 +161,49 @@ ACON_HD Item locate(const KernelArgs<scalar_t>& args, int64_t item, int64_t mino
   return it;
 }
 
+// Loads the kUnroll packs at offset[i] (those with valid[i]), computes y or
+// dx, adds the backward's terms to the sums, and stores the packs. A pack
+// holds one channel (kChannels = 1: runs) or kWidth channels (kChannels =
+// kWidth: columns); lane j uses channel j % kChannels's parameters and sums.
+template <typename scalar_t, int kWidth, int kUnroll, int kChannels, bool kBackward>
+ACON_HD void compute_packs(
+    const KernelArgs<scalar_t>& args, const int64_t (&offset)[kUnroll], const bool (&valid)[kUnroll],
+    const at::opmath_type<scalar_t> (&d)[kChannels], const at::opmath_type<scalar_t> (&p2)[kChannels],
+    const at::opmath_type<scalar_t> (&bd)[kChannels], at::opmath_type<scalar_t> (&a)[kChannels],
+    at::opmath_type<scalar_t> (&b)[kChannels], at::opmath_type<scalar_t> (&gs)[kChannels]) {
+  using opmath_t = at::opmath_type<scalar_t>;
+  using P = Pack<scalar_t, kWidth>;
+  P xs[kUnroll], dys[kUnroll];
+#pragma unroll
+  for (int i = 0; i < kUnroll; ++i) {  // all loads first: kUnroll in flight
+    if (valid[i]) {
+      xs[i] = load_pack<scalar_t, kWidth>(args.x + offset[i]);
+      if constexpr (kBackward) {
+        dys[i] = load_pack<scalar_t, kWidth>(args.grad_y + offset[i]);
+      }
+    }
+  }
+#pragma unroll
+  for (int i = 0; i < kUnroll; ++i) {
+    if (valid[i]) {
+      P out;
+#pragma unroll
+      for (int j = 0; j < kWidth; ++j) {
+        const opmath_t xv = static_cast<opmath_t>(xs[i].v[j]);
+        if constexpr (kBackward) {
+          const opmath_t dy = static_cast<opmath_t>(dys[i].v[j]);
+          const int k = j % kChannels;
+          out.v[j] = static_cast<scalar_t>(acon_c_grad(xv, dy, d[k], p2[k], bd[k], a[k], b[k], gs[k]));
+        } else {
+          const int k = j % kChannels;
+          out.v[j] = static_cast<scalar_t>(acon_c_value(xv, d[k], p2[k], bd[k]));
+        }
+      }
+      store_pack<scalar_t, kWidth>(args.out + offset[i], out);
+    }
+  }
+}
+
 // One thread's share of a runs work item (inner > 1): the item's (row,
 // vector) pairs are dealt to the block's threads round-robin, so that short
 // runs (7x7) keep every thread busy too. The backward adds the thread's
@@ -169,7 +212,6 @@ ACON_HD Item locate(const KernelArgs<scalar_t>& args, int64_t item, int64_t mino
 template <typename scalar_t, int kWidth, bool kBackward>
 ACON_HD void runs_thread(const KernelArgs<scalar_t>& args, const Item& it, int thread, double (&sums)[3]) {
   using opmath_t = at::opmath_type<scalar_t>;
-  using P = Pack<scalar_t, kWidth>;
   constexpr int kUnroll = kWidth > 1 ? 2 : 4;  // independent loads in flight
   const int64_t C = args.channels;
   const int64_t c = it.minor;
@@ -177,11 +219,11 @@ ACON_HD void runs_thread(const KernelArgs<scalar_t>& args, const Item& it, int t
   const int64_t base = ((it.g * args.outer + it.o0) * C + c) * args.inner;
   // The channel's parameters, once per item: every thread reads the same
   // addresses (one broadcast load each).
-  const opmath_t p2 = args.p2[c];
-  const opmath_t d = args.p1[c] - p2;
-  const opmath_t bd = args.beta[args.per_sample_beta ? it.g * C + c : c] * d;
+  const opmath_t p2[1] = {args.p2[c]};
+  const opmath_t d[1] = {args.p1[c] - p2[0]};
+  const opmath_t bd[1] = {args.beta[args.per_sample_beta ? it.g * C + c : c] * d[0]};
+  opmath_t a[1] = {0}, b[1] = {0}, gs[1] = {0};
 
-  opmath_t a = 0, b = 0, gs = 0;
   int iterations = 0;
   int64_t r = thread / args.row_vectors;
   int64_t v = thread % args.row_vectors;
@@ -199,47 +241,16 @@ ACON_HD void runs_thread(const KernelArgs<scalar_t>& args, const Item& it, int t
         ++r;
       }
     }
-    P xs[kUnroll], dys[kUnroll];
-#pragma unroll
-    for (int i = 0; i < kUnroll; ++i) {
-      if (valid[i]) {
-        xs[i] = load_pack<scalar_t, kWidth>(args.x + offset[i]);
-        if constexpr (kBackward) {
-          dys[i] = load_pack<scalar_t, kWidth>(args.grad_y + offset[i]);
-        }
-      }
-    }
-#pragma unroll
-    for (int i = 0; i < kUnroll; ++i) {
-      if (valid[i]) {
-        P out;
-#pragma unroll
-        for (int j = 0; j < kWidth; ++j) {
-          const opmath_t xv = static_cast<opmath_t>(xs[i].v[j]);
-          if constexpr (kBackward) {
-            const opmath_t dy = static_cast<opmath_t>(dys[i].v[j]);
-            out.v[j] = static_cast<scalar_t>(acon_c_grad(xv, dy, d, p2, bd, a, b, gs));
-          } else {
-            out.v[j] = static_cast<scalar_t>(acon_c_value(xv, d, p2, bd));
-          }
-        }
-        store_pack<scalar_t, kWidth>(args.out + offset[i], out);
-      }
-    }
+    compute_packs<scalar_t, kWidth, kUnroll, 1, kBackward>(args, offset, valid, d, p2, bd, a, b, gs);
     if constexpr (kBackward) {
-      if (++iterations == kFlushIterations) {
-        sums[0] += a;
-        sums[1] += b;
-        sums[2] += gs;
-        a = b = gs = 0;
+      if (++iterations == kFlushIterations || r >= it.rows) {
+        sums[0] += a[0];
+        sums[1] += b[0];
+        sums[2] += gs[0];
+        a[0] = b[0] = gs[0] = 0;
         iterations = 0;
       }
     }
-  }
-  if constexpr (kBackward) {
-    sums[0] += a;
-    sums[1] += b;
-    sums[2] += gs;
   }
 }
 
@@ -254,7 +265,6 @@ ACON_HD void columns_thread(
     at::opmath_type<scalar_t> (&a)[kWidth], at::opmath_type<scalar_t> (&b)[kWidth],
     at::opmath_type<scalar_t> (&gs)[kWidth]) {
   using opmath_t = at::opmath_type<scalar_t>;
-  using P = Pack<scalar_t, kWidth>;
   constexpr int kUnroll = kWidth > 1 ? 2 : 4;
   const int64_t C = args.channels;
   const int tx = thread % args.tile_vectors;
@@ -279,34 +289,14 @@ ACON_HD void columns_thread(
   }
 
   for (int64_t r = ty; r < it.rows; r += kUnroll * row_step) {
-    P xs[kUnroll], dys[kUnroll];
+    int64_t offset[kUnroll];
+    bool valid[kUnroll];
 #pragma unroll
     for (int i = 0; i < kUnroll; ++i) {
-      if (r + i * row_step < it.rows) {
-        const int64_t offset = base + (r + i * row_step) * C;
-        xs[i] = load_pack<scalar_t, kWidth>(args.x + offset);
-        if constexpr (kBackward) {
-          dys[i] = load_pack<scalar_t, kWidth>(args.grad_y + offset);
-        }
-      }
+      valid[i] = r + i * row_step < it.rows;
+      offset[i] = base + (r + i * row_step) * C;
     }
-#pragma unroll
-    for (int i = 0; i < kUnroll; ++i) {
-      if (r + i * row_step < it.rows) {
-        P out;
-#pragma unroll
-        for (int j = 0; j < kWidth; ++j) {
-          const opmath_t xv = static_cast<opmath_t>(xs[i].v[j]);
-          if constexpr (kBackward) {
-            const opmath_t dy = static_cast<opmath_t>(dys[i].v[j]);
-            out.v[j] = static_cast<scalar_t>(acon_c_grad(xv, dy, d[j], p2[j], bd[j], a[j], b[j], gs[j]));
-          } else {
-            out.v[j] = static_cast<scalar_t>(acon_c_value(xv, d[j], p2[j], bd[j]));
-          }
-        }
-        store_pack<scalar_t, kWidth>(args.out + base + (r + i * row_step) * C, out);
-      }
-    }
+    compute_packs<scalar_t, kWidth, kUnroll, kWidth, kBackward>(args, offset, valid, d, p2, bd, a, b, gs);
   }
 }
 
