@@ -19,7 +19,9 @@ def acon_c(x: Tensor, p1: Tensor, p2: Tensor, beta: Tensor, channel_dim: int = 1
             one per sample and channel (Meta-ACON), N = ``x.shape[0]``.
         channel_dim: the channel axis; may be negative (-1 for features last).
 
-    Parameters may be float32 while x is float16/bfloat16: the arithmetic is
+    x and the parameters must be on one device: CPU, or CUDA where the
+    extension was built with its CUDA kernels. Parameters may be float32
+    while x is float16/bfloat16: the arithmetic is
     float32 and the result keeps x's dtype. The result has x's shape and
     memory format (channels_last stays channels_last). Differentiable in x,
     p1, p2 and beta; each gradient has its input's shape and dtype.

@@ -32,21 +32,23 @@ MODES = ["forward", "backward", "fwd+bwd"]
 # dy, write dx): the bytes behind the GB/s figures.
 TRAFFIC = {"forward": 2, "backward": 3, "fwd+bwd": 5}
 
-# name -> (shape, channel_dim, per-sample beta). ResNet-50's stage outputs at
-# batch 32, a tensor small enough that launch overhead dominates, (N, C) and
-# (B, T, C) features, Meta-ACON's per-sample beta, and (GPU only) one above
-# 256 MB in float32 and bfloat16.
+# name -> (shape, channel_dim, per-sample beta); None is the batch (--batch:
+# 32 on CUDA; 16 on the CPU, where 2 cores would take over 4 minutes at 32).
+# ResNet-50's stage outputs, a tensor small enough that launch overhead
+# dominates, (N, C) and (B, T, C) features, Meta-ACON's per-sample beta, and
+# (GPU only) one above 256 MB in float32 and bfloat16.
 SIZES = {
-    "stage1": ((32, 256, 56, 56), 1, False),
-    "stage2": ((32, 512, 28, 28), 1, False),
-    "stage3": ((32, 1024, 14, 14), 1, False),
-    "stage4": ((32, 2048, 7, 7), 1, False),
+    "stage1": ((None, 256, 56, 56), 1, False),
+    "stage2": ((None, 512, 28, 28), 1, False),
+    "stage3": ((None, 1024, 14, 14), 1, False),
+    "stage4": ((None, 2048, 7, 7), 1, False),
     "small": ((4, 64, 8, 8), 1, False),
     "features": ((256, 4096), 1, False),
     "tokens": ((32, 197, 768), -1, False),
-    "meta-acon": ((32, 512, 28, 28), 1, True),
+    "meta-acon": ((None, 256, 28, 28), 1, True),
     "large": ((64, 256, 112, 112), 1, False),
 }
+DEFAULT_BATCH = {"cpu": 16, "cuda": 32}
 DEFAULT_SIZES = {
     "cpu": ["stage1", "stage2", "stage3", "stage4", "small", "features", "tokens", "meta-acon"],
     "cuda": ["large", "stage1", "stage2", "stage3", "stage4", "small", "features", "tokens", "meta-acon"],
@@ -109,7 +111,9 @@ def median_ms(fn, device, budget_s, once_ms):
         timer = benchmark.Timer(stmt="fn()", globals={"fn": fn})
         if once_ms > 1e3 * budget_s:  # slow: one call is the measurement
             return timer.timeit(1).median * 1e3
-        return timer.blocked_autorange(min_run_time=budget_s).median * 1e3
+        # Five blocks filling the budget; the median block's time per call.
+        number = max(1, int(budget_s * 1e3 / 5 / max(once_ms, 1e-3)))
+        return statistics.median(timer.timeit(number).median for _ in range(5)) * 1e3
     # CUDA: events around batches of calls on the current stream.
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     number = max(1, min(1000, int(budget_s * 1e3 / 10 / max(once_ms, 1e-3))))
@@ -146,11 +150,13 @@ def make_inputs(shape, channel_dim, layout, per_sample, dtype, device):
     return x, p1, p2, beta
 
 
-def measure_case(name, layout, dtype, device, rounds, budget_s):
+def measure_case(name, layout, dtype, device, rounds, budget_s, batch):
     shape, channel_dim, per_sample = SIZES[name]
+    shape = tuple(batch if n is None else n for n in shape)
     x_bytes = math.prod(shape) * dtype.itemsize
-    # Enough copies of the inputs to overflow the caches between two uses.
-    copies = max(1, min(32, math.ceil(2 * CACHE_BYTES[device] / x_bytes)))
+    # Enough copies of the inputs that the caches overflow between two uses
+    # of one (a tensor larger than the caches needs no second copy).
+    copies = max(1, min(32, math.ceil(CACHE_BYTES[device] / x_bytes)))
     sets = [make_inputs(shape, channel_dim, layout, per_sample, dtype, device) for _ in range(copies)]
     grads = [torch.randn_like(s[0]) for s in sets]
     leaves = [[t.clone().requires_grad_() for t in s] for s in sets]
@@ -327,7 +333,7 @@ def table(results, device):
     lines = []
     mem = "peak MB" if device == "cuda" else "saved/x"
     head = (
-        f"{'case':<10} {'layout':<13} {'dtype':<8} {'mode':<8} {'fused ms':>9} {'GB/s':>7} {'%copy':>6} "
+        f"{'case':<10} {'shape':<16} {'layout':<13} {'dtype':<8} {'mode':<8} {'fused ms':>9} {'GB/s':>7} {'%copy':>6} "
         f"{'vs paper':>8} {'vs ref':>7} {'vs compile':>10} {'/ silu':>7} {mem:>8}"
     )
     lines += [head, "-" * len(head)]
@@ -341,7 +347,7 @@ def table(results, device):
             else:
                 memory = f"{r['saved_bytes']['fused'] / r['x_bytes']:8.2f}" if mode == "fwd+bwd" else ""
             lines.append(
-                f"{r['case']:<10} {r['layout']:<13} {r['dtype']:<8} {mode:<8} {fused:9.3f} {gbps:7.1f} "
+                f"{r['case']:<10} {'x'.join(map(str, r['shape'])):<16} {r['layout']:<13} {r['dtype']:<8} {mode:<8} {fused:9.3f} {gbps:7.1f} "
                 f"{100 * gbps / r['copy_gbps']:5.0f}% {ms['paper'][mode] / fused:7.2f}x "
                 f"{ms['reference'][mode] / fused:6.2f}x {ms['compiled'][mode] / fused:9.2f}x "
                 f"{fused / ms['silu'][mode]:6.2f}x {memory:>8}"
@@ -437,6 +443,8 @@ def main(argv=None):
                         help="comma-separated, of: " + ", ".join(SIZES) + " (default: all but large on the CPU)")
     parser.add_argument("--layout", default="contiguous,channels_last",
                         help="comma-separated: contiguous, channels_last (4-D cases only)")
+    parser.add_argument("--batch", type=int, default=None,
+                        help="batch of the ResNet-50 stage and Meta-ACON cases (default 16 on the CPU, 32 on CUDA)")
     parser.add_argument("--rounds", type=int, default=None, help="interleaved rounds per case (default 2; 1 with --quick)")
     parser.add_argument("--out", default="bench_results", help="folder for results.json and speedup.png")
     parser.add_argument("--no-train", action="store_true", help="skip the ResNet-18 training-step case")
@@ -454,7 +462,10 @@ def main(argv=None):
         QUICK_SIZES if args.quick else DEFAULT_SIZES[args.device])
     layouts = parse_list(parser, args.layout, ["contiguous", "channels_last"], "layout")
     rounds = args.rounds or (1 if args.quick else 2)
-    budget_s = 0.02 if args.quick else 0.1
+    batch = DEFAULT_BATCH[args.device] if args.batch is None else args.batch
+    if batch < 1:
+        parser.error("--batch must be positive")
+    budget_s = 0.02 if args.quick else 0.05
     kept = False if args.system_malloc else keep_freed_memory()
 
     cases = [
@@ -472,13 +483,13 @@ def main(argv=None):
     started = time.perf_counter()
     for i, (name, layout, dtype) in enumerate(cases):
         progress(i, total, f"{name} {layout} {dtype}".replace("torch.", ""), started)
-        results.append(measure_case(name, layout, dtype, args.device, rounds, budget_s))
+        results.append(measure_case(name, layout, dtype, args.device, rounds, budget_s, batch))
         if args.device == "cuda":
             torch.cuda.empty_cache()
     train = None
     if do_train:
         progress(len(cases), total, "training step (ResNet-18)", started)
-        train = measure_training_step(args.device, steps=5)
+        train = measure_training_step(args.device, steps=3)
     progress(total, total, "done", started)
 
     text = table(results, args.device)
