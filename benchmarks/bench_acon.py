@@ -479,26 +479,8 @@ def main(argv=None):
           f"malloc keeps freed memory: {kept}", file=sys.stderr)
     do_train = not (args.quick or args.no_train)
     total = len(cases) + do_train
-    results = []
-    started = time.perf_counter()
-    for i, (name, layout, dtype) in enumerate(cases):
-        progress(i, total, f"{name} {layout} {dtype}".replace("torch.", ""), started)
-        results.append(measure_case(name, layout, dtype, args.device, rounds, budget_s, batch))
-        if args.device == "cuda":
-            torch.cuda.empty_cache()
-    train = None
-    if do_train:
-        progress(len(cases), total, "training step (ResNet-18)", started)
-        train = measure_training_step(args.device, steps=3)
-    progress(total, total, "done", started)
-
-    text = table(results, args.device)
-    if train is not None:
-        text += "\n" + training_table(train, args.device)
-    print(text)
-    compile_s = ", ".join(f"{r['case']}/{r['layout']}/{r['dtype']} {r['compile_s']:.1f}" for r in results)
-    print(f"\ntorch.compile time of the reference, s (not in the timings): {compile_s}")
     os.makedirs(args.out, exist_ok=True)
+    started = time.perf_counter()
     report = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "torch": torch.__version__,
@@ -506,14 +488,42 @@ def main(argv=None):
         "machine": info,
         "malloc_keeps_freed_memory": kept,
         "args": vars(args),
-        "wall_s": time.perf_counter() - started,
-        "results": results,
-        "training_step": train,
+        "complete": False,
+        "wall_s": 0.0,
+        "results": [],
+        "training_step": None,
     }
-    with open(os.path.join(args.out, "results.json"), "w") as f:
-        json.dump(report, f, indent=1)
-    with open(os.path.join(args.out, "table.txt"), "w") as f:
-        f.write(text + "\n")
+
+    def write(final):
+        """results.json and table.txt, after every case: a run cut short
+        (a time limit) still leaves what it measured."""
+        report["complete"] = final
+        report["wall_s"] = time.perf_counter() - started
+        text = table(report["results"], args.device)
+        if report["training_step"] is not None:
+            text += "\n" + training_table(report["training_step"], args.device)
+        with open(os.path.join(args.out, "results.json"), "w") as f:
+            json.dump(report, f, indent=1)
+        with open(os.path.join(args.out, "table.txt"), "w") as f:
+            f.write(text + "\n")
+        return text
+
+    for i, (name, layout, dtype) in enumerate(cases):
+        progress(i, total, f"{name} {layout} {dtype}".replace("torch.", ""), started)
+        report["results"].append(measure_case(name, layout, dtype, args.device, rounds, budget_s, batch))
+        if args.device == "cuda":
+            torch.cuda.empty_cache()
+        write(final=False)
+    if do_train:
+        progress(len(cases), total, "training step (ResNet-18)", started)
+        report["training_step"] = measure_training_step(args.device, steps=3)
+    progress(total, total, "done", started)
+
+    text = write(final=True)
+    print(text)
+    results = report["results"]
+    compile_s = ", ".join(f"{r['case']}/{r['layout']}/{r['dtype']} {r['compile_s']:.1f}" for r in results)
+    print(f"\ntorch.compile time of the reference, s (not in the timings): {compile_s}")
     plotted = plot(results, os.path.join(args.out, "speedup.png"))
     print(f"wrote {args.out}/results.json, table.txt" + (", speedup.png" if plotted else
           " (no speedup.png: matplotlib is not installed)"), file=sys.stderr)

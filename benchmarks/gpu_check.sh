@@ -25,12 +25,12 @@ step() {  # step NAME SECONDS COMMAND...
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || true
 $PY -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name(0))"
 
-step build 170 $PY -m pip install --no-build-isolation --no-deps -e . || { echo "build failed"; exit 1; }
+step build 150 $PY -m pip install --no-build-isolation --no-deps -e . || { echo "build failed"; exit 1; }
 $PY -c "import torch, acon_cuda; assert torch._C._dispatch_has_kernel_for_dispatch_key('acon::acon_c_forward', 'CUDA'), 'no CUDA kernels were built'" || exit 1
 mkdir -p benchmarks/results/gpu
-step tests 130 $PY -m pytest tests -q -p no:cacheprovider -rs --junitxml=benchmarks/results/gpu/tests.xml
-step bench 170 $PY -m benchmarks --device cuda --dtype float32,bfloat16 \
-    --sizes large,stage1,small,tokens --out benchmarks/results/gpu
+step tests 170 $PY -m pytest tests -q -p no:cacheprovider -rs --junitxml=benchmarks/results/gpu/tests.xml
+step bench 140 $PY -m benchmarks --device cuda --dtype float32,bfloat16 \
+    --sizes large,small --no-train --out benchmarks/results/gpu
 if [ -n "${OUT:-}" ]; then
     cp -r benchmarks/results/gpu "$OUT"/ 2>/dev/null || true
 fi
