@@ -297,8 +297,10 @@ def convert_activations(
             callable returning a fresh module (then ``kwargs`` must be empty).
 
     The new modules are lazy: run one forward pass (a dry run) before creating
-    the optimizer, as with ``nn.LazyLinear``; they are created on the device
-    and dtype of the module they replace, if it has any, else the defaults.
+    the optimizer, as with ``nn.LazyLinear``. Named modules get the device and
+    dtype of the model's first floating-point parameter (so converting a
+    model already on the GPU, or in float64, just works), unless ``kwargs``
+    give ``device`` / ``dtype``.
 
     Limits: activations called as functions (``F.relu(x)``, ``x.relu()``,
     ``torch.relu``) are not modules and are not converted. A module object
@@ -315,6 +317,10 @@ def convert_activations(
         if new not in _NEW:
             raise ValueError(f"convert_activations: new must be one of {sorted(_NEW)} or a callable, got {new!r}")
         cls = _NEW[new]
+        reference_param = next((p for p in model.parameters() if p.is_floating_point()), None)
+        if reference_param is not None:
+            kwargs.setdefault("device", reference_param.device)
+            kwargs.setdefault("dtype", reference_param.dtype)
 
         def make():
             return cls(**kwargs)

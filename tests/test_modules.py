@@ -283,6 +283,15 @@ def test_convert_resnet18():
     assert widths == [64, 64, 64, 128, 128, 256, 256, 512, 512]
 
 
+def test_converted_modules_follow_the_models_device_and_dtype(device):
+    net = nn.Sequential(nn.Conv2d(3, 4, 1), nn.ReLU(), nn.Conv2d(4, 4, 1), nn.SiLU()).to(device, torch.float64)
+    acon_cuda.convert_activations(net, new="meta_acon_c", r=2)
+    x = torch.randn(2, 3, 5, 5, device=device, dtype=torch.float64)
+    net(x).sum().backward()
+    for p in net.parameters():
+        assert p.dtype == torch.float64 and p.device.type == device
+
+
 def test_convert_other_targets():
     net = nn.Sequential(nn.Conv2d(3, 4, 1), nn.ReLU(), nn.Sequential(nn.Conv2d(4, 4, 1), nn.GELU()))
     acon_cuda.convert_activations(net, old=nn.GELU, new="meta_acon_c", norm=False, r=2)
