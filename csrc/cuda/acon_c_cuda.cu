@@ -55,6 +55,11 @@ ACON_HD T min_of(T a, T b) {
   return a < b ? a : b;
 }
 
+template <typename T>
+ACON_HD T max_of(T a, T b) {
+  return a < b ? b : a;
+}
+
 // S = sigmoid(u) and s_neg = 1 - S = sigmoid(-u), both from t = exp(-|u|),
 // which never overflows: no inf/inf, and 1 - S without cancellation. S is 0
 // exactly at u = -inf and 1 at +inf, as torch.sigmoid gives; NaN stays NaN.
@@ -161,55 +166,82 @@ ACON_HD Item locate(const KernelArgs<scalar_t>& args, int64_t item, int64_t mino
   return it;
 }
 
-// Loads the kUnroll packs at offset[i] (those with valid[i]), computes y or
-// dx, adds the backward's terms to the sums, and stores the packs. A pack
-// holds one channel (kChannels = 1: runs) or kWidth channels (kChannels =
-// kWidth: columns); lane j uses channel j % kChannels's parameters and sums.
-template <typename scalar_t, int kWidth, int kUnroll, int kChannels, bool kBackward>
+// Computes kUnroll packs of kWidth elements, pack i starting at element
+// offset[i] (16-byte aligned when kWidth > 1), of which lanes [lo[i], hi[i])
+// are this work's: all or none, except where kRagged (runs that do not start
+// on a vector boundary, whose first and last packs are partial). Loads all
+// packs first (kUnroll loads in flight), computes y or dx, adds the
+// backward's terms to the sums and stores. A pack holds one channel
+// (kChannels = 1: runs) or kWidth channels (kChannels = kWidth: columns);
+// lane j uses channel j % kChannels's parameters and sums.
+template <typename scalar_t, int kWidth, int kUnroll, int kChannels, bool kBackward, bool kRagged>
 ACON_HD void compute_packs(
-    const KernelArgs<scalar_t>& args, const int64_t (&offset)[kUnroll], const bool (&valid)[kUnroll],
-    const at::opmath_type<scalar_t> (&d)[kChannels], const at::opmath_type<scalar_t> (&p2)[kChannels],
-    const at::opmath_type<scalar_t> (&bd)[kChannels], at::opmath_type<scalar_t> (&a)[kChannels],
-    at::opmath_type<scalar_t> (&b)[kChannels], at::opmath_type<scalar_t> (&gs)[kChannels]) {
+    const KernelArgs<scalar_t>& args, const int64_t (&offset)[kUnroll], const int (&lo)[kUnroll],
+    const int (&hi)[kUnroll], const at::opmath_type<scalar_t> (&d)[kChannels],
+    const at::opmath_type<scalar_t> (&p2)[kChannels], const at::opmath_type<scalar_t> (&bd)[kChannels],
+    at::opmath_type<scalar_t> (&a)[kChannels], at::opmath_type<scalar_t> (&b)[kChannels],
+    at::opmath_type<scalar_t> (&gs)[kChannels]) {
   using opmath_t = at::opmath_type<scalar_t>;
   using P = Pack<scalar_t, kWidth>;
   P xs[kUnroll], dys[kUnroll];
 #pragma unroll
-  for (int i = 0; i < kUnroll; ++i) {  // all loads first: kUnroll in flight
-    if (valid[i]) {
+  for (int i = 0; i < kUnroll; ++i) {
+    if (hi[i] - lo[i] == kWidth) {
       xs[i] = load_pack<scalar_t, kWidth>(args.x + offset[i]);
       if constexpr (kBackward) {
         dys[i] = load_pack<scalar_t, kWidth>(args.grad_y + offset[i]);
       }
+    } else if (kRagged) {
+#pragma unroll
+      for (int j = 0; j < kWidth; ++j) {
+        if (lo[i] <= j && j < hi[i]) {
+          xs[i].v[j] = args.x[offset[i] + j];
+          if constexpr (kBackward) {
+            dys[i].v[j] = args.grad_y[offset[i] + j];
+          }
+        }
+      }
     }
   }
+  const auto lane = [&](int i, int j) -> scalar_t {
+    const opmath_t xv = static_cast<opmath_t>(xs[i].v[j]);
+    const int k = j % kChannels;
+    if constexpr (kBackward) {
+      const opmath_t dy = static_cast<opmath_t>(dys[i].v[j]);
+      return static_cast<scalar_t>(acon_c_grad(xv, dy, d[k], p2[k], bd[k], a[k], b[k], gs[k]));
+    } else {
+      return static_cast<scalar_t>(acon_c_value(xv, d[k], p2[k], bd[k]));
+    }
+  };
 #pragma unroll
   for (int i = 0; i < kUnroll; ++i) {
-    if (valid[i]) {
+    if (hi[i] - lo[i] == kWidth) {
       P out;
 #pragma unroll
       for (int j = 0; j < kWidth; ++j) {
-        const opmath_t xv = static_cast<opmath_t>(xs[i].v[j]);
-        if constexpr (kBackward) {
-          const opmath_t dy = static_cast<opmath_t>(dys[i].v[j]);
-          const int k = j % kChannels;
-          out.v[j] = static_cast<scalar_t>(acon_c_grad(xv, dy, d[k], p2[k], bd[k], a[k], b[k], gs[k]));
-        } else {
-          const int k = j % kChannels;
-          out.v[j] = static_cast<scalar_t>(acon_c_value(xv, d[k], p2[k], bd[k]));
-        }
+        out.v[j] = lane(i, j);
       }
       store_pack<scalar_t, kWidth>(args.out + offset[i], out);
+    } else if (kRagged) {
+#pragma unroll
+      for (int j = 0; j < kWidth; ++j) {
+        if (lo[i] <= j && j < hi[i]) {
+          args.out[offset[i] + j] = lane(i, j);
+        }
+      }
     }
   }
 }
 
 // One thread's share of a runs work item (inner > 1): the item's (row,
-// vector) pairs are dealt to the block's threads round-robin, so that short
-// runs (7x7) keep every thread busy too. The backward adds the thread's
-// terms to `sums` (a, b, g), in opmath_t for at most kFlushIterations
-// iterations at a time, then in double.
-template <typename scalar_t, int kWidth, bool kBackward>
+// pack) pairs are dealt to the block's threads round-robin, so that short
+// runs (7x7) keep every thread busy too. Packs are kWidth elements of the
+// row; with kRagged they are the kWidth-aligned windows that overlap the row
+// (row_vectors of them per row, the first and last possibly partial), so
+// that runs of any length get 16-byte accesses. The backward adds the
+// thread's terms to `sums` (a, b, g), in opmath_t for at most
+// kFlushIterations iterations at a time, then in double.
+template <typename scalar_t, int kWidth, bool kBackward, bool kRagged>
 ACON_HD void runs_thread(const KernelArgs<scalar_t>& args, const Item& it, int thread, double (&sums)[3]) {
   using opmath_t = at::opmath_type<scalar_t>;
   constexpr int kUnroll = kWidth > 1 ? 2 : 4;  // independent loads in flight
@@ -229,11 +261,21 @@ ACON_HD void runs_thread(const KernelArgs<scalar_t>& args, const Item& it, int t
   int64_t v = thread % args.row_vectors;
   while (r < it.rows) {
     int64_t offset[kUnroll];
-    bool valid[kUnroll];
+    int lo[kUnroll], hi[kUnroll];
 #pragma unroll
     for (int i = 0; i < kUnroll; ++i) {
-      valid[i] = r < it.rows;
-      offset[i] = base + r * row_stride + v * kWidth;
+      const int64_t row_start = base + r * row_stride;
+      lo[i] = hi[i] = 0;
+      if constexpr (kRagged) {
+        offset[i] = (row_start / kWidth + v) * kWidth;
+        if (r < it.rows) {
+          lo[i] = static_cast<int>(min_of<int64_t>(max_of<int64_t>(row_start - offset[i], 0), kWidth));
+          hi[i] = static_cast<int>(max_of<int64_t>(min_of<int64_t>(row_start + args.inner - offset[i], kWidth), lo[i]));
+        }
+      } else {
+        offset[i] = row_start + v * kWidth;
+        hi[i] = r < it.rows ? kWidth : 0;
+      }
       r += args.step_rows;
       v += args.step_vectors;
       if (v >= args.row_vectors) {
@@ -241,7 +283,7 @@ ACON_HD void runs_thread(const KernelArgs<scalar_t>& args, const Item& it, int t
         ++r;
       }
     }
-    compute_packs<scalar_t, kWidth, kUnroll, 1, kBackward>(args, offset, valid, d, p2, bd, a, b, gs);
+    compute_packs<scalar_t, kWidth, kUnroll, 1, kBackward, kRagged>(args, offset, lo, hi, d, p2, bd, a, b, gs);
     if constexpr (kBackward) {
       if (++iterations == kFlushIterations || r >= it.rows) {
         sums[0] += a[0];
@@ -290,13 +332,14 @@ ACON_HD void columns_thread(
 
   for (int64_t r = ty; r < it.rows; r += kUnroll * row_step) {
     int64_t offset[kUnroll];
-    bool valid[kUnroll];
+    int lo[kUnroll], hi[kUnroll];
 #pragma unroll
     for (int i = 0; i < kUnroll; ++i) {
-      valid[i] = r + i * row_step < it.rows;
       offset[i] = base + (r + i * row_step) * C;
+      lo[i] = 0;
+      hi[i] = r + i * row_step < it.rows ? kWidth : 0;
     }
-    compute_packs<scalar_t, kWidth, kUnroll, kWidth, kBackward>(args, offset, valid, d, p2, bd, a, b, gs);
+    compute_packs<scalar_t, kWidth, kUnroll, kWidth, kBackward, false>(args, offset, lo, hi, d, p2, bd, a, b, gs);
   }
 }
 
@@ -354,13 +397,13 @@ __device__ __forceinline__ void block_sum3(double (&v)[3], double* scratch) {
 }
 
 // Runs of one channel (inner > 1); see runs_thread.
-template <typename scalar_t, int kWidth, bool kBackward>
+template <typename scalar_t, int kWidth, bool kBackward, bool kRagged>
 __global__ void __launch_bounds__(kThreads) acon_c_runs_kernel(const KernelArgs<scalar_t> args) {
   __shared__ double scratch[kWarps * 3];
   for (int64_t item = blockIdx.x; item < args.items; item += gridDim.x) {
     const Item it = locate(args, item, args.channels);
     double sums[3] = {0.0, 0.0, 0.0};
-    runs_thread<scalar_t, kWidth, kBackward>(args, it, threadIdx.x, sums);
+    runs_thread<scalar_t, kWidth, kBackward, kRagged>(args, it, threadIdx.x, sums);
     if constexpr (kBackward) {
       block_sum3(sums, scratch);
       if (threadIdx.x == 0) {
@@ -433,7 +476,7 @@ __global__ void reduce_channel_sums(
 // tests (torch.ops.acon.cuda_kernels_on_cpu): it checks the indexing and the
 // arithmetic of the kernels without a GPU. Block sums are taken in another
 // order than on the GPU; the warp and barrier code itself is not covered.
-template <typename scalar_t, int kWidth, bool kBackward>
+template <typename scalar_t, int kWidth, bool kBackward, bool kRagged>
 void emulate_runs(const KernelArgs<scalar_t>& args, int64_t grid) {
   for (int64_t block = 0; block < grid; ++block) {
     for (int64_t item = block; item < args.items; item += grid) {
@@ -441,7 +484,7 @@ void emulate_runs(const KernelArgs<scalar_t>& args, int64_t grid) {
       double total[3] = {0.0, 0.0, 0.0};
       for (int thread = 0; thread < kThreads; ++thread) {
         double sums[3] = {0.0, 0.0, 0.0};
-        runs_thread<scalar_t, kWidth, kBackward>(args, it, thread, sums);
+        runs_thread<scalar_t, kWidth, kBackward, kRagged>(args, it, thread, sums);
         for (int s = 0; s < 3; ++s) {
           total[s] += sums[s];
         }
@@ -564,11 +607,15 @@ at::Tensor run_kernel(KernelArgs<scalar_t>& args, const at::TensorOptions& optio
       (!kBackward || is_aligned(args.grad_y, 16));
   const bool runs = args.inner > 1;
   const bool vector = aligned && (runs ? args.inner : args.channels) % kVector == 0;
+  // Runs of other lengths: aligned windows, partial at the ends of each run
+  // (worth it from two vectors a run on).
+  const bool ragged = runs && aligned && !vector && args.inner >= 2 * kVector;
 
-  auto start = [&](auto kernel, auto emulation, int width) {
+  auto start = [&](auto kernel, auto emulation, int width, bool windows) {
     const int64_t blocks = resident_blocks(kernel, target);
     if (runs) {
-      args.row_vectors = args.inner / width;
+      // A run of `inner` elements overlaps at most this many aligned windows.
+      args.row_vectors = windows ? (args.inner + 2 * width - 2) / width : args.inner / width;
       args.step_rows = kThreads / args.row_vectors;
       args.step_vectors = kThreads % args.row_vectors;
       plan_chunks(args, args.channels, args.outer, blocks);
@@ -593,14 +640,22 @@ at::Tensor run_kernel(KernelArgs<scalar_t>& args, const at::TensorOptions& optio
     return partials;
   };
 
+  if (runs && vector) {
+    return start(acon_c_runs_kernel<scalar_t, kVector, kBackward, false>,
+                 emulate_runs<scalar_t, kVector, kBackward, false>, kVector, false);
+  }
+  if (ragged) {
+    return start(acon_c_runs_kernel<scalar_t, kVector, kBackward, true>,
+                 emulate_runs<scalar_t, kVector, kBackward, true>, kVector, true);
+  }
   if (runs) {
-    return vector ? start(acon_c_runs_kernel<scalar_t, kVector, kBackward>,
-                          emulate_runs<scalar_t, kVector, kBackward>, kVector)
-                  : start(acon_c_runs_kernel<scalar_t, 1, kBackward>, emulate_runs<scalar_t, 1, kBackward>, 1);
+    return start(acon_c_runs_kernel<scalar_t, 1, kBackward, false>,
+                 emulate_runs<scalar_t, 1, kBackward, false>, 1, false);
   }
   return vector ? start(acon_c_columns_kernel<scalar_t, kVector, kBackward>,
-                        emulate_columns<scalar_t, kVector, kBackward>, kVector)
-                : start(acon_c_columns_kernel<scalar_t, 1, kBackward>, emulate_columns<scalar_t, 1, kBackward>, 1);
+                        emulate_columns<scalar_t, kVector, kBackward>, kVector, false)
+                : start(acon_c_columns_kernel<scalar_t, 1, kBackward>,
+                        emulate_columns<scalar_t, 1, kBackward>, 1, false);
 }
 
 // Runs the forward (grad_y undefined) or the backward with x (and grad_y) in
