@@ -24,6 +24,9 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <map>
+#include <mutex>
+#include <utility>
 #include <vector>
 
 namespace acon_cuda::cuda {
@@ -580,22 +583,53 @@ struct Target {
   cudaStream_t stream;
 };
 
+// What the launches ask of a GPU: its multiprocessor count, and how many
+// blocks of a kernel fit on one multiprocessor. Both are fixed for a (kernel,
+// device), so they are asked once, not on every call.
+class DeviceQueries {
+ public:
+  static int multiprocessors(int device) {
+    return cached({nullptr, device}, [&](int* out) {
+      C10_CUDA_CHECK(cudaDeviceGetAttribute(out, cudaDevAttrMultiProcessorCount, device));
+    });
+  }
+  static int blocks_per_multiprocessor(const void* kernel, int device) {
+    return cached({kernel, device}, [&](int* out) {
+      C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(out, kernel, kThreads, 0));
+    });
+  }
+
+ private:
+  template <typename Query>
+  static int cached(std::pair<const void*, int> key, Query query) {
+    static std::mutex mutex;
+    static std::map<std::pair<const void*, int>, int> values;
+    const std::lock_guard<std::mutex> lock(mutex);
+    const auto found = values.find(key);
+    if (found != values.end()) {
+      return found->second;
+    }
+    int value = 0;
+    query(&value);
+    return values[key] = std::max(value, 1);
+  }
+};
+
 Target gpu_target(const at::Tensor& x) {
   Target target{};
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&target.multiprocessors, cudaDevAttrMultiProcessorCount, x.get_device()));
+  target.multiprocessors = DeviceQueries::multiprocessors(x.get_device());
   target.stream = c10::cuda::getCurrentCUDAStream(x.get_device()).stream();
   return target;
 }
 
-// Blocks of `kernel` resident on the whole device at once.
+// Blocks of `kernel` resident on the whole device at once (the current
+// device: the op's CUDAGuard made it x's).
 template <typename Kernel>
 int64_t resident_blocks(Kernel kernel, const Target& target) {
-  if (target.emulate) {
-    return static_cast<int64_t>(target.multiprocessors) * target.blocks_per_multiprocessor;
-  }
-  int per_multiprocessor = 0;
-  C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_multiprocessor, kernel, kThreads, 0));
-  return static_cast<int64_t>(std::max(per_multiprocessor, 1)) * target.multiprocessors;
+  const int per_multiprocessor = target.emulate
+      ? target.blocks_per_multiprocessor
+      : DeviceQueries::blocks_per_multiprocessor(reinterpret_cast<const void*>(kernel), c10::cuda::current_device());
+  return static_cast<int64_t>(per_multiprocessor) * target.multiprocessors;
 }
 
 // Runs the forward (kBackward false) or backward kernel for x's layout and
