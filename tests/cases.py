@@ -36,6 +36,11 @@ SHAPES = [
 # transposed: dense, but every stride reversed (the batch is innermost).
 LAYOUTS = ["contiguous", "channels_last", "features_last", "strided", "transposed"]
 
+# The two kinds of beta, and the layouts the kernels run without a copy, as
+# pytest parametrisations shared by the test files.
+per_sample_kinds = pytest.mark.parametrize("per_sample", [False, True], ids=["beta_per_channel", "beta_per_sample"])
+copy_free_layouts = pytest.mark.parametrize("layout", ["contiguous", "channels_last", "features_last"])
+
 
 def make_x(shape, layout, dtype, device, scale=3.0):
     """x of logical shape (N, C, *S) in `layout`, and its channel_dim."""

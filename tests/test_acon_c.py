@@ -6,10 +6,10 @@ import torch
 import acon_cuda
 from acon_cuda.testing import DTYPES
 
-from cases import check_against_truth, dtype_pairs, make_params, make_x, run_fused, shape_layouts
+from cases import check_against_truth, copy_free_layouts, dtype_pairs, make_params, make_x, per_sample_kinds, run_fused, shape_layouts
 
 
-@pytest.mark.parametrize("per_sample", [False, True], ids=["beta_per_channel", "beta_per_sample"])
+@per_sample_kinds
 @pytest.mark.parametrize("shape, layout", list(shape_layouts()))
 @pytest.mark.parametrize("dtype, p_dtype", list(dtype_pairs()))
 def test_matches_reference(device, dtype, p_dtype, shape, layout, per_sample):
@@ -24,8 +24,8 @@ def test_matches_reference(device, dtype, p_dtype, shape, layout, per_sample):
             assert not g.any()
 
 
-@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "features_last"])
-@pytest.mark.parametrize("per_sample", [False, True], ids=["beta_per_channel", "beta_per_sample"])
+@copy_free_layouts
+@per_sample_kinds
 def test_gradcheck_float64(device, layout, per_sample):
     x, channel_dim = make_x((3, 4, 3, 5), layout, torch.float64, device, scale=2.0)
     params = make_params(x, channel_dim, per_sample, torch.float64)
@@ -91,8 +91,8 @@ def test_per_sample_beta_nan_stays_in_its_sample(device):
     assert dbeta[1, 2].isnan() and torch.isfinite(dbeta[[0, 2]]).all() and torch.isfinite(dbeta[1, [0, 1, 3]]).all()
 
 
-@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "features_last"])
-@pytest.mark.parametrize("per_sample", [False, True], ids=["beta_per_channel", "beta_per_sample"])
+@copy_free_layouts
+@per_sample_kinds
 def test_parameter_gradients_are_deterministic(device, layout, per_sample):
     """Bit-identical on every run, and (CPU) for any number of threads."""
     x, channel_dim = make_x((8, 64, 28, 28), layout, torch.float32, device)

@@ -8,7 +8,7 @@ warp shuffles and barriers of the block reductions, and the GPU itself."""
 import pytest
 import torch
 
-from cases import check_against_truth, dtype_pairs, leaves, make_params, make_x, shape_layouts
+from cases import check_against_truth, dtype_pairs, leaves, make_params, make_x, per_sample_kinds, shape_layouts
 
 pytestmark = pytest.mark.skipif(
     not hasattr(torch.ops.acon, "_acon_c_forward_cuda_emulated"),
@@ -32,7 +32,7 @@ def run_emulated(gpu):
 
 
 @pytest.mark.parametrize("gpu", GPUS)
-@pytest.mark.parametrize("per_sample", [False, True], ids=["beta_per_channel", "beta_per_sample"])
+@per_sample_kinds
 @pytest.mark.parametrize("shape, layout", list(shape_layouts()))
 @pytest.mark.parametrize("dtype, p_dtype", list(dtype_pairs()))
 def test_cuda_kernels_match_reference(dtype, p_dtype, shape, layout, per_sample, gpu):

@@ -12,7 +12,7 @@ import torch
 import acon_cuda
 from acon_cuda import reference
 
-from cases import make_params, make_x
+from cases import copy_free_layouts, make_params, make_x, per_sample_kinds
 
 OPS = ["acon_c_forward", "acon_c_backward"]
 
@@ -24,8 +24,8 @@ def test_ops_have_kernels(op):
     assert torch._C._dispatch_has_kernel_for_dispatch_key(name, "Meta")
 
 
-@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "features_last"])
-@pytest.mark.parametrize("per_sample", [False, True], ids=["beta_per_channel", "beta_per_sample"])
+@copy_free_layouts
+@per_sample_kinds
 def test_opcheck(device, layout, per_sample):
     x, channel_dim = make_x((2, 5, 3, 4), layout, torch.float32, device)
     p1, p2, beta = make_params(x, channel_dim, per_sample, torch.float32)
@@ -80,8 +80,8 @@ def test_compiled_graphs_call_the_fused_ops(device):
     assert "aten.sigmoid.default" not in forward + backward
 
 
-@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "features_last"])
-@pytest.mark.parametrize("per_sample", [False, True], ids=["beta_per_channel", "beta_per_sample"])
+@copy_free_layouts
+@per_sample_kinds
 def test_supported_layouts_are_not_copied(device, layout, per_sample):
     """Forward and backward run on x (and a gradient of x's layout) in place:
     no copy, clone or contiguous-ing kernel of activation size."""
@@ -108,7 +108,7 @@ def test_supported_layouts_are_not_copied(device, layout, per_sample):
     assert activation_copies(prof)
 
 
-@pytest.mark.parametrize("per_sample", [False, True], ids=["beta_per_channel", "beta_per_sample"])
+@per_sample_kinds
 def test_saves_only_inputs_for_backward(device, per_sample):
     x, _ = make_x((4, 8, 6, 6), "contiguous", torch.float32, device)
     params = make_params(x, 1, per_sample, torch.float32)
@@ -136,7 +136,7 @@ def test_reference_saves_more(device):
     assert sum(n for _, n in storages) >= 3 * x.numel() * x.element_size()
 
 
-@pytest.mark.parametrize("per_sample", [False, True], ids=["beta_per_channel", "beta_per_sample"])
+@per_sample_kinds
 def test_double_backward(device, per_sample):
     """create_graph=True gives differentiable gradients (gradient penalties)."""
     x, _ = make_x((2, 3, 4), "contiguous", torch.float64, device)
