@@ -13,7 +13,8 @@ import torch  # noqa: F401  (loads libtorch before the extension)
 
 from . import _C  # noqa: F401  (registers torch.ops.acon.*)
 from . import reference
-from .modules import AconA, AconB, AconC, MetaAconC, convert_activations, param_groups
+from .convert import convert_activations
+from .modules import AconA, AconB, AconC, MetaAconC, param_groups
 from .ops import acon_c, cpu_kernel_isa
 
 __all__ = [

@@ -1,12 +1,13 @@
 """ACON activations as nn.Modules (ACON-A, ACON-B, ACON-C, Meta-ACON), each
-computed by the fused op, plus model conversion and optimizer groups.
+computed by the fused op, plus optimizer groups (model conversion is in
+``convert.py``).
 
 Parameter names and shapes follow the paper's public code ((1, C, 1, 1)), so
 its checkpoints load with ``strict=True``.
 """
 
 import warnings
-from typing import Callable, Optional, Sequence, Tuple, Type, Union
+from typing import Optional, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -16,7 +17,7 @@ from torch.nn.parameter import UninitializedParameter
 from . import reference
 from .ops import acon_c as fused_acon_c
 
-__all__ = ["AconA", "AconB", "AconC", "MetaAconC", "convert_activations", "param_groups"]
+__all__ = ["AconA", "AconB", "AconC", "MetaAconC", "param_groups"]
 
 _IMPLS = {"fused": fused_acon_c, "reference": reference.acon_c}
 
@@ -274,76 +275,6 @@ class MetaAconC(_Acon):
 
     def _extra_options(self):
         return [f"r={self.r}", f"norm={self.norm}"]
-
-
-_NEW = {"acon_a": AconA, "acon_b": AconB, "acon_c": AconC, "meta_acon_c": MetaAconC}
-
-
-def convert_activations(
-    model: nn.Module,
-    old: Union[Type[nn.Module], Sequence[Type[nn.Module]]] = (nn.ReLU, nn.SiLU),
-    new: Union[str, Callable[[], nn.Module]] = "acon_c",
-    **kwargs,
-) -> nn.Module:
-    """Replaces every activation module of a type in ``old`` inside ``model``
-    (recursively, in place) with a new lazy ACON module; returns ``model``.
-
-    Args:
-        model: the model (a matching module passed as ``model`` itself is not
-            replaced: there is no parent to put the new one in).
-        old: a module class or a tuple of them.
-        new: "acon_a", "acon_b", "acon_c" or "meta_acon_c", built lazily with
-            ``**kwargs`` (e.g. ``init="swish"``, ``channel_dim=-1``), or a
-            callable returning a fresh module (then ``kwargs`` must be empty).
-
-    The new modules are lazy: run one forward pass (a dry run) before creating
-    the optimizer, as with ``nn.LazyLinear``. Named modules get the device and
-    dtype of the model's first floating-point parameter (so converting a
-    model already on the GPU, or in float64, just works), unless ``kwargs``
-    give ``device`` / ``dtype``.
-
-    Limits: activations called as functions (``F.relu(x)``, ``x.relu()``,
-    ``torch.relu``) are not modules and are not converted. A module object
-    used at several places in ``forward`` (torchvision's BasicBlock calls
-    ``self.relu`` twice) is replaced by one ACON module, which those places
-    then share, parameters included; they must have the same channel count.
-    """
-    if isinstance(old, type):
-        old = (old,)
-    old = tuple(old)
-    if not old or not all(isinstance(t, type) and issubclass(t, nn.Module) for t in old):
-        raise TypeError(f"convert_activations: old must be nn.Module classes, got {old!r}")
-    if isinstance(new, str):
-        if new not in _NEW:
-            raise ValueError(f"convert_activations: new must be one of {sorted(_NEW)} or a callable, got {new!r}")
-        cls = _NEW[new]
-        reference_param = next((p for p in model.parameters() if p.is_floating_point()), None)
-        if reference_param is not None:
-            kwargs.setdefault("device", reference_param.device)
-            kwargs.setdefault("dtype", reference_param.dtype)
-
-        def make():
-            return cls(**kwargs)
-
-        make()  # bad kwargs fail here, before the model is touched
-    elif callable(new):
-        if kwargs:
-            raise TypeError("convert_activations: keyword arguments go with a named new module, not a callable")
-        make = new
-    else:
-        raise TypeError(f"convert_activations: new must be a name or a callable, got {new!r}")
-
-    replaced = {}  # one replacement per module object, shared as it was
-    for parent in list(model.modules()):
-        for name, child in list(parent.named_children()):
-            if isinstance(child, old):
-                if id(child) not in replaced:
-                    replacement = make()
-                    if not isinstance(replacement, nn.Module):
-                        raise TypeError(f"convert_activations: new() returned {type(replacement).__name__}, not a module")
-                    replaced[id(child)] = replacement
-                setattr(parent, name, replaced[id(child)])
-    return model
 
 
 def _acon_parameters(model: nn.Module):

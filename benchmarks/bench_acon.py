@@ -272,8 +272,8 @@ def measure_training_step(device, steps):
         torch.manual_seed(0)
         model = torchvision.models.resnet18().to(device)
         if impl != "relu":
-            acon_cuda.convert_activations(model, impl=impl)
-            model(x[:2])  # materialise the lazy modules
+            # One AconC per ReLU call site (17), sized by a dry run.
+            model = acon_cuda.convert_activations(model, impl=impl, example_input=x[:2])
         optimizer = torch.optim.SGD(acon_cuda.param_groups(model, 1e-4), lr=0.01, momentum=0.9)
 
         def step():

@@ -1,5 +1,5 @@
-"""The nn.Modules: the paper's checkpoints, shapes, laziness, conversion,
-parameter groups, and fitting into torch.compile, torch.export and autocast."""
+"""The nn.Modules: the paper's checkpoints, shapes, laziness, parameter
+groups, and fitting into torch.compile, torch.export and autocast."""
 
 import copy
 import pickle
@@ -183,16 +183,6 @@ def test_swish_init_equals_silu():
     torch.testing.assert_close(AconB(16)(x), F.silu(x), rtol=2e-6, atol=1e-7)
 
 
-def test_swapping_swish_init_into_a_silu_network_keeps_its_outputs():
-    torch.manual_seed(1)
-    net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.SiLU(), nn.Conv2d(8, 8, 3), nn.SiLU(), nn.Flatten(), nn.LazyLinear(5))
-    x = torch.randn(2, 3, 12, 12)
-    before = net(x)
-    acon_cuda.convert_activations(net, old=nn.SiLU, init="swish")
-    assert sum(isinstance(m, AconC) for m in net.modules()) == 2
-    torch.testing.assert_close(net(x), before, rtol=1e-5, atol=1e-6)
-
-
 @pytest.mark.parametrize("name", list(MODULES))
 def test_lazy_width(name):
     module = MODULES[name]()
@@ -263,48 +253,6 @@ def test_meta_acon_batch_of_one():
         MetaAconC(32)(x)
     MetaAconC(32, norm=False)(x).sum().backward()
     MetaAconC(32).eval()(x)
-
-
-def test_convert_resnet18():
-    torchvision = pytest.importorskip("torchvision")
-    model = torchvision.models.resnet18(num_classes=10)
-    relus = {id(m) for m in model.modules() if isinstance(m, nn.ReLU)}
-    assert acon_cuda.convert_activations(model) is model
-    assert not any(isinstance(m, nn.ReLU) for m in model.modules())
-    aconcs = [m for m in model.modules() if isinstance(m, AconC)]
-    # named_modules() lists a shared module once: one per ReLU object.
-    assert len(aconcs) == len(relus) == 9
-    x = torch.randn(2, 3, 64, 64)
-    out = model(x)
-    assert out.shape == (2, 10)
-    out.sum().backward()
-    assert all(m.p1.grad is not None for m in aconcs)
-    widths = sorted(m.width for m in aconcs)
-    assert widths == [64, 64, 64, 128, 128, 256, 256, 512, 512]
-
-
-def test_converted_modules_follow_the_models_device_and_dtype(device):
-    net = nn.Sequential(nn.Conv2d(3, 4, 1), nn.ReLU(), nn.Conv2d(4, 4, 1), nn.SiLU()).to(device, torch.float64)
-    acon_cuda.convert_activations(net, new="meta_acon_c", r=2)
-    x = torch.randn(2, 3, 5, 5, device=device, dtype=torch.float64)
-    net(x).sum().backward()
-    for p in net.parameters():
-        assert p.dtype == torch.float64 and p.device.type == device
-
-
-def test_convert_other_targets():
-    net = nn.Sequential(nn.Conv2d(3, 4, 1), nn.ReLU(), nn.Sequential(nn.Conv2d(4, 4, 1), nn.GELU()))
-    acon_cuda.convert_activations(net, old=nn.GELU, new="meta_acon_c", norm=False, r=2)
-    assert isinstance(net[2][1], MetaAconC) and isinstance(net[1], nn.ReLU)
-    acon_cuda.convert_activations(net, new=lambda: AconB())
-    assert isinstance(net[1], AconB)
-    net(torch.randn(2, 3, 5, 5))
-    with pytest.raises(ValueError, match="new must be one of"):
-        acon_cuda.convert_activations(net, new="swish")
-    with pytest.raises(TypeError, match="keyword arguments"):
-        acon_cuda.convert_activations(net, new=lambda: AconB(), init="swish")
-    with pytest.raises(TypeError):
-        acon_cuda.convert_activations(net, new="acon_c", widht=3)
 
 
 def test_param_groups():
