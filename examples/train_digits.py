@@ -49,12 +49,13 @@ def make_model(activation, impl="fused"):
     )
 
 
-def train(activation, epochs=15, impl="fused", seed=0, batch_size=64, data=None):
+def train(activation, epochs=15, impl="fused", seed=0, batch_size=64, data=None, dtype=torch.float32):
     """Trains one model; returns its per-step losses, test accuracy and the
     seconds per epoch."""
     x_train, y_train, x_test, y_test = data or load_digits()
+    x_train, x_test = x_train.to(dtype), x_test.to(dtype)
     torch.manual_seed(seed)
-    model = make_model(activation, impl)
+    model = make_model(activation, impl).to(dtype)
     model(x_train[:2])  # materialise the lazy ACON modules before the optimizer
     optimizer = torch.optim.SGD(acon_cuda.param_groups(model, 5e-4), lr=0.05, momentum=0.9)
     schedule = torch.optim.lr_scheduler.OneCycleLR(

@@ -31,13 +31,17 @@ def test_digits_example_trains_and_fused_matches_reference(activation):
     example = load_example("train_digits")
     data = example.load_digits()
     fused = example.train(activation, epochs=3, impl="fused", data=data)
-    ref = example.train(activation, epochs=3, impl="reference", data=data)
     assert fused["accuracy"] > 0.9, fused["accuracy"]  # chance is 0.1
-    losses, ref_losses = torch.tensor(fused["losses"]), torch.tensor(ref["losses"])
+    losses = torch.tensor(fused["losses"])
     assert losses[-5:].mean() < 0.25 * losses[:5].mean()
-    # Same curve: float32 rounding differences only, which training amplifies
-    # a little over ~70 steps.
-    torch.testing.assert_close(losses, ref_losses, rtol=1e-2, atol=1e-3)
+    # Same curve, in float64: SGD at these learning rates amplifies rounding
+    # differences about 1e5-fold over the ~70 steps (float32 curves drift
+    # apart by 1e-2), so only float64 rounding keeps the comparison tight.
+    fused = example.train(activation, epochs=3, impl="fused", data=data, dtype=torch.float64)
+    ref = example.train(activation, epochs=3, impl="reference", data=data, dtype=torch.float64)
+    torch.testing.assert_close(
+        torch.tensor(fused["losses"]), torch.tensor(ref["losses"]), rtol=1e-8, atol=1e-10
+    )
 
 
 def test_digits_example_runs_as_a_script(capsys):
