@@ -1,11 +1,80 @@
-"""Python face of the acon ops: the public wrapper, fake kernels, autograd."""
+"""Python face of the acon ops: the public wrapper (a torch.autograd.Function),
+fake kernels, vmap rules and the ops' own autograd."""
 
 import torch
 from torch import Tensor
 
 from . import reference
 
-__all__ = ["acon_c", "cpu_kernel_isa"]
+__all__ = ["AconCFunction", "AconCFunctionWithJvp", "acon_c", "cpu_kernel_isa"]
+
+# The OpOverloads themselves: calling them skips the overload resolution of
+# torch.ops.acon.acon_c_forward(...) on every call.
+_forward_op = torch.ops.acon.acon_c_forward.default
+_backward_op = torch.ops.acon.acon_c_backward.default
+
+
+class AconCFunction(torch.autograd.Function):
+    """The fused ACON-C forward and backward ops as one autograd node.
+
+    Only the inputs are saved; the backward recomputes the sigmoid from x.
+    The backward computes only what ``ctx.needs_input_grad`` asks for (frozen
+    ACON parameters skip the parameter sums; a frozen x skips writing dx).
+    With ``create_graph=True`` (double backward) the gradients come from the
+    plain-PyTorch formula, so that they are differentiable themselves.
+    ``torch.func``: ``vmap`` runs the ops' vmap rules (the fused kernel when
+    only x is batched, the reference formula vectorised otherwise);
+    forward mode (``jvp``, ``jacfwd``) is :class:`AconCFunctionWithJvp`.
+    """
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x, p1, p2, beta, channel_dim):
+        return _forward_op(x, p1, p2, beta, channel_dim)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, p1, p2, beta, channel_dim = inputs
+        ctx.save_for_backward(x, p1, p2, beta)
+        ctx.channel_dim = channel_dim
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        x, p1, p2, beta = ctx.saved_tensors
+        return (*_acon_c_grads(ctx, grad_y, x, p1, p2, beta), None)
+
+
+class AconCFunctionWithJvp(AconCFunction):
+    """:class:`AconCFunction` with forward-mode AD (``torch.func.jvp``,
+    ``jacfwd``), which is what ``acon_c`` uses outside ``torch.compile``:
+    Dynamo cannot trace a Function with a custom ``jvp``, so compiled code
+    gets the same Function without it."""
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        AconCFunction.setup_context(ctx, inputs, output)
+        ctx.save_for_forward(*inputs[:4])
+
+    @staticmethod
+    def jvp(ctx, x_t, p1_t, p2_t, beta_t, _):
+        x, p1, p2, beta = ctx.saved_tensors
+        return reference.acon_c_jvp(x, p1, p2, beta, ctx.channel_dim, x_t, p1_t, p2_t, beta_t)
+
+
+def _acon_c_grads(ctx, grad_y, x, p1, p2, beta):
+    """x, p1, p2 and beta's gradients, None where they are not needed."""
+    needs = ctx.needs_input_grad[:4]
+    output_mask = [needs[0], needs[1] or needs[2] or needs[3]]
+    if torch.is_grad_enabled():
+        # create_graph=True (double backward, e.g. a gradient penalty; and the
+        # torch.func transforms): the gradients must be differentiable
+        # themselves, so they come from the formulas in plain PyTorch ops.
+        # Ordinary backward passes never get here.
+        grads = reference.acon_c_backward(grad_y, x, p1, p2, beta, ctx.channel_dim, output_mask)
+    else:
+        grads = _backward_op(grad_y, x, p1, p2, beta, ctx.channel_dim, output_mask)
+    return [g if need else None for g, need in zip(grads, needs)]
 
 
 def acon_c(x: Tensor, p1: Tensor, p2: Tensor, beta: Tensor, channel_dim: int = 1) -> Tensor:
@@ -13,20 +82,26 @@ def acon_c(x: Tensor, p1: Tensor, p2: Tensor, beta: Tensor, channel_dim: int = 1
 
     Args:
         x: float32, float64, float16 or bfloat16 tensor of rank >= 2.
-        p1, p2: C values each (any shape, e.g. ``(C,)`` or ``(1, C, 1, 1)``),
-            C = ``x.shape[channel_dim]``.
-        beta: C values (shared over the batch) or N*C values in (N, C) order,
-            one per sample and channel (Meta-ACON), N = ``x.shape[0]``.
+        p1, p2: C values each, C = ``x.shape[channel_dim]``: shape ``(C,)``,
+            or that with size-1 axes added, such as ``(1, C, 1, 1)``.
+        beta: shape ``(C,)`` (one per channel) or ``(N, C)`` (one per sample
+            and channel, Meta-ACON), N = ``x.shape[0]``, or one of those with
+            size-1 axes added, such as ``(1, C, 1, 1)`` or ``(N, C, 1, 1)``.
+            Other shapes raise a ValueError.
         channel_dim: the channel axis; may be negative (-1 for features last).
 
     x and the parameters must be on one device: CPU, or CUDA where the
     extension was built with its CUDA kernels. Parameters may be float32
-    while x is float16/bfloat16: the arithmetic is
-    float32 and the result keeps x's dtype. The result has x's shape and
-    memory format (channels_last stays channels_last). Differentiable in x,
-    p1, p2 and beta; each gradient has its input's shape and dtype.
+    while x is float16/bfloat16: the arithmetic is float32 and the result
+    keeps x's dtype. The result has x's shape and memory format
+    (channels_last stays channels_last). Differentiable in x, p1, p2 and beta
+    through :class:`AconCFunction`; each gradient has its input's shape and
+    dtype. Works under ``torch.compile``, ``torch.export``, autocast and the
+    ``torch.func`` transforms (``vmap``, ``grad``, ``jacrev``, ``jacfwd``).
     """
-    return torch.ops.acon.acon_c_forward(x, p1, p2, beta, channel_dim)
+    if torch.compiler.is_compiling():
+        return AconCFunction.apply(x, p1, p2, beta, channel_dim)
+    return AconCFunctionWithJvp.apply(x, p1, p2, beta, channel_dim)
 
 
 def cpu_kernel_isa() -> str:
@@ -45,39 +120,30 @@ def _acon_c_forward_fake(x, p1, p2, beta, channel_dim):
 
 
 @torch.library.register_fake("acon::acon_c_backward")
-def _acon_c_backward_fake(grad_y, x, p1, p2, beta, channel_dim):
+def _acon_c_backward_fake(grad_y, x, p1, p2, beta, channel_dim, output_mask=(True, True)):
     torch.ops.acon.acon_c_check_args(x, p1, p2, beta, channel_dim, grad_y)
 
-    def grad_like(t):
-        return t.new_empty(t.shape)
+    def grad_like(t, wanted):
+        return t.new_empty(t.shape) if wanted else t.new_empty((0,))
 
-    return torch.empty_like(x), grad_like(p1), grad_like(p2), grad_like(beta)
+    want_x, want_params = output_mask
+    return (
+        torch.empty_like(x) if want_x else x.new_empty((0,)),
+        grad_like(p1, want_params),
+        grad_like(p2, want_params),
+        grad_like(beta, want_params),
+    )
 
 
-def _acon_c_setup_context(ctx, inputs, output):
-    x, p1, p2, beta, channel_dim = inputs
-    # Only the inputs are kept: the backward recomputes sigmoid from x.
-    ctx.save_for_backward(x, p1, p2, beta)
-    ctx.channel_dim = channel_dim
+# The ops' own autograd, for callers of torch.ops.acon.acon_c_forward itself
+# (acon_c goes through AconCFunction, whose forward runs without grad).
+def _op_setup_context(ctx, inputs, output):
+    AconCFunction.setup_context(ctx, inputs, output)
 
 
-def _acon_c_backward(ctx, grad_y):
+def _op_backward(ctx, grad_y):
     x, p1, p2, beta = ctx.saved_tensors
-    if torch.is_grad_enabled():
-        # create_graph=True (double backward, e.g. a gradient penalty): the
-        # gradients must be differentiable themselves, so take them through
-        # the plain-PyTorch formula. Ordinary backward passes never get here.
-        return (*_differentiable_grads(grad_y, x, p1, p2, beta, ctx), None)
-    grads = torch.ops.acon.acon_c_backward(grad_y, x, p1, p2, beta, ctx.channel_dim)
-    return (*grads, None)
-
-
-def _differentiable_grads(grad_y, x, p1, p2, beta, ctx):
-    inputs = (x, p1, p2, beta)
-    wanted = [t for t, need in zip(inputs, ctx.needs_input_grad) if need]
-    y = reference.acon_c(x, p1, p2, beta, ctx.channel_dim)
-    found = iter(torch.autograd.grad(y, wanted, grad_y, create_graph=True, allow_unused=True))
-    return [next(found) if need else None for need in ctx.needs_input_grad[:4]]
+    return (*_acon_c_grads(ctx, grad_y, x, p1, p2, beta), None)
 
 
 def _acon_c_backward_backward(ctx, *grads):
@@ -87,7 +153,46 @@ def _acon_c_backward_backward(ctx, *grads):
     )
 
 
-torch.library.register_autograd(
-    "acon::acon_c_forward", _acon_c_backward, setup_context=_acon_c_setup_context
-)
+torch.library.register_autograd("acon::acon_c_forward", _op_backward, setup_context=_op_setup_context)
 torch.library.register_autograd("acon::acon_c_backward", _acon_c_backward_backward)
+
+
+@torch.library.register_vmap("acon::acon_c_forward")
+def _acon_c_forward_vmap(info, in_dims, x, p1, p2, beta, channel_dim):
+    x_dim, p1_dim, p2_dim, beta_dim = in_dims[:4]
+    if x_dim is not None and p1_dim is None and p2_dim is None and beta_dim is None:
+        # Only x is batched: the fused kernel, with vmap's batch as one more
+        # leading axis (per-channel beta) or folded into the samples
+        # (per-sample beta, whose N*C values repeat for each batch entry).
+        xb = x.movedim(x_dim, 0)
+        one = xb[0] if xb.shape[0] else xb.new_empty(xb.shape[1:])  # one entry's x, for the checks
+        torch.ops.acon.acon_c_check_args(one, p1, p2, beta, channel_dim)
+        cdim = channel_dim % one.dim()
+        if beta.numel() == one.shape[cdim]:
+            return _forward_op(xb, p1, p2, beta, cdim + 1), 0
+        batch, samples = info.batch_size, one.shape[0]
+        per_sample = beta.reshape(1, -1).expand(batch, -1).reshape(batch * samples, -1)
+        y = _forward_op(xb.flatten(0, 1), p1, p2, per_sample, cdim)
+        return y.unflatten(0, (batch, samples)), 0
+    # Batched parameters: the reference formula, on the batch made explicit.
+    return _expand_batch(reference.batched_acon_c(*_explicit_batch(info, in_dims, x, p1, p2, beta), channel_dim), info), 0
+
+
+@torch.library.register_vmap("acon::acon_c_backward")
+def _acon_c_backward_vmap(info, in_dims, grad_y, x, p1, p2, beta, channel_dim, output_mask=(True, True)):
+    # Under vmap every parameter gradient is per batch entry (per-sample
+    # gradients), which the kernel's per-channel sums are not: the formulas,
+    # on the batch made explicit.
+    tensors = _explicit_batch(info, in_dims, grad_y, x, p1, p2, beta)
+    grads = reference.batched_acon_c_backward(*tensors, channel_dim, output_mask)
+    return tuple(_expand_batch(g, info) for g in grads), (0, 0, 0, 0)
+
+
+def _explicit_batch(info, in_dims, *tensors):
+    """Each tensor with vmap's batch as its leading axis (size 1 where it is
+    not batched, to broadcast)."""
+    return [t.unsqueeze(0) if dim is None else t.movedim(dim, 0) for t, dim in zip(tensors, in_dims)]
+
+
+def _expand_batch(t, info):
+    return t.expand(info.batch_size, *t.shape[1:])

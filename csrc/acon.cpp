@@ -14,9 +14,11 @@ PyObject* PyInit__C(void) {
 
 TORCH_LIBRARY(acon, m) {
   m.def("acon_c_forward(Tensor x, Tensor p1, Tensor p2, Tensor beta, int channel_dim) -> Tensor");
+  // output_mask = [x's gradient, the parameters' gradients]: a masked-out
+  // output is an empty tensor (0 elements) and its work is skipped.
   m.def(
       "acon_c_backward(Tensor grad_y, Tensor x, Tensor p1, Tensor p2, Tensor beta, "
-      "int channel_dim) -> (Tensor, Tensor, Tensor, Tensor)");
+      "int channel_dim, bool[2] output_mask=[True, True]) -> (Tensor, Tensor, Tensor, Tensor)");
   // The argument checks of both ops, on metadata only: the fake kernels call
   // it so that meta and fake tensors get the same errors as real ones.
   m.def(

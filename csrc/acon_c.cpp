@@ -25,6 +25,29 @@ void check_param(const char* name, const at::Tensor& t, const at::Tensor& x) {
       ") or float32, got ", t.scalar_type());
 }
 
+// Whether t's sizes, leaving out size-1 axes, are `expected` (also leaving
+// out its 1 entries): (C,), (1, C, 1, 1) and (C, 1) all hold C values along
+// one axis, (N, C, 1, 1) holds N x C, but (C, N) does not.
+bool holds_along_axes(const at::Tensor& t, std::initializer_list<c10::SymInt> expected) {
+  std::vector<c10::SymInt> want;
+  for (const c10::SymInt& s : expected) {
+    if (s != 1) {
+      want.push_back(s);
+    }
+  }
+  size_t k = 0;
+  for (const c10::SymInt& s : t.sym_sizes()) {
+    if (s == 1) {
+      continue;
+    }
+    if (k == want.size() || s != want[k]) {
+      return false;
+    }
+    ++k;
+  }
+  return k == want.size();
+}
+
 } // namespace
 
 int64_t check_acon_c_args(
@@ -56,18 +79,20 @@ int64_t check_acon_c_args(
   check_param("p2", p2, x);
   check_param("beta", beta, x);
   TORCH_CHECK_VALUE(
-      p1.sym_numel() == channels,
+      holds_along_axes(p1, {channels}),
       "acon_c: p1 must hold C = x.shape[channel_dim] = ", channels,
-      " values, got shape ", p1.sym_sizes());
+      " values: shape (C,), or that with size-1 axes added such as (1, C, 1, 1); got shape ",
+      p1.sym_sizes());
   TORCH_CHECK_VALUE(
-      p2.sym_numel() == channels,
+      holds_along_axes(p2, {channels}),
       "acon_c: p2 must hold C = x.shape[channel_dim] = ", channels,
-      " values, got shape ", p2.sym_sizes());
+      " values: shape (C,), or that with size-1 axes added such as (1, C, 1, 1); got shape ",
+      p2.sym_sizes());
   TORCH_CHECK_VALUE(
-      beta.sym_numel() == channels || beta.sym_numel() == batch * channels,
-      "acon_c: beta must hold C = ", channels, " values (one per channel) or N*C = ",
-      batch * channels, " values (one per sample and channel, in (N, C) order), got shape ",
-      beta.sym_sizes());
+      holds_along_axes(beta, {channels}) || holds_along_axes(beta, {batch, channels}),
+      "acon_c: beta must have shape (C,) = (", channels, ",) (one per channel) or (N, C) = (",
+      batch, ", ", channels, ") (one per sample and channel), or one of those with size-1 axes "
+      "added such as (1, C, 1, 1) or (N, C, 1, 1); got shape ", beta.sym_sizes());
   TORCH_CHECK_VALUE(
       beta.sym_numel() == channels || cdim != 0,
       "acon_c: a per-sample beta needs a batch axis distinct from the channel axis, "
@@ -86,6 +111,26 @@ int64_t check_acon_c_args(
   }
   return cdim;
 }
+
+namespace {
+
+// t.permute(perm).is_contiguous(), without making the view.
+bool is_contiguous_in_order(const at::Tensor& t, const std::vector<int64_t>& perm) {
+  int64_t expected = 1;
+  for (auto it = perm.rbegin(); it != perm.rend(); ++it) {
+    const int64_t size = t.size(*it);
+    if (size == 0) {
+      return true;
+    }
+    if (size != 1 && t.stride(*it) != expected) {
+      return false;
+    }
+    expected *= size;
+  }
+  return true;
+}
+
+} // namespace
 
 WorkTensors make_work_tensors(
     const at::Tensor& out,
@@ -108,15 +153,19 @@ WorkTensors make_work_tensors(
       [&](int64_t a, int64_t b) { return out.stride(a) > out.stride(b); });
 
   w.out = out;
-  if (!out.permute(perm).is_contiguous()) {
+  if (!is_contiguous_in_order(out, perm)) {
     // Only reachable with a per-sample beta on a layout whose batch axis is
     // not outermost: compute in a contiguous buffer, the caller copies back.
     std::iota(perm.begin(), perm.end(), 0);
     w.out = at::empty(x.sizes(), out.options());
   }
-  w.x = x.permute(perm).contiguous();
+  // The usual case, an input already in that layout, costs no tensor op.
+  const auto in_layout = [&](const at::Tensor& t) {
+    return t.strides() == w.out.strides() || is_contiguous_in_order(t, perm) ? t : t.permute(perm).contiguous();
+  };
+  w.x = in_layout(x);
   if (grad_y.defined()) {
-    w.grad_y = grad_y.permute(perm).contiguous();
+    w.grad_y = in_layout(grad_y);
   }
 
   const int64_t pos = std::find(perm.begin(), perm.end(), channel_dim) - perm.begin();
@@ -132,6 +181,10 @@ WorkTensors make_work_tensors(
     layout.outer /= layout.groups;
   }
   return w;
+}
+
+at::Tensor masked_out_grad(const at::Tensor& t) {
+  return at::empty({0}, t.options());
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> parameter_grads_from_sums(

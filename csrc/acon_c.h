@@ -47,6 +47,10 @@ WorkTensors make_work_tensors(
     int64_t channel_dim,
     const at::Tensor& grad_y = at::Tensor());
 
+// What acon_c_backward returns for an output its output_mask leaves out:
+// an empty tensor (0 elements) of t's dtype and device.
+at::Tensor masked_out_grad(const at::Tensor& t);
+
 // The parameter gradients from the backward's double sums, laid out as
 // [A (C values), B (C values), G (beta.numel() values)] (ACON_MATH.md):
 // dp1 = A, dp2 = B - A, dbeta = G, each in its parameter's dtype and shape

@@ -5,7 +5,14 @@
 #include <ATen/Version.h>
 #include <torch/library.h>
 
+#include <ATen/Dispatch.h>
+#include <c10/util/irange.h>
+
+#include <array>
+#include <cstddef>
+#include <cstdint>
 #include <string>
+#include <vector>
 
 namespace acon_cuda::cpu {
 namespace {
@@ -39,48 +46,40 @@ std::string kernel_isa_name() {
   return cpu_kernels().isa;
 }
 
-// The ParamLines of AconCKernelArgs: C-sized. The CPU allocator aligns them
-// to 64 bytes, so vector loads never straddle cache lines.
-template <typename opmath_t>
-at::Tensor build_param_lines(const at::Tensor& p1, const at::Tensor& p2, int64_t padded_channels) {
-  const auto opmath = c10::CppTypeToScalarType<opmath_t>::value;
-  const at::Tensor p1c = p1.reshape(-1).to(opmath).contiguous();
-  const at::Tensor p2c = p2.reshape(-1).to(opmath).contiguous();
-  const opmath_t* p1v = p1c.const_data_ptr<opmath_t>();
-  const opmath_t* p2v = p2c.const_data_ptr<opmath_t>();
-  at::Tensor lines = at::zeros({2 * padded_channels}, p1c.options());
-  opmath_t* base = lines.mutable_data_ptr<opmath_t>();
-  for (int64_t c = 0; c < p1c.numel(); ++c) {
-    opmath_t* line = base + ParamLines<opmath_t>::index(c);
-    line[0] = p1v[c] - p2v[c];
-    line[ParamLines<opmath_t>::kLine] = p2v[c];
-  }
-  return lines;
+// Scratch slot of this file (the kernels use the others): the double sums.
+constexpr int kSumsSlot = kScratchSlots - 1;
+
+// t's values, contiguous, in `dtype`: t itself in the usual case (float32
+// parameters, or float64 for float64 x), so no tensor op runs per call.
+at::Tensor values_in(const at::Tensor& t, at::ScalarType dtype) {
+  return t.scalar_type() == dtype && t.is_contiguous() ? t : t.reshape(-1).to(dtype).contiguous();
 }
 
-// Runs `kernel` with x (and grad_y) in the layout of `out`, parameter tables
-// built for x's dtype, and `out` written in place.
+// Runs `kernel` with x (and grad_y) in the layout of `out` and `out`
+// written in place; `out` undefined: a backward without grad_x (the layout of
+// x then decides).
 void launch(
     const at::Tensor& out, const at::Tensor& x, const at::Tensor& p1,
     const at::Tensor& p2, const at::Tensor& beta, int64_t cdim,
     const at::Tensor& grad_y, AconCKernelArgs& args,
     void (*kernel)(const AconCKernelArgs&)) {
-  WorkTensors w = make_work_tensors(out, x, beta, cdim, grad_y);
+  const at::Tensor& like = out.defined() ? out : x.is_non_overlapping_and_dense() ? x : at::empty_like(x);
+  WorkTensors w = make_work_tensors(like, x, beta, cdim, grad_y);
   args.layout = w.layout;
   args.dtype = x.scalar_type();
   args.padded_channels = (w.layout.channels + kTableAlign - 1) / kTableAlign * kTableAlign;
   args.x = w.x.const_data_ptr();
   args.grad_y = grad_y.defined() ? w.grad_y.const_data_ptr() : nullptr;
-  args.out = w.out.mutable_data_ptr();
-  const bool is_double = x.scalar_type() == at::kDouble;
-  const at::Tensor lines = is_double ? build_param_lines<double>(p1, p2, args.padded_channels)
-                                     : build_param_lines<float>(p1, p2, args.padded_channels);
-  // No copy for the usual float32 (float64) beta.
-  const at::Tensor beta_opmath = beta.reshape(-1).to(is_double ? at::kDouble : at::kFloat).contiguous();
-  args.params = lines.const_data_ptr();
-  args.beta = beta_opmath.const_data_ptr();
+  args.out = out.defined() ? w.out.mutable_data_ptr() : nullptr;
+  const at::ScalarType opmath = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const at::Tensor p1o = values_in(p1, opmath);
+  const at::Tensor p2o = values_in(p2, opmath);
+  const at::Tensor betao = values_in(beta, opmath);
+  args.p1 = p1o.const_data_ptr();
+  args.p2 = p2o.const_data_ptr();
+  args.beta = betao.const_data_ptr();
   kernel(args);
-  if (!w.out.is_same(out)) {
+  if (out.defined() && !w.out.is_same(out)) {
     out.copy_(w.out);
   }
 }
@@ -97,28 +96,60 @@ at::Tensor acon_c_forward_cpu(
   return y;
 }
 
+// A parameter's gradient from the double sums: first[i] (minus second[i]),
+// in the parameter's dtype and shape.
+at::Tensor grad_from_sums(const at::Tensor& param, const double* first, const double* second = nullptr) {
+  at::Tensor grad = at::empty(param.sizes(), param.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(), "acon_c_grad_from_sums", [&] {
+    scalar_t* out = grad.mutable_data_ptr<scalar_t>();
+    for (const auto i : c10::irange(grad.numel())) {
+      out[i] = static_cast<scalar_t>(second == nullptr ? first[i] : first[i] - second[i]);
+    }
+  });
+  return grad;
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> acon_c_backward_cpu(
     const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& p1,
-    const at::Tensor& p2, const at::Tensor& beta, int64_t channel_dim) {
+    const at::Tensor& p2, const at::Tensor& beta, int64_t channel_dim,
+    std::array<bool, 2> output_mask) {
   const int64_t cdim = check_acon_c_args(x, p1, p2, beta, channel_dim, grad_y);
+  const auto [want_x, want_params] = output_mask;
   const int64_t C = x.size(cdim);
-  at::Tensor grad_x = at::empty_like(x);
+  at::Tensor grad_x = want_x ? at::empty_like(x) : masked_out_grad(x);
   // A = sum dy*x*h, B = sum dy*x (per channel), G (per channel or per sample
   // and channel, as beta): dp1 = A, dp2 = B - A, dbeta = G.
-  at::Tensor sums = at::zeros({2 * C + beta.numel()}, x.options().dtype(at::kDouble));
-  if (x.numel() > 0) {
+  const int64_t n_sums = want_params ? 2 * C + beta.numel() : 0;
+  double* sums = static_cast<double*>(thread_scratch_bytes(kSumsSlot, n_sums * static_cast<int64_t>(sizeof(double))));
+  std::fill(sums, sums + n_sums, 0.0);
+  if (x.numel() > 0 && (want_x || want_params)) {
     AconCKernelArgs args{};
-    double* s = sums.mutable_data_ptr<double>();
-    args.sum_a = s;
-    args.sum_b = s + C;
-    args.sum_g = s + 2 * C;
-    launch(grad_x, x, p1, p2, beta, cdim, grad_y, args, cpu_kernels().backward);
+    if (want_params) {
+      args.sum_a = sums;
+      args.sum_b = sums + C;
+      args.sum_g = sums + 2 * C;
+    }
+    launch(want_x ? grad_x : at::Tensor(), x, p1, p2, beta, cdim, grad_y, args, cpu_kernels().backward);
   }
-  auto [grad_p1, grad_p2, grad_beta] = parameter_grads_from_sums(sums, p1, p2, beta);
-  return {grad_x, grad_p1, grad_p2, grad_beta};
+  if (!want_params) {
+    return {grad_x, masked_out_grad(p1), masked_out_grad(p2), masked_out_grad(beta)};
+  }
+  return {grad_x, grad_from_sums(p1, sums), grad_from_sums(p2, sums + C, sums), grad_from_sums(beta, sums + 2 * C)};
 }
 
 } // namespace
+
+void* thread_scratch_bytes(int slot, int64_t bytes) {
+  TORCH_INTERNAL_ASSERT(slot >= 0 && slot < kScratchSlots);
+  thread_local std::vector<std::byte> buffers[kScratchSlots];
+  std::vector<std::byte>& buffer = buffers[slot];
+  if (static_cast<int64_t>(buffer.size()) < bytes + 64) {
+    buffer.resize(bytes + 64);
+  }
+  const auto address = reinterpret_cast<std::uintptr_t>(buffer.data());
+  return buffer.data() + (64 - address % 64) % 64;
+}
+
 } // namespace acon_cuda::cpu
 
 TORCH_LIBRARY_FRAGMENT(acon, m) {

@@ -30,20 +30,34 @@ struct AconCKernelArgs {
   at::ScalarType dtype;
   // Channels rounded up to kTableAlign: vector loads past C stay in bounds.
   int64_t padded_channels;
-  const void* params;  // ParamLines, 64-byte aligned, zero padding
+  // p1 and p2 in opmath precision, contiguous, C values each; the kernels
+  // build their ParamLines (d = p1 - p2, p2) from them.
+  const void* p1;
+  const void* p2;
+  const void* params;  // the ParamLines: set by the kernel entry, not the caller
   // beta in opmath precision, contiguous, C values per group (one group, or
   // one per sample), not padded. Kernels take beta * d as the reference does.
   const void* beta;
   const void* x;       // dtype, contiguous in layout order
   const void* grad_y;  // backward only
-  void* out;           // y (forward) or grad_x (backward)
+  // y (forward) or grad_x (backward); null in a backward that only wants the
+  // parameter sums.
+  void* out;
   // Backward only, zero-initialised by the caller: sum_a = sum dy*x*h and
   // sum_b = sum dy*x per channel; sum_g = sum dy*(d*x)^2*S*(1-S) per group and
-  // channel. See ACON_MATH.md.
+  // channel. See ACON_MATH.md. All null in a backward that only wants grad_x.
   double* sum_a;
   double* sum_b;
   double* sum_g;
 };
+
+// Grow-only scratch memory of the calling thread, 64-byte aligned, `slot`
+// telling apart buffers that are live at the same time (kScratchSlots of
+// them): nothing is allocated per call (repeated large allocations make the
+// system allocator hand pages back and fault them in again). Defined once,
+// in acon_c_cpu.cpp, for every kernel build.
+constexpr int kScratchSlots = 4;
+void* thread_scratch_bytes(int slot, int64_t bytes);
 
 // padded_channels is a multiple of this (the widest vector of any dtype).
 constexpr int64_t kTableAlign = 64;

@@ -40,19 +40,15 @@ int64_t ceil_div(int64_t a, int64_t b) {
   return (a + b - 1) / b;
 }
 
-// Grow-only scratch memory of the calling thread, 64-byte aligned: the
-// kernels allocate nothing per call (repeated large allocations make the
-// system allocator hand pages back and fault them in again). kSlot tells
-// apart buffers that are live at the same time.
-template <typename T, int kSlot>
-T* thread_scratch(int64_t n) {
-  constexpr int64_t kAlign = 64 / sizeof(T);
-  thread_local std::vector<T> buffer;
-  if (static_cast<int64_t>(buffer.size()) < n + kAlign) {
-    buffer.resize(n + kAlign);
-  }
-  const auto address = reinterpret_cast<std::uintptr_t>(buffer.data());
-  return buffer.data() + (kAlign - static_cast<int64_t>(address % 64) / sizeof(T)) % kAlign;
+// Scratch slots: the block partials and the ParamLines on the calling
+// thread, the opmath sums on each worker. acon_c_cpu.cpp uses the last one.
+constexpr int kPartialsSlot = 0;
+constexpr int kAccumulatorSlot = 1;
+constexpr int kLinesSlot = 2;
+
+template <typename T>
+T* thread_scratch(int slot, int64_t n) {
+  return static_cast<T*>(thread_scratch_bytes(slot, n * static_cast<int64_t>(sizeof(T))));
 }
 
 // Loads and stores kStep elements of scalar_t as kNumF vectors of opmath_t:
@@ -149,6 +145,7 @@ inline V acon_c_value(const V& x, const V& d, const V& p2, const V& bd) {
 }
 
 // dx and the three per-element terms of the parameter sums (ACON_MATH.md).
+// Where only dx is used, the compiler drops the rest.
 template <typename V>
 struct AconCGrad {
   V dx, a, b, g;
@@ -166,6 +163,10 @@ inline AconCGrad<V> acon_c_grad(
   // (d*x) * ((d*x)*S*(1-S)): no (d*x)^2 that could overflow on its own.
   return {dy * at::vec::fmadd(d, h, p2), b * h, b, (dy * dxd) * (dxd * (s * s_neg))};
 }
+
+// y (forward), or dx alone (kGrad: a backward that wants no parameter sums).
+template <bool kGrad, typename V>
+inline V acon_c_elementwise(const V& x, const V& dy, const V& d, const V& p2, const V& bd);
 
 // d, p2 and bd = beta * d (rounded as the reference rounds it) of the kWidth
 // channels from c on; `count` of them are real channels (beta is not padded).
@@ -214,9 +215,30 @@ struct TypedArgs {
         out(static_cast<scalar_t*>(args.out)) {}
 };
 
-// Forward over rows [r0, r1) of group g, channels innermost (inner == 1).
-template <typename scalar_t>
-void forward_rows_channels_inner(const AconCKernelArgs& args, int64_t g, int64_t r0, int64_t r1) {
+template <bool kGrad, typename V>
+inline V acon_c_elementwise(const V& x, const V& dy, const V& d, const V& p2, const V& bd) {
+  if constexpr (kGrad) {
+    return acon_c_grad(x, dy, d, p2, bd).dx;
+  } else {
+    return acon_c_value(x, d, p2, bd);
+  }
+}
+
+// Loads the x (and, for kGrad, dy) of n elements at `offset`.
+template <typename scalar_t, bool kGrad>
+inline void load_inputs(
+    const TypedArgs<scalar_t>& a, int64_t offset, int64_t n, typename Lanes<scalar_t>::FVec* xv,
+    typename Lanes<scalar_t>::FVec* dyv) {
+  Lanes<scalar_t>::load(a.x + offset, n, xv);
+  if constexpr (kGrad) {
+    Lanes<scalar_t>::load(a.dy + offset, n, dyv);
+  }
+}
+
+// Elementwise pass (forward, or dx alone) over rows [r0, r1) of group g,
+// channels innermost (inner == 1).
+template <typename scalar_t, bool kGrad>
+void elementwise_rows_channels_inner(const AconCKernelArgs& args, int64_t g, int64_t r0, int64_t r1) {
   using L = Lanes<scalar_t>;
   using opmath_t = typename L::opmath_t;
   using FVec = typename L::FVec;
@@ -226,20 +248,20 @@ void forward_rows_channels_inner(const AconCKernelArgs& args, int64_t g, int64_t
   for (int64_t r = r0; r < r1; ++r) {
     for (int64_t c = 0; c < C; c += L::kStep) {
       const int64_t n = std::min(L::kStep, C - c);
-      FVec v[L::kNumF];
-      L::load(a.x + r * C + c, n, v);
+      FVec v[L::kNumF], dyv[L::kNumF];
+      load_inputs<scalar_t, kGrad>(a, r * C + c, n, v, dyv);
       for (const auto j : c10::irange(L::kNumF)) {
         const ChannelParams<FVec, opmath_t> p(a.lines, beta, c + j * L::kWidth, n - j * L::kWidth);
-        v[j] = acon_c_value(v[j], p.d, p.p2, p.bd);
+        v[j] = acon_c_elementwise<kGrad>(v[j], dyv[j], p.d, p.p2, p.bd);
       }
       L::store(a.out + r * C + c, n, v);
     }
   }
 }
 
-// Forward over rows [r0, r1), one channel per row (inner > 1).
-template <typename scalar_t>
-void forward_rows_channel_runs(const AconCKernelArgs& args, int64_t r0, int64_t r1) {
+// Elementwise pass over rows [r0, r1), one channel per row (inner > 1).
+template <typename scalar_t, bool kGrad>
+void elementwise_rows_channel_runs(const AconCKernelArgs& args, int64_t r0, int64_t r1) {
   using L = Lanes<scalar_t>;
   using opmath_t = typename L::opmath_t;
   using FVec = typename L::FVec;
@@ -251,18 +273,18 @@ void forward_rows_channel_runs(const AconCKernelArgs& args, int64_t r0, int64_t 
     const Params p = Params::broadcast(a.lines, a.beta + (r / (a.outer * C)) * C, r % C);
     for (int64_t i = 0; i < I; i += L::kStep) {
       const int64_t n = std::min(L::kStep, I - i);
-      FVec v[L::kNumF];
-      L::load(a.x + r * I + i, n, v);
+      FVec v[L::kNumF], dyv[L::kNumF];
+      load_inputs<scalar_t, kGrad>(a, r * I + i, n, v, dyv);
       for (const auto j : c10::irange(L::kNumF)) {
-        v[j] = acon_c_value(v[j], p.d, p.p2, p.bd);
+        v[j] = acon_c_elementwise<kGrad>(v[j], dyv[j], p.d, p.p2, p.bd);
       }
       L::store(a.out + r * I + i, n, v);
     }
   }
 }
 
-template <typename scalar_t>
-void forward_typed(const AconCKernelArgs& args) {
+template <typename scalar_t, bool kGrad>
+void elementwise_typed(const AconCKernelArgs& args) {
   const ChannelLayout& lay = args.layout;
   if (lay.inner == 1) {
     // Channels innermost: a row is C elements, parameters vary along it.
@@ -271,7 +293,7 @@ void forward_typed(const AconCKernelArgs& args) {
       for (int64_t r0 = begin; r0 < end;) {  // group by group
         const int64_t g = r0 / lay.outer;
         const int64_t r1 = std::min(end, (g + 1) * lay.outer);
-        forward_rows_channels_inner<scalar_t>(args, g, r0, r1);
+        elementwise_rows_channels_inner<scalar_t, kGrad>(args, g, r0, r1);
         r0 = r1;
       }
     });
@@ -279,7 +301,7 @@ void forward_typed(const AconCKernelArgs& args) {
     // A row is the `inner` elements of one channel: parameters are scalars.
     const int64_t rows = lay.groups * lay.outer * lay.channels;
     at::parallel_for(0, rows, ceil_div(kGrainElements, lay.inner), [&](int64_t begin, int64_t end) {
-      forward_rows_channel_runs<scalar_t>(args, begin, end);
+      elementwise_rows_channel_runs<scalar_t, kGrad>(args, begin, end);
     });
   }
 }
@@ -360,7 +382,9 @@ void backward_narrow_rows(
         sb[k][j] = sb[k][j] + grad.b;
         sg[k][j] = sg[k][j] + grad.g;
       }
-      L::store(dx + offset, n[k], xv);
+      if (dx != nullptr) {
+        L::store(dx + offset, n[k], xv);
+      }
     }
   }
   for (const auto k : c10::irange(kChunks)) {
@@ -393,7 +417,9 @@ void backward_wide_rows(
         xv[j] = grad.dx;
         add_to_sums(acc, cj, grad.a, grad.b, grad.g);
       }
-      L::store(dx + r * C + c, n, xv);
+      if (dx != nullptr) {
+        L::store(dx + r * C + c, n, xv);
+      }
     }
   }
 }
@@ -431,10 +457,11 @@ void backward_block_channels_inner(
       const int64_t r1 = std::min(u1, r0 + kFlushRows - pending);
       const int64_t offset = (g * a.outer + r0) * C;
       const int64_t rows = r1 - r0;
+      scalar_t* dx = a.out == nullptr ? nullptr : a.out + offset;
       if (chunks * L::kNumF <= kMaxRegisterVectors) {
         const auto narrow = [&](auto chunk_count) {
           backward_narrow_rows<scalar_t, decltype(chunk_count)::value>(
-              a.x + offset, a.dy + offset, a.out + offset, C, rows, a.lines, beta, acc);
+              a.x + offset, a.dy + offset, dx, C, rows, a.lines, beta, acc);
         };
         switch (chunks) {
           case 1:
@@ -450,8 +477,7 @@ void backward_block_channels_inner(
             narrow(std::integral_constant<int, kMaxRegisterVectors / L::kNumF>());
         }
       } else {
-        backward_wide_rows<scalar_t>(
-            a.x + offset, a.dy + offset, a.out + offset, C, rows, a.lines, beta, acc);
+        backward_wide_rows<scalar_t>(a.x + offset, a.dy + offset, dx, C, rows, a.lines, beta, acc);
       }
       pending += rows;
       r0 = r1;
@@ -508,7 +534,9 @@ void backward_block_channel_runs(
             acc_b[j] = acc_b[j] + grad.b;
             acc_g[j] = acc_g[j] + grad.g;
           }
-          L::store(a.out + r * I + i, n, xv);
+          if (a.out != nullptr) {
+            L::store(a.out + r * I + i, n, xv);
+          }
         }
         own_a[c] += L::sum(acc_a);
         own_b[c] += L::sum(acc_b);
@@ -536,10 +564,10 @@ void backward_typed(const AconCKernelArgs& args) {
   const bool g_direct = lay.per_sample_beta && whole_groups;
 
   // partial[k] holds block k's sums: a[C], b[C], g[C].
-  double* partial = thread_scratch<double, 0>(blocks * 3 * C);
+  double* partial = thread_scratch<double>(kPartialsSlot, blocks * 3 * C);
   at::parallel_for(0, blocks, 1, [&](int64_t kb, int64_t ke) {
     // Per worker thread, for the channels-innermost kernel.
-    opmath_t* acc = channels_inner ? thread_scratch<opmath_t, 1>(3 * args.padded_channels) : nullptr;
+    opmath_t* acc = channels_inner ? thread_scratch<opmath_t>(kAccumulatorSlot, 3 * args.padded_channels) : nullptr;
     for (int64_t k = kb; k < ke; ++k) {
       double* own = partial + k * 3 * C;
       std::fill(own, own + 3 * C, 0.0);
@@ -580,17 +608,41 @@ void backward_typed(const AconCKernelArgs& args) {
   }
 }
 
+// args with their ParamLines built, in the calling thread's scratch.
+template <typename scalar_t>
+AconCKernelArgs with_param_lines(const AconCKernelArgs& args) {
+  using opmath_t = at::opmath_type<scalar_t>;
+  using PL = ParamLines<opmath_t>;
+  opmath_t* lines = thread_scratch<opmath_t>(kLinesSlot, 2 * args.padded_channels);
+  std::fill(lines, lines + 2 * args.padded_channels, opmath_t(0));
+  const auto* p1 = static_cast<const opmath_t*>(args.p1);
+  const auto* p2 = static_cast<const opmath_t*>(args.p2);
+  for (int64_t c = 0; c < args.layout.channels; ++c) {
+    opmath_t* line = lines + PL::index(c);
+    line[0] = p1[c] - p2[c];
+    line[PL::kLine] = p2[c];
+  }
+  AconCKernelArgs out = args;
+  out.params = lines;
+  return out;
+}
+
 } // namespace
 
 void acon_c_forward_kernel(const AconCKernelArgs& args) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, args.dtype, "acon_c_forward_cpu", [&] {
-    forward_typed<scalar_t>(args);
+    elementwise_typed<scalar_t, false>(with_param_lines<scalar_t>(args));
   });
 }
 
 void acon_c_backward_kernel(const AconCKernelArgs& args) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, args.dtype, "acon_c_backward_cpu", [&] {
-    backward_typed<scalar_t>(args);
+    const AconCKernelArgs with_lines = with_param_lines<scalar_t>(args);
+    if (args.sum_a == nullptr) {
+      elementwise_typed<scalar_t, true>(with_lines);
+    } else {
+      backward_typed<scalar_t>(with_lines);
+    }
   });
 }
 

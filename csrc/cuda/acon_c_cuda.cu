@@ -23,6 +23,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <array>
 #include <cstdint>
 #include <map>
 #include <mutex>
@@ -781,10 +782,22 @@ at::Tensor acon_c_forward_cuda(
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> acon_c_backward_cuda(
     const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& p1,
-    const at::Tensor& p2, const at::Tensor& beta, int64_t channel_dim) {
+    const at::Tensor& p2, const at::Tensor& beta, int64_t channel_dim,
+    std::array<bool, 2> output_mask) {
   const int64_t cdim = check_acon_c_args(x, p1, p2, beta, channel_dim, grad_y);
   const c10::cuda::CUDAGuard guard(x.device());
-  return backward(grad_y, x, p1, p2, beta, cdim, gpu_target(x));
+  auto [grad_x, grad_p1, grad_p2, grad_beta] = backward(grad_y, x, p1, p2, beta, cdim, gpu_target(x));
+  // The kernels compute every output for now; masked ones are dropped
+  // (skipping their work on the GPU is left to the CUDA redesign).
+  if (!output_mask[0]) {
+    grad_x = masked_out_grad(x);
+  }
+  if (!output_mask[1]) {
+    grad_p1 = masked_out_grad(p1);
+    grad_p2 = masked_out_grad(p2);
+    grad_beta = masked_out_grad(beta);
+  }
+  return {grad_x, grad_p1, grad_p2, grad_beta};
 }
 
 // The test hooks: the CUDA kernels' code run on CPU tensors, as if on a GPU
