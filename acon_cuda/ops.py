@@ -1,12 +1,12 @@
 """Python face of the acon ops: the public wrapper (a torch.autograd.Function),
-fake kernels, vmap rules and the ops' own autograd."""
+fake kernels and vmap rules."""
 
 import torch
 from torch import Tensor
 
 from . import reference
 
-__all__ = ["AconCFunction", "AconCFunctionWithJvp", "acon_c", "cpu_kernel_isa"]
+__all__ = ["AconCEagerFunction", "AconCFunction", "AconCFunctionWithJvp", "acon_c", "cpu_kernel_isa"]
 
 # The OpOverloads themselves: calling them skips the overload resolution of
 # torch.ops.acon.acon_c_forward(...) on every call.
@@ -47,9 +47,9 @@ class AconCFunction(torch.autograd.Function):
 
 class AconCFunctionWithJvp(AconCFunction):
     """:class:`AconCFunction` with forward-mode AD (``torch.func.jvp``,
-    ``jacfwd``), which is what ``acon_c`` uses outside ``torch.compile``:
+    ``jacfwd``): what ``acon_c`` uses under the ``torch.func`` transforms.
     Dynamo cannot trace a Function with a custom ``jvp``, so compiled code
-    gets the same Function without it."""
+    gets :class:`AconCFunction`."""
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -60,6 +60,25 @@ class AconCFunctionWithJvp(AconCFunction):
     def jvp(ctx, x_t, p1_t, p2_t, beta_t, _):
         x, p1, p2, beta = ctx.saved_tensors
         return reference.acon_c_jvp(x, p1, p2, beta, ctx.channel_dim, x_t, p1_t, p2_t, beta_t)
+
+
+class AconCEagerFunction(torch.autograd.Function):
+    """The same node in the classic form (``forward(ctx, ...)``), for plain
+    eager calls: with a ``setup_context``, ``Function.apply`` binds the
+    arguments through ``inspect.signature`` on every call, which costs about
+    40-70 us here, more than the tiny tensors' kernels. Same backward and
+    jvp; no torch.func support (acon_c switches to :class:`AconCFunctionWithJvp`
+    when a transform is active)."""
+
+    @staticmethod
+    def forward(ctx, x, p1, p2, beta, channel_dim):
+        ctx.save_for_backward(x, p1, p2, beta)
+        ctx.save_for_forward(x, p1, p2, beta)
+        ctx.channel_dim = channel_dim
+        return _forward_op(x, p1, p2, beta, channel_dim)
+
+    backward = staticmethod(AconCFunction.backward)
+    jvp = staticmethod(AconCFunctionWithJvp.jvp)
 
 
 def _acon_c_grads(ctx, grad_y, x, p1, p2, beta):
@@ -95,13 +114,16 @@ def acon_c(x: Tensor, p1: Tensor, p2: Tensor, beta: Tensor, channel_dim: int = 1
     while x is float16/bfloat16: the arithmetic is float32 and the result
     keeps x's dtype. The result has x's shape and memory format
     (channels_last stays channels_last). Differentiable in x, p1, p2 and beta
-    through :class:`AconCFunction`; each gradient has its input's shape and
-    dtype. Works under ``torch.compile``, ``torch.export``, autocast and the
+    through one autograd node, :class:`AconCFunction` and its twins (classic
+    form for eager calls, with jvp under torch.func); each gradient has its
+    input's shape and dtype. Works under ``torch.compile``, ``torch.export``, autocast and the
     ``torch.func`` transforms (``vmap``, ``grad``, ``jacrev``, ``jacfwd``).
     """
     if torch.compiler.is_compiling():
         return AconCFunction.apply(x, p1, p2, beta, channel_dim)
-    return AconCFunctionWithJvp.apply(x, p1, p2, beta, channel_dim)
+    if torch._C._are_functorch_transforms_active():
+        return AconCFunctionWithJvp.apply(x, p1, p2, beta, channel_dim)
+    return AconCEagerFunction.apply(x, p1, p2, beta, channel_dim)
 
 
 def cpu_kernel_isa() -> str:
@@ -135,26 +157,9 @@ def _acon_c_backward_fake(grad_y, x, p1, p2, beta, channel_dim, output_mask=(Tru
     )
 
 
-# The ops' own autograd, for callers of torch.ops.acon.acon_c_forward itself
-# (acon_c goes through AconCFunction, whose forward runs without grad).
-def _op_setup_context(ctx, inputs, output):
-    AconCFunction.setup_context(ctx, inputs, output)
-
-
-def _op_backward(ctx, grad_y):
-    x, p1, p2, beta = ctx.saved_tensors
-    return (*_acon_c_grads(ctx, grad_y, x, p1, p2, beta), None)
-
-
-def _acon_c_backward_backward(ctx, *grads):
-    raise RuntimeError(
-        "acon::acon_c_backward is not differentiable; differentiate acon_cuda.acon_c "
-        "(its backward supports create_graph=True) instead of calling the op directly"
-    )
-
-
-torch.library.register_autograd("acon::acon_c_forward", _op_backward, setup_context=_op_setup_context)
-torch.library.register_autograd("acon::acon_c_backward", _acon_c_backward_backward)
+# The ops' own autograd (for code that calls torch.ops.acon.acon_c_forward
+# directly, such as an exported program) is registered in C++
+# (csrc/acon_c_autograd.cpp): a Python registration would cost ~7 us per call.
 
 
 @torch.library.register_vmap("acon::acon_c_forward")

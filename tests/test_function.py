@@ -9,7 +9,7 @@ import torch
 from torch.func import grad, jacfwd, jacrev, vmap
 
 import acon_cuda
-from acon_cuda import reference
+from acon_cuda import ops, reference
 
 from cases import copy_free_layouts, make_params, make_x, per_sample_kinds
 
@@ -34,7 +34,22 @@ def inputs(device, layout="contiguous", per_sample=False, shape=(3, 4, 5, 2)):
 def test_grad_fn_is_the_function(device):
     (x, p1, p2, beta), _ = inputs(device)
     y = acon_cuda.acon_c(x.requires_grad_(), p1, p2, beta)
-    assert "AconCFunction" in type(y.grad_fn).__name__
+    assert type(y.grad_fn)._forward_cls is ops.AconCEagerFunction  # one node, classic form in eager
+    compiled = torch.compile(acon_cuda.acon_c, backend="aot_eager", fullgraph=True)
+    compiled(x, p1, p2, beta).sum().backward()  # traces ops.AconCFunction
+    assert x.grad is not None
+
+
+def test_forward_mode_ad_outside_torch_func(device):
+    import torch.autograd.forward_ad as fwAD
+
+    (x, p1, p2, beta), _ = inputs(device, per_sample=True)
+    tangents = [torch.randn_like(t) for t in (x, p1, p2, beta)]
+    with fwAD.dual_level():
+        duals = [fwAD.make_dual(t, tt) for t, tt in zip((x, p1, p2, beta), tangents)]
+        got = fwAD.unpack_dual(acon_cuda.acon_c(*duals)).tangent
+    want = torch.func.jvp(reference.acon_c, (x, p1, p2, beta), tuple(tangents))[1]
+    torch.testing.assert_close(got, want, **F64)
 
 
 @copy_free_layouts
