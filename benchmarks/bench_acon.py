@@ -257,63 +257,102 @@ def cuda_peak_bytes(fn, leaves, grad, channel_dim):
     return torch.cuda.max_memory_allocated() - base
 
 
-def measure_training_step(device, steps):
-    """A torchvision ResNet-18 (batch 16, 112x112) with its ReLUs converted to
-    AconC, fused against the reference ACON, and the unconverted ReLU model
-    for scale: median time of an SGD step, and memory."""
+class PaperAconC(acon_cuda.AconC):
+    """AconC computed as the paper's public code does (``paper_acon_c``)."""
+
+    def forward(self, x):
+        self._check_input(x)
+        return paper_acon_c(x, self.p1, self.p2, self.beta, self.channel_dim)
+
+
+def time_training_step(model, x, target, device, steps):
+    """Median ms of an SGD step (ACON parameters without weight decay), and
+    the bytes autograd keeps for backward (CPU) or the peak memory (CUDA)."""
+    optimizer = torch.optim.SGD(acon_cuda.param_groups(model, 1e-4), lr=0.01, momentum=0.9)
+
+    def step():
+        loss = F.cross_entropy(model(x), target)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    for _ in range(2):
+        step()
+    samples = [wall_ms(step, device) for _ in range(steps)]
+    row = {
+        "ms": statistics.median(samples),
+        "saved_bytes": saved_bytes(lambda: F.cross_entropy(model(x), target), ()),
+    }
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        step()
+        torch.cuda.synchronize()
+        row["peak_bytes"] = torch.cuda.max_memory_allocated() - base
+    return row
+
+
+def measure_training_steps(device, steps):
+    """Two training steps with every ReLU converted (one ACON per call site):
+    - torchvision ResNet-18 (batch 16, 112x112): fused against the
+      reference ACON, and the ReLU model for scale;
+    - torchvision ShuffleNetV2 0.5x, the paper's headline model (batch 32,
+      160x160, channels_last): ReLU, SiLU, the paper's eager AconC and the
+      fused AconC, as ratios to the SiLU model."""
     try:
         import torchvision
     except ImportError:
         return None
-    x = torch.randn(16, 3, 112, 112, device=device)
-    target = torch.randint(0, 1000, (16,), device=device)
-    rows = {}
-    for impl in ("relu", "fused", "reference"):
-        torch.manual_seed(0)
-        model = torchvision.models.resnet18().to(device)
-        if impl != "relu":
-            # One AconC per ReLU call site (17), sized by a dry run.
-            model = acon_cuda.convert_activations(model, impl=impl, example_input=x[:2])
-        optimizer = torch.optim.SGD(acon_cuda.param_groups(model, 1e-4), lr=0.01, momentum=0.9)
-
-        def step():
-            loss = F.cross_entropy(model(x), target)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-
-        for _ in range(2):
-            step()
-        samples = [wall_ms(step, device) for _ in range(steps)]
-        row = {
-            "ms": statistics.median(samples),
-            "saved_bytes": saved_bytes(lambda: F.cross_entropy(model(x), target), ()),
-        }
-        if device == "cuda":
-            torch.cuda.reset_peak_memory_stats()
-            base = torch.cuda.memory_allocated()
-            step()
-            torch.cuda.synchronize()
-            row["peak_bytes"] = torch.cuda.max_memory_allocated() - base
-        rows[impl] = row
-    return {"model": "torchvision resnet18, ReLU -> AconC", "batch": 16, "image": 112, "steps": steps, "rows": rows}
-
-
-def training_table(train, device):
-    rows = train["rows"]
-    lines = [
-        f"\nTraining step: {train['model']}, batch {train['batch']}, {train['image']}x{train['image']}, "
-        f"SGD, median of {train['steps']} steps",
-        f"{'ACON':<22} {'ms / step':>10} {'vs fused':>9} {'saved for backward MB':>22}"
-        + (f" {'peak MB':>8}" if device == "cuda" else ""),
+    plans = [
+        ("resnet18", "torchvision resnet18, ReLU -> AconC", 16, 112, torch.contiguous_format,
+         ("relu", "fused", "reference"), "fused"),
+        ("shufflenet_v2_x0_5", "torchvision shufflenet_v2_x0_5, ReLU -> AconC, channels_last", 32, 160,
+         torch.channels_last, ("silu", "relu", "paper", "fused"), "silu"),
     ]
-    for impl, label in (("fused", "AconC, fused op"), ("reference", "AconC, reference"), ("relu", "none (ReLU model)")):
-        row = rows[impl]
-        lines.append(
-            f"{label:<22} {row['ms']:10.1f} {row['ms'] / rows['fused']['ms']:8.2f}x "
-            f"{row['saved_bytes'] / 2**20:22.1f}"
-            + (f" {row['peak_bytes'] / 2**20:8.1f}" if device == "cuda" else "")
-        )
+    news = {"fused": {"impl": "fused"}, "reference": {"impl": "reference"}, "paper": {"new": PaperAconC}}
+    results = []
+    for arch, title, batch, image, memory_format, variants, baseline in plans:
+        x = torch.randn(batch, 3, image, image, device=device).contiguous(memory_format=memory_format)
+        target = torch.randint(0, 1000, (batch,), device=device)
+        rows = {}
+        for variant in variants:
+            torch.manual_seed(0)
+            model = getattr(torchvision.models, arch)().to(device, memory_format=memory_format)
+            if variant == "silu":
+                model = acon_cuda.convert_activations(model, new=lambda: torch.nn.SiLU())
+            elif variant != "relu":
+                model = acon_cuda.convert_activations(model, example_input=x[:2], **news[variant])
+            rows[variant] = time_training_step(model, x, target, device, steps)
+        results.append({"model": title, "batch": batch, "image": image, "steps": steps, "rows": rows,
+                        "baseline": baseline})
+    return results
+
+
+TRAINING_LABELS = {
+    "fused": "AconC, fused op",
+    "reference": "AconC, reference",
+    "paper": "AconC, paper's code",
+    "relu": "ReLU (no ACON)",
+    "silu": "SiLU (no ACON)",
+}
+
+
+def training_table(trains, device):
+    lines = []
+    for train in trains:
+        rows, baseline = train["rows"], train["baseline"]
+        lines += [
+            f"\nTraining step: {train['model']}, batch {train['batch']}, {train['image']}x{train['image']}, "
+            f"SGD, median of {train['steps']} steps",
+            f"{'activation':<22} {'ms / step':>10} {'/ ' + baseline:>9} {'saved for backward MB':>22}"
+            + (f" {'peak MB':>8}" if device == "cuda" else ""),
+        ]
+        for variant, row in rows.items():
+            lines.append(
+                f"{TRAINING_LABELS[variant]:<22} {row['ms']:10.1f} {row['ms'] / rows[baseline]['ms']:8.2f}x "
+                f"{row['saved_bytes'] / 2**20:22.1f}"
+                + (f" {row['peak_bytes'] / 2**20:8.1f}" if device == "cuda" else "")
+            )
     return "\n".join(lines)
 
 
@@ -384,7 +423,8 @@ def machine_info(device):
 
 
 def plot(results, path):
-    """speedup.png: speedup over the reference and torch.compile against size."""
+    """speedup.png: speedup over the reference and torch.compile against size
+    (forward, backward), and fused fwd+bwd time over F.silu's (floor 1.0)."""
     try:
         import matplotlib
         import matplotlib.ticker
@@ -393,7 +433,8 @@ def plot(results, path):
         import matplotlib.pyplot as plt
     except ImportError:
         return False
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    axes[1].sharey(axes[0])
     for ax, mode in zip(axes, ["forward", "backward"]):
         for key, marker in (("reference", "o"), ("compiled", "s")):
             for dtype, color in (("float32", "tab:blue"), ("bfloat16", "tab:orange"),
@@ -417,6 +458,24 @@ def plot(results, path):
         ax.set_title(mode)
     axes[0].set_ylabel("speedup of the fused op")
     axes[1].legend(fontsize=7)
+    ax = axes[2]
+    for layout, marker in (("contiguous", "o"), ("channels_last", "s")):
+        for dtype, color in (("float32", "tab:blue"), ("bfloat16", "tab:orange"),
+                             ("float16", "tab:green"), ("float64", "tab:red")):
+            points = sorted(
+                (r["x_bytes"], r["ms"]["fused"]["fwd+bwd"] / r["ms"]["silu"]["fwd+bwd"])
+                for r in results if r["dtype"] == dtype and r["layout"] == layout
+            )
+            if points:
+                xs, ys = zip(*points)
+                ax.scatter(xs, ys, marker=marker, color=color, label=f"{dtype}, {layout}")
+    ax.axhline(1.0, color="gray", linewidth=0.8)
+    ax.set_xscale("log")
+    ax.set_ylim(bottom=0)
+    ax.set_xlabel("x size (bytes)")
+    ax.set_ylabel("fused time / F.silu time")
+    ax.set_title("fwd+bwd, against SiLU (lower is better)")
+    ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -447,7 +506,7 @@ def main(argv=None):
                         help="batch of the ResNet-50 stage and Meta-ACON cases (default 16 on the CPU, 32 on CUDA)")
     parser.add_argument("--rounds", type=int, default=None, help="interleaved rounds per case (default 2; 1 with --quick)")
     parser.add_argument("--out", default="bench_results", help="folder for results.json and speedup.png")
-    parser.add_argument("--no-train", action="store_true", help="skip the ResNet-18 training-step case")
+    parser.add_argument("--no-train", action="store_true", help="skip the training steps (ResNet-18, ShuffleNetV2)")
     parser.add_argument("--system-malloc", action="store_true",
                         help="leave glibc's malloc as it is (page faults on every large allocation)")
     args = parser.parse_args(argv)
@@ -491,7 +550,7 @@ def main(argv=None):
         "complete": False,
         "wall_s": 0.0,
         "results": [],
-        "training_step": None,
+        "training_steps": None,
     }
 
     def write(final):
@@ -500,8 +559,8 @@ def main(argv=None):
         report["complete"] = final
         report["wall_s"] = time.perf_counter() - started
         text = table(report["results"], args.device)
-        if report["training_step"] is not None:
-            text += "\n" + training_table(report["training_step"], args.device)
+        if report["training_steps"] is not None:
+            text += "\n" + training_table(report["training_steps"], args.device)
         with open(os.path.join(args.out, "results.json"), "w") as f:
             json.dump(report, f, indent=1)
         with open(os.path.join(args.out, "table.txt"), "w") as f:
@@ -515,8 +574,8 @@ def main(argv=None):
             torch.cuda.empty_cache()
         write(final=False)
     if do_train:
-        progress(len(cases), total, "training step (ResNet-18)", started)
-        report["training_step"] = measure_training_step(args.device, steps=3)
+        progress(len(cases), total, "training steps (ResNet-18, ShuffleNetV2)", started)
+        report["training_steps"] = measure_training_steps(args.device, steps=3)
     progress(total, total, "done", started)
 
     text = write(final=True)

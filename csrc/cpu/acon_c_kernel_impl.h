@@ -85,19 +85,47 @@ struct Lanes {
     }
   }
 
-  // Lane order is fixed, so the result is deterministic.
+  // The lanes' total, reduced in opmath precision by a fixed tree, so the
+  // result is deterministic. Each lane holds at most kFlushElements / kStep
+  // terms, so this adds little to float accumulation's error.
   static double sum(const FVec* v) {
-    double total = 0;
-    for (const auto j : c10::irange(kNumF)) {
-      opmath_t buf[kWidth];
-      v[j].store(buf);
-      for (const auto i : c10::irange(kWidth)) {
-        total += buf[i];
-      }
+    FVec total = v[0];
+    for (const auto j : c10::irange(1, kNumF)) {
+      total = total + v[j];
     }
-    return total;
+    return at::vec::vec_reduce_all<opmath_t>([](const FVec& x, const FVec& y) { return x + y; }, total);
+  }
+
+  // Per float vector j: lanes with an index (in the kStep elements) below
+  // `skip` as false. A run's last vector is loaded ending at the run's end,
+  // so it overlaps the one before by `skip` lanes, which it must not count
+  // again.
+  static void keep_from(int64_t skip, FVec* keep) {
+    for (const auto j : c10::irange(kNumF)) {
+      keep[j] = FVec::arange(static_cast<opmath_t>(j * kWidth), 1) >= FVec(static_cast<opmath_t>(skip));
+    }
   }
 };
+
+// Where the vectors of a run of n elements start: every full vector, and
+// then either a vector that ends at the run's end, overlapping the one before
+// (n >= kStep: no partial loads, which copy through memory), or a partial
+// one. f(offset, count, skip): `skip` lanes of an overlapping vector were
+// done already.
+template <int64_t kStep, typename F>
+inline void for_each_vector(int64_t n, const F& f) {
+  int64_t i = 0;
+  for (; i + kStep <= n; i += kStep) {
+    f(i, kStep, int64_t(0));
+  }
+  if (i < n) {
+    if (n >= kStep) {
+      f(n - kStep, kStep, kStep - (n - i));
+    } else {
+      f(i, n - i, int64_t(0));
+    }
+  }
+}
 
 // 1 / (1 + t) for t in [0, 1]. The division is the slowest instruction of the
 // kernels; on AVX2 / AVX-512 the hardware reciprocal estimate plus one Newton
@@ -269,16 +297,27 @@ void elementwise_rows_channel_runs(const AconCKernelArgs& args, int64_t r0, int6
   const TypedArgs<scalar_t> a(args);
   const int64_t C = a.C;
   const int64_t I = a.inner;
+  // Channel and group of row r, stepped along (no division per row).
+  int64_t c = r0 % C;
+  int64_t o = (r0 / C) % a.outer;
+  const opmath_t* beta = a.beta + (r0 / (a.outer * C)) * C;
   for (int64_t r = r0; r < r1; ++r) {
-    const Params p = Params::broadcast(a.lines, a.beta + (r / (a.outer * C)) * C, r % C);
-    for (int64_t i = 0; i < I; i += L::kStep) {
-      const int64_t n = std::min(L::kStep, I - i);
+    const Params p = Params::broadcast(a.lines, beta, c);
+    // An overlapping last vector recomputes values already stored: the same.
+    for_each_vector<L::kStep>(I, [&](int64_t i, int64_t n, int64_t) {
       FVec v[L::kNumF], dyv[L::kNumF];
       load_inputs<scalar_t, kGrad>(a, r * I + i, n, v, dyv);
       for (const auto j : c10::irange(L::kNumF)) {
         v[j] = acon_c_elementwise<kGrad>(v[j], dyv[j], p.d, p.p2, p.bd);
       }
       L::store(a.out + r * I + i, n, v);
+    });
+    if (++c == C) {
+      c = 0;
+      if (++o == a.outer) {
+        o = 0;
+        beta += C;
+      }
     }
   }
 }
@@ -344,7 +383,8 @@ inline void add_to_sums(opmath_t* acc, int64_t c, const FVec& a, const FVec& b, 
 // Backward over `rows` rows of C channels (channels innermost) that span at
 // most kChunks vectors of scalar_t, kChunks * kNumF <= kMaxRegisterVectors:
 // each chunk's parameters and partial sums stay in registers over all rows.
-// The sums are added into `acc` (SumLines) at the end.
+// dx may be null (no dx wanted). The sums are added into `acc` (SumLines) at
+// the end.
 constexpr int kMaxRegisterVectors = 4;
 
 template <typename scalar_t, int kChunks>
@@ -394,31 +434,42 @@ void backward_narrow_rows(
   }
 }
 
-// Backward over `rows` rows of C channels (channels innermost), any C: the
-// terms go into `acc` (SumLines) vector by vector.
-template <typename scalar_t>
+// Backward over kRows rows of C channels (channels innermost), any C: each
+// vector of parameters is loaded, and each vector of sums in `acc`
+// (SumLines) updated, once for the kRows rows. (Channel tiles run over many
+// rows would keep both in registers, but rows a multiple of 4 KB apart alias
+// in the L1 cache: that measured 3-4x slower.)
+template <typename scalar_t, int kRows>
 void backward_wide_rows(
-    const scalar_t* x, const scalar_t* dy, scalar_t* dx, int64_t C, int64_t rows,
+    const scalar_t* x, const scalar_t* dy, scalar_t* dx, int64_t C,
     const at::opmath_type<scalar_t>* lines, const at::opmath_type<scalar_t>* beta,
     at::opmath_type<scalar_t>* acc) {
   using L = Lanes<scalar_t>;
   using opmath_t = typename L::opmath_t;
   using FVec = typename L::FVec;
-  for (int64_t r = 0; r < rows; ++r) {
-    for (int64_t c = 0; c < C; c += L::kStep) {
-      const int64_t n = std::min(L::kStep, C - c);
-      FVec xv[L::kNumF], dyv[L::kNumF];
-      L::load(x + r * C + c, n, xv);
-      L::load(dy + r * C + c, n, dyv);
-      for (const auto j : c10::irange(L::kNumF)) {
-        const int64_t cj = c + j * L::kWidth;
-        const ChannelParams<FVec, opmath_t> p(lines, beta, cj, n - j * L::kWidth);
-        const auto grad = acon_c_grad(xv[j], dyv[j], p.d, p.p2, p.bd);
-        xv[j] = grad.dx;
-        add_to_sums(acc, cj, grad.a, grad.b, grad.g);
+  for (int64_t c = 0; c < C; c += L::kStep) {
+    const int64_t n = std::min(L::kStep, C - c);
+    FVec xv[kRows][L::kNumF], dyv[kRows][L::kNumF];
+    for (const auto q : c10::irange(kRows)) {
+      L::load(x + q * C + c, n, xv[q]);
+      L::load(dy + q * C + c, n, dyv[q]);
+    }
+    for (const auto j : c10::irange(L::kNumF)) {
+      const int64_t cj = c + j * L::kWidth;
+      const ChannelParams<FVec, opmath_t> p(lines, beta, cj, n - j * L::kWidth);
+      FVec sa(0), sb(0), sg(0);
+      for (const auto q : c10::irange(kRows)) {
+        const auto grad = acon_c_grad(xv[q][j], dyv[q][j], p.d, p.p2, p.bd);
+        xv[q][j] = grad.dx;
+        sa = sa + grad.a;
+        sb = sb + grad.b;
+        sg = sg + grad.g;
       }
-      if (dx != nullptr) {
-        L::store(dx + r * C + c, n, xv);
+      add_to_sums(acc, cj, sa, sb, sg);
+    }
+    if (dx != nullptr) {
+      for (const auto q : c10::irange(kRows)) {
+        L::store(dx + q * C + c, n, xv[q]);
       }
     }
   }
@@ -449,7 +500,9 @@ void backward_block_channels_inner(
   double* own_g = sinks.g_direct ? nullptr : own_b + C;
 
   std::fill(acc, acc + 3 * args.padded_channels, opmath_t(0));
-  const int64_t chunks = ceil_div(C, L::kStep);
+  // Rows of at most kNarrow channels keep parameters and sums in registers.
+  constexpr int kNarrowChunks = kMaxRegisterVectors / L::kNumF;
+  constexpr int64_t kNarrow = kNarrowChunks * L::kStep;
   int64_t pending = 0;
   for (int64_t g = g0; g < g1; ++g) {
     const opmath_t* beta = a.beta + g * C;
@@ -458,26 +511,36 @@ void backward_block_channels_inner(
       const int64_t offset = (g * a.outer + r0) * C;
       const int64_t rows = r1 - r0;
       scalar_t* dx = a.out == nullptr ? nullptr : a.out + offset;
-      if (chunks * L::kNumF <= kMaxRegisterVectors) {
+      if (C <= kNarrow) {
         const auto narrow = [&](auto chunk_count) {
           backward_narrow_rows<scalar_t, decltype(chunk_count)::value>(
               a.x + offset, a.dy + offset, dx, C, rows, a.lines, beta, acc);
         };
-        switch (chunks) {
+        switch (ceil_div(C, L::kStep)) {
           case 1:
             narrow(std::integral_constant<int, 1>());
             break;
           case 2:
-            narrow(std::integral_constant<int, 2>());
+            narrow(std::integral_constant<int, std::min(2, kNarrowChunks)>());
             break;
           case 3:
-            narrow(std::integral_constant<int, 3>());
+            narrow(std::integral_constant<int, std::min(3, kNarrowChunks)>());
             break;
           default:
-            narrow(std::integral_constant<int, kMaxRegisterVectors / L::kNumF>());
+            narrow(std::integral_constant<int, kNarrowChunks>());
         }
       } else {
-        backward_wide_rows<scalar_t>(a.x + offset, a.dy + offset, dx, C, rows, a.lines, beta, acc);
+        int64_t r = 0;
+        for (; r + 2 <= rows; r += 2) {
+          backward_wide_rows<scalar_t, 2>(
+              a.x + offset + r * C, a.dy + offset + r * C, dx == nullptr ? nullptr : dx + r * C, C, a.lines, beta,
+              acc);
+        }
+        if (r < rows) {
+          backward_wide_rows<scalar_t, 1>(
+              a.x + offset + r * C, a.dy + offset + r * C, dx == nullptr ? nullptr : dx + r * C, C, a.lines, beta,
+              acc);
+        }
       }
       pending += rows;
       r0 = r1;
@@ -510,38 +573,55 @@ void backward_block_channel_runs(
   double* own_a = sinks.own;
   double* own_b = own_a + C;
 
+  FVec keep[L::kNumF];  // lanes an overlapping last vector counts
+  if (I >= L::kStep && I % L::kStep != 0) {
+    L::keep_from(L::kStep - I % L::kStep, keep);
+  }
   for (int64_t g = g0; g < g1; ++g) {
     const opmath_t* beta = a.beta + g * C;
     double* g_sums = sinks.g_direct ? args.sum_g + g * C : own_b + C;
+    int64_t c = u0 % C;
     for (int64_t r = g * group_rows + u0; r < g * group_rows + u1; ++r) {
-      const int64_t c = r % C;
       const Params p = Params::broadcast(a.lines, beta, c);
-      for (int64_t i0 = 0; i0 < I; i0 += kFlushElements) {
-        FVec acc_a[L::kNumF], acc_b[L::kNumF], acc_g[L::kNumF];
-        for (const auto j : c10::irange(L::kNumF)) {
-          acc_a[j] = acc_b[j] = acc_g[j] = FVec(0);
-        }
-        const int64_t i1 = std::min(I, i0 + kFlushElements);
-        for (int64_t i = i0; i < i1; i += L::kStep) {
-          const int64_t n = std::min(L::kStep, i1 - i);
-          FVec xv[L::kNumF], dyv[L::kNumF];
-          L::load(a.x + r * I + i, n, xv);
-          L::load(a.dy + r * I + i, n, dyv);
-          for (const auto j : c10::irange(L::kNumF)) {
-            const auto grad = acon_c_grad(xv[j], dyv[j], p.d, p.p2, p.bd);
-            xv[j] = grad.dx;
-            acc_a[j] = acc_a[j] + grad.a;
-            acc_b[j] = acc_b[j] + grad.b;
-            acc_g[j] = acc_g[j] + grad.g;
-          }
-          if (a.out != nullptr) {
-            L::store(a.out + r * I + i, n, xv);
-          }
-        }
+      FVec acc_a[L::kNumF], acc_b[L::kNumF], acc_g[L::kNumF];
+      const auto flush = [&] {
         own_a[c] += L::sum(acc_a);
         own_b[c] += L::sum(acc_b);
         g_sums[c] += L::sum(acc_g);
+        for (const auto j : c10::irange(L::kNumF)) {
+          acc_a[j] = acc_b[j] = acc_g[j] = FVec(0);
+        }
+      };
+      for (const auto j : c10::irange(L::kNumF)) {
+        acc_a[j] = acc_b[j] = acc_g[j] = FVec(0);
       }
+      int64_t pending = 0;
+      for_each_vector<L::kStep>(I, [&](int64_t i, int64_t n, int64_t skip) {
+        FVec xv[L::kNumF], dyv[L::kNumF];
+        L::load(a.x + r * I + i, n, xv);
+        L::load(a.dy + r * I + i, n, dyv);
+        for (const auto j : c10::irange(L::kNumF)) {
+          auto grad = acon_c_grad(xv[j], dyv[j], p.d, p.p2, p.bd);
+          xv[j] = grad.dx;
+          if (skip > 0) {
+            grad.a = FVec::blendv(FVec(0), grad.a, keep[j]);
+            grad.b = FVec::blendv(FVec(0), grad.b, keep[j]);
+            grad.g = FVec::blendv(FVec(0), grad.g, keep[j]);
+          }
+          acc_a[j] = acc_a[j] + grad.a;
+          acc_b[j] = acc_b[j] + grad.b;
+          acc_g[j] = acc_g[j] + grad.g;
+        }
+        if (a.out != nullptr) {
+          L::store(a.out + r * I + i, n, xv);
+        }
+        if ((pending += n) >= kFlushElements) {
+          flush();
+          pending = 0;
+        }
+      });
+      flush();
+      c = c + 1 == C ? 0 : c + 1;
     }
   }
 }
