@@ -575,7 +575,7 @@ def main(argv=None):
         write(final=False)
     if do_train:
         progress(len(cases), total, "training steps (ResNet-18, ShuffleNetV2)", started)
-        report["training_steps"] = measure_training_steps(args.device, steps=3)
+        report["training_steps"] = measure_training_steps(args.device, steps=5)
     progress(total, total, "done", started)
 
     text = write(final=True)
