@@ -11,7 +11,10 @@ TORCH ?= torch==2.14.1
 # The torchvision built for that torch (ResNet-18 in the tests and the
 # benchmark's training step); empty it with another TORCH: those parts skip.
 TORCHVISION ?= torchvision==0.29.1
-DEPS := $(TORCH) $(TORCHVISION) numpy pytest ninja setuptools wheel matplotlib scikit-learn
+# onnx, onnxscript, onnxruntime: the ONNX export tests (torch.onnx, run in
+# onnxruntime's CPU provider).
+DEPS := $(TORCH) $(TORCHVISION) numpy pytest ninja setuptools wheel matplotlib scikit-learn \
+	onnx onnxscript onnxruntime
 
 DEPS_STAMP := $(VENV)/.acon-deps
 BUILD_STAMP := $(VENV)/.acon-build
@@ -24,7 +27,8 @@ setup: $(BUILD_STAMP)
 $(PY):
 	$(PYTHON) -m venv $(VENV)
 
-$(DEPS_STAMP): | $(PY)
+# Re-run when the Makefile (its list of packages) changes.
+$(DEPS_STAMP): Makefile | $(PY)
 	$(PY) -m pip install $(DEPS)
 	touch $@
 

@@ -119,6 +119,10 @@ def acon_c(x: Tensor, p1: Tensor, p2: Tensor, beta: Tensor, channel_dim: int = 1
     input's shape and dtype. Works under ``torch.compile``, ``torch.export``, autocast and the
     ``torch.func`` transforms (``vmap``, ``grad``, ``jacrev``, ``jacfwd``).
     """
+    if torch.onnx.is_in_onnx_export():
+        # The formula in standard operators (Sigmoid, Mul, Add, ...): the
+        # exported graph runs in any ONNX runtime, with nothing of this package.
+        return reference.acon_c(x, p1, p2, beta, channel_dim)
     if torch.compiler.is_compiling():
         return AconCFunction.apply(x, p1, p2, beta, channel_dim)
     if torch._C._are_functorch_transforms_active():
