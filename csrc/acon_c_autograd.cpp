@@ -55,30 +55,6 @@ bool any_requires_grad(std::initializer_list<const at::Tensor*> tensors) {
   return false;
 }
 
-class AconCForward : public torch::autograd::Function<AconCForward> {
- public:
-  static at::Tensor forward(
-      AutogradContext* ctx, const at::Tensor& x, const at::Tensor& p1, const at::Tensor& p2,
-      const at::Tensor& beta, int64_t channel_dim) {
-    ctx->save_for_backward({x, p1, p2, beta});
-    ctx->saved_data["channel_dim"] = channel_dim;
-    return call_forward(x, p1, p2, beta, channel_dim);
-  }
-
-  static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
-    const variable_list saved = ctx->get_saved_variables();
-    const std::array<bool, 2> mask = {
-        ctx->needs_input_grad(0),
-        ctx->needs_input_grad(1) || ctx->needs_input_grad(2) || ctx->needs_input_grad(3)};
-    // Under create_graph=True the acon_c_backward below raises when its
-    // results are differentiated: acon_cuda.acon_c handles double backward.
-    auto [gx, gp1, gp2, gbeta] = call_backward(
-        grad_outputs[0], saved[0], saved[1], saved[2], saved[3], ctx->saved_data["channel_dim"].toInt(), mask);
-    const auto wanted = [&](at::Tensor g, size_t i) { return ctx->needs_input_grad(i) ? g : at::Tensor(); };
-    return {wanted(gx, 0), wanted(gp1, 1), wanted(gp2, 2), wanted(gbeta, 3), at::Tensor()};
-  }
-};
-
 // The backward op's results are not differentiable: differentiating them
 // raises with a pointer to what is.
 class AconCBackward : public torch::autograd::Function<AconCBackward> {
@@ -98,15 +74,6 @@ class AconCBackward : public torch::autograd::Function<AconCBackward> {
   }
 };
 
-at::Tensor acon_c_forward_autograd(
-    const at::Tensor& x, const at::Tensor& p1, const at::Tensor& p2, const at::Tensor& beta,
-    int64_t channel_dim) {
-  if (!any_requires_grad({&x, &p1, &p2, &beta})) {
-    return call_forward(x, p1, p2, beta, channel_dim);
-  }
-  return AconCForward::apply(x, p1, p2, beta, channel_dim);
-}
-
 Grads acon_c_backward_autograd(
     const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& p1, const at::Tensor& p2,
     const at::Tensor& beta, int64_t channel_dim, std::array<bool, 2> output_mask) {
@@ -115,6 +82,40 @@ Grads acon_c_backward_autograd(
   }
   const variable_list out = AconCBackward::apply(grad_y, x, p1, p2, beta, channel_dim, output_mask);
   return {out[0], out[1], out[2], out[3]};
+}
+
+class AconCForward : public torch::autograd::Function<AconCForward> {
+ public:
+  static at::Tensor forward(
+      AutogradContext* ctx, const at::Tensor& x, const at::Tensor& p1, const at::Tensor& p2,
+      const at::Tensor& beta, int64_t channel_dim) {
+    ctx->save_for_backward({x, p1, p2, beta});
+    ctx->saved_data["channel_dim"] = channel_dim;
+    return call_forward(x, p1, p2, beta, channel_dim);
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
+    const variable_list saved = ctx->get_saved_variables();
+    const std::array<bool, 2> mask = {
+        ctx->needs_input_grad(0),
+        ctx->needs_input_grad(1) || ctx->needs_input_grad(2) || ctx->needs_input_grad(3)};
+    // Under create_graph=True the backward op goes through its own autograd,
+    // so that differentiating these gradients raises (acon_cuda.acon_c is
+    // what supports double backward) instead of silently giving nothing.
+    auto [gx, gp1, gp2, gbeta] = acon_c_backward_autograd(
+        grad_outputs[0], saved[0], saved[1], saved[2], saved[3], ctx->saved_data["channel_dim"].toInt(), mask);
+    const auto wanted = [&](at::Tensor g, size_t i) { return ctx->needs_input_grad(i) ? g : at::Tensor(); };
+    return {wanted(gx, 0), wanted(gp1, 1), wanted(gp2, 2), wanted(gbeta, 3), at::Tensor()};
+  }
+};
+
+at::Tensor acon_c_forward_autograd(
+    const at::Tensor& x, const at::Tensor& p1, const at::Tensor& p2, const at::Tensor& beta,
+    int64_t channel_dim) {
+  if (!any_requires_grad({&x, &p1, &p2, &beta})) {
+    return call_forward(x, p1, p2, beta, channel_dim);
+  }
+  return AconCForward::apply(x, p1, p2, beta, channel_dim);
 }
 
 } // namespace

@@ -152,6 +152,20 @@ def test_backward_op_itself_is_not_differentiable(device):
         grads[0].sum().backward()
 
 
+def test_the_op_itself_is_differentiable_once(device):
+    """torch.ops.acon.acon_c_forward called directly (an exported program
+    does): first-order gradients as acon_c's; differentiating them again
+    raises instead of silently giving nothing (acon_c supports that)."""
+    x, _ = make_x((2, 3, 4), "contiguous", torch.float64, device)
+    inputs = [t.requires_grad_() for t in (x, *make_params(x, 1, False, torch.float64))]
+    grads = torch.autograd.grad(torch.ops.acon.acon_c_forward(*inputs, 1).sum(), inputs, create_graph=True)
+    expected = torch.autograd.grad(acon_cuda.acon_c(*inputs).sum(), inputs)
+    for g, e in zip(grads, expected):
+        torch.testing.assert_close(g, e)
+    with pytest.raises(RuntimeError, match="not differentiable"):
+        grads[0].sum().backward()
+
+
 def test_mixed_precision_keeps_x_dtype(device):
     x = torch.randn(2, 4, 3, 3, device=device, dtype=torch.bfloat16)
     p1, p2, beta = [t.requires_grad_() for t in make_params(x, 1, False, torch.float32)]
