@@ -116,8 +116,9 @@ def acon_c(x: Tensor, p1: Tensor, p2: Tensor, beta: Tensor, channel_dim: int = 1
     (channels_last stays channels_last). Differentiable in x, p1, p2 and beta
     through one autograd node, :class:`AconCFunction` and its twins (classic
     form for eager calls, with jvp under torch.func); each gradient has its
-    input's shape and dtype. Works under ``torch.compile``, ``torch.export``, autocast and the
-    ``torch.func`` transforms (``vmap``, ``grad``, ``jacrev``, ``jacfwd``).
+    input's shape and dtype. Works under ``torch.compile``, ``torch.export``,
+    autocast and the ``torch.func`` transforms (``vmap``, ``grad``,
+    ``jacrev``, ``jacfwd``); exports to ONNX as standard operators.
     """
     if torch.onnx.is_in_onnx_export():
         # The formula in standard operators (Sigmoid, Mul, Add, ...): the
@@ -184,7 +185,7 @@ def _acon_c_forward_vmap(info, in_dims, x, p1, p2, beta, channel_dim):
         y = _forward_op(xb.flatten(0, 1), p1, p2, per_sample, cdim)
         return y.unflatten(0, (batch, samples)), 0
     # Batched parameters: the reference formula, on the batch made explicit.
-    return _expand_batch(reference.batched_acon_c(*_explicit_batch(info, in_dims, x, p1, p2, beta), channel_dim), info), 0
+    return _expand_batch(reference.batched_acon_c(*_explicit_batch(in_dims, x, p1, p2, beta), channel_dim), info), 0
 
 
 @torch.library.register_vmap("acon::acon_c_backward")
@@ -192,12 +193,12 @@ def _acon_c_backward_vmap(info, in_dims, grad_y, x, p1, p2, beta, channel_dim, o
     # Under vmap every parameter gradient is per batch entry (per-sample
     # gradients), which the kernel's per-channel sums are not: the formulas,
     # on the batch made explicit.
-    tensors = _explicit_batch(info, in_dims, grad_y, x, p1, p2, beta)
+    tensors = _explicit_batch(in_dims, grad_y, x, p1, p2, beta)
     grads = reference.batched_acon_c_backward(*tensors, channel_dim, output_mask)
     return tuple(_expand_batch(g, info) for g in grads), (0, 0, 0, 0)
 
 
-def _explicit_batch(info, in_dims, *tensors):
+def _explicit_batch(in_dims, *tensors):
     """Each tensor with vmap's batch as its leading axis (size 1 where it is
     not batched, to broadcast)."""
     return [t.unsqueeze(0) if dim is None else t.movedim(dim, 0) for t, dim in zip(tensors, in_dims)]
