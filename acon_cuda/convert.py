@@ -334,6 +334,19 @@ def _input_used_after(site: _Site) -> bool:
     return any(order[user] > order[node] for user in source.users)
 
 
+def _depends_on_training_mode(block: nn.Module) -> bool:
+    """Whether the block's forward traces differently in train and eval mode."""
+    mode = block.training
+    codes = []
+    try:
+        for training in (True, False):
+            block.training = training
+            codes.append(_OneLevelTracer().trace(block).python_code("self").src)
+    finally:
+        block.training = mode
+    return codes[0] != codes[1]
+
+
 def _rewrite(block: nn.Module, graph: fx.Graph, sites: List[_Site], modules: Dict[int, nn.Module]) -> fx.GraphModule:
     """The block as a GraphModule that calls its own module at each rewritten site."""
     rewritten = fx.GraphModule(block, graph, class_name=type(block).__name__)
@@ -594,6 +607,19 @@ def convert_activations(
         else:
             first_of_object[id(child)] = make(kwargs.get("channel_dim", 1))
             in_place.append((parent, attr, first_of_object[id(child)]))
+
+    # A rewritten block runs its traced graph, which froze whatever its
+    # forward decided from self.training (F.dropout(..., self.training), an
+    # auxiliary head): refuse those, before anything is touched.
+    for block_id, block_sites in to_rewrite.items():
+        block = block_sites[0].block
+        if _depends_on_training_mode(block):
+            raise ValueError(
+                f"convert_activations: '{info.paths[block_id] or 'the model'}' ({type(block).__name__}) would be "
+                "rewritten to give its activation call sites modules of their own, but its forward depends on "
+                "train/eval mode, which the rewritten graph would freeze. Replace its functional or shared "
+                "activations by separate modules, or leave their type out of old="
+            )
 
     # Apply: in-place swaps first, so that rewritten blocks copy them.
     for owner, attr, module in in_place:

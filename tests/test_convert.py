@@ -249,6 +249,22 @@ def test_untraceable_block():
     assert isinstance(shared.act, AconC)
 
 
+class ModeDependent(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 1)
+
+    def forward(self, x):
+        return F.dropout(F.relu(self.conv(x)), 0.5, self.training)
+
+
+def test_a_block_whose_forward_depends_on_the_mode_is_not_frozen():
+    model = nn.Sequential(ModeDependent())
+    with pytest.raises(ValueError, match="depends on train/eval mode"):
+        acon_cuda.convert_activations(model)
+    assert type(model[0]) is ModeDependent  # untouched
+
+
 def test_converted_modules_follow_the_models_device_and_dtype(device):
     net = nn.Sequential(nn.Conv2d(3, 4, 1), nn.ReLU(), nn.Conv2d(4, 4, 1), nn.SiLU()).to(device, torch.float64)
     x = torch.randn(2, 3, 5, 5, device=device, dtype=torch.float64)
