@@ -334,17 +334,16 @@ def _input_used_after(site: _Site) -> bool:
     return any(order[user] > order[node] for user in source.users)
 
 
-def _depends_on_training_mode(block: nn.Module) -> bool:
-    """Whether the block's forward traces differently in train and eval mode."""
+def _depends_on_training_mode(block: nn.Module, graph: fx.Graph) -> bool:
+    """Whether the block's forward traces differently in the other mode than
+    it did (its `graph`, traced in the current mode)."""
     mode = block.training
-    codes = []
     try:
-        for training in (True, False):
-            block.training = training
-            codes.append(_OneLevelTracer().trace(block).python_code("self").src)
+        block.training = not mode
+        other = _OneLevelTracer().trace(block)
     finally:
         block.training = mode
-    return codes[0] != codes[1]
+    return other.python_code("self").src != graph.python_code("self").src
 
 
 def _rewrite(block: nn.Module, graph: fx.Graph, sites: List[_Site], modules: Dict[int, nn.Module]) -> fx.GraphModule:
@@ -613,7 +612,7 @@ def convert_activations(
     # auxiliary head): refuse those, before anything is touched.
     for block_id, block_sites in to_rewrite.items():
         block = block_sites[0].block
-        if _depends_on_training_mode(block):
+        if _depends_on_training_mode(block, block_sites[0].graph):
             raise ValueError(
                 f"convert_activations: '{info.paths[block_id] or 'the model'}' ({type(block).__name__}) would be "
                 "rewritten to give its activation call sites modules of their own, but its forward depends on "

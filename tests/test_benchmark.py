@@ -55,3 +55,10 @@ def test_readme_figures_come_from_the_committed_results():
     for name in names:
         results_dir = os.path.join(ROOT, "benchmarks", "results", name)
         assert readme.block(results_dir) in text, f"README's {name} block differs from {results_dir}; run python -m benchmarks.readme"
+
+
+def test_per_call_script_runs():
+    from benchmarks import per_call
+
+    t = per_call.main(["--shape", "2,3,4", "--seconds", "0.01"])
+    assert all(v > 0 for k, v in t.items() if k != "autograd around the ops")
