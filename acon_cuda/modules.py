@@ -15,6 +15,7 @@ from torch.nn.modules.lazy import LazyModuleMixin
 from torch.nn.parameter import UninitializedParameter
 
 from . import reference
+from .meta_acon import meta_acon_c, meta_acon_c_plain
 from .ops import acon_c as fused_acon_c
 
 __all__ = ["AconA", "AconB", "AconC", "MetaAconC", "param_groups"]
@@ -253,25 +254,15 @@ class MetaAconC(_Acon):
         cdim = self.channel_dim % x.dim()
         if cdim == 0:
             raise ValueError("MetaAconC: channel_dim must not be the batch axis 0 (beta is per sample and channel)")
-        n, c = x.shape[0], x.shape[cdim]
-        if self.norm and self.training and n == 1:
+        if self.norm and self.training and x.shape[0] == 1:
             raise ValueError(
                 "MetaAconC(norm=True) cannot train on a batch of 1: its BatchNorm2d layers normalise one "
                 "value per channel and sample. Use norm=False (no BatchNorm, as YOLOv5 does), a batch of 2 "
                 "or more, or eval mode."
             )
-        other = [i for i in range(1, x.dim()) if i != cdim]
-        mean = x.mean(dim=other) if other else x
-        h = self.fc1(mean.reshape(n, c, 1, 1))
-        if self.norm:
-            h = self.bn1(h)
-        h = self.fc2(h)
-        if self.norm:
-            h = self.bn2(h)
-        beta = torch.sigmoid(h)
-        if beta.dtype != x.dtype:
-            beta = beta.float()  # e.g. float32 x under autocast: the op takes float32
-        return self._acon_c(x, self.p1, self.p2, beta)
+        if self.impl == "fused":
+            return meta_acon_c(self, x, cdim)
+        return meta_acon_c_plain(self, x, cdim, reference.acon_c)
 
     def _extra_options(self):
         return [f"r={self.r}", f"norm={self.norm}"]

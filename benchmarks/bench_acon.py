@@ -265,6 +265,93 @@ class PaperAconC(acon_cuda.AconC):
         return paper_acon_c(x, self.p1, self.p2, self.beta, self.channel_dim)
 
 
+class PaperMetaAconC(acon_cuda.MetaAconC):
+    """MetaAconC computed as the paper's public code does: the generator's
+    1x1 convolutions and BatchNorm2d on the (N, C, 1, 1) mean, and
+    ``paper_acon_c``."""
+
+    def forward(self, x):
+        self._check_input(x)
+        mean = x.mean(dim=2, keepdim=True).mean(dim=3, keepdim=True)
+        beta = torch.sigmoid(self.bn2(self.fc2(self.bn1(self.fc1(mean)))))
+        return paper_acon_c(x, self.p1, self.p2, beta, 1)
+
+
+# Meta-ACON module cases (None: --batch): the Meta-ACON issue's sizes.
+META_SHAPES = [(None, 256, 28, 28), (None, 2048, 7, 7), (4, 64, 8, 8)]
+META_MODULES = {
+    "silu": lambda width: torch.nn.SiLU(),
+    "acon_c": lambda width: acon_cuda.AconC(width),
+    "meta_acon_c": lambda width: acon_cuda.MetaAconC(width),
+    "paper_meta_acon_c": lambda width: PaperMetaAconC(width),
+}
+
+
+def measure_meta_modules(device, batch, layouts, rounds, budget_s):
+    """Modules in training mode, forward+backward (x and every parameter):
+    MetaAconC against the fused AconC, the paper's MetaAconC and SiLU, with
+    inputs rotated as in measure_case."""
+    rows = []
+    for shape in META_SHAPES:
+        shape = tuple(batch if n is None else n for n in shape)
+        x_bytes = math.prod(shape) * 4
+        copies = max(1, min(32, math.ceil(CACHE_BYTES[device] / x_bytes)))
+        for layout in layouts:
+            fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+            xs = [torch.randn(shape, device=device).contiguous(memory_format=fmt).requires_grad_()
+                  for _ in range(copies)]
+            grads = [torch.randn_like(x) for x in xs]
+            torch.manual_seed(0)
+            modules = {key: make(shape[1]).to(device).train() for key, make in META_MODULES.items()}
+
+            def call_for(module):
+                wrt = list(module.parameters())
+
+                def call(i):
+                    return lambda: torch.autograd.grad(module(xs[i]), [xs[i], *wrt], grads[i])
+                calls = itertools.cycle([call(i) for i in range(copies)])
+                return lambda: next(calls)()
+
+            calls = {key: call_for(module) for key, module in modules.items()}
+            estimate = {}
+            for key, call in calls.items():
+                for _ in range(copies):
+                    estimate[key] = wall_ms(call, device)
+            times = {key: [] for key in calls}
+            for _ in range(rounds):
+                for key in calls:
+                    times[key].append(median_ms(calls[key], device, budget_s, estimate[key]))
+            rows.append({
+                "shape": list(shape),
+                "layout": layout,
+                "ms": {key: statistics.median(samples) for key, samples in times.items()},
+                "saved_bytes": {key: saved_bytes(lambda m=m: m(xs[0]), ()) for key, m in modules.items()},
+                "x_bytes": x_bytes,
+            })
+    return rows
+
+
+def meta_table(rows):
+    lines = [
+        "\nMeta-ACON modules, training mode, forward+backward (x and every parameter), float32",
+        f"{'shape':<16} {'layout':<13} {'MetaAconC ms':>12} {'/ AconC':>8} {'paper / it':>10} {'/ SiLU':>7} "
+        f"{'saved/x':>7} {'paper saved/x':>13}",
+    ]
+    for row in rows:
+        ms, saved = row["ms"], row["saved_bytes"]
+        meta = ms["meta_acon_c"]
+        lines.append(
+            f"{'x'.join(map(str, row['shape'])):<16} {row['layout']:<13} {meta:12.3f} {meta / ms['acon_c']:7.2f}x "
+            f"{ms['paper_meta_acon_c'] / meta:9.2f}x {meta / ms['silu']:6.2f}x "
+            f"{saved['meta_acon_c'] / row['x_bytes']:7.2f} {saved['paper_meta_acon_c'] / row['x_bytes']:13.2f}"
+        )
+    lines.append(
+        "/ AconC, / SiLU: MetaAconC's time over the fused AconC module's and nn.SiLU's (lower is better);\n"
+        "paper / it: the paper's MetaAconC (1x1 convolutions, eager formula) over MetaAconC's time."
+    )
+    return "\n".join(lines)
+
+
 def time_training_step(model, x, target, device, steps):
     """Median ms of an SGD step (ACON parameters without weight decay), and
     the bytes autograd keeps for backward (CPU) or the peak memory (CUDA)."""
@@ -297,8 +384,9 @@ def measure_training_steps(device, steps):
     - torchvision ResNet-18 (batch 16, 112x112): fused against the
       reference ACON, and the ReLU model for scale;
     - torchvision ShuffleNetV2 0.5x, the paper's headline model (batch 32,
-      160x160, channels_last): ReLU, SiLU, the paper's eager AconC and the
-      fused AconC, as ratios to the SiLU model."""
+      160x160, channels_last): ReLU, SiLU, the paper's eager AconC and
+      MetaAconC, and the fused AconC and MetaAconC, as ratios to the SiLU
+      model."""
     try:
         import torchvision
     except ImportError:
@@ -307,9 +395,15 @@ def measure_training_steps(device, steps):
         ("resnet18", "torchvision resnet18, ReLU -> AconC", 16, 112, torch.contiguous_format,
          ("relu", "fused", "reference"), "fused"),
         ("shufflenet_v2_x0_5", "torchvision shufflenet_v2_x0_5, ReLU -> AconC, channels_last", 32, 160,
-         torch.channels_last, ("silu", "relu", "paper", "fused"), "silu"),
+         torch.channels_last, ("silu", "relu", "paper", "fused", "paper_meta", "meta"), "silu"),
     ]
-    news = {"fused": {"impl": "fused"}, "reference": {"impl": "reference"}, "paper": {"new": PaperAconC}}
+    news = {
+        "fused": {"impl": "fused"},
+        "reference": {"impl": "reference"},
+        "paper": {"new": PaperAconC},
+        "meta": {"new": "meta_acon_c"},
+        "paper_meta": {"new": PaperMetaAconC},
+    }
     results = []
     for arch, title, batch, image, memory_format, variants, baseline in plans:
         x = torch.randn(batch, 3, image, image, device=device).contiguous(memory_format=memory_format)
@@ -334,6 +428,8 @@ TRAINING_LABELS = {
     "paper": "AconC, paper's code",
     "relu": "ReLU (no ACON)",
     "silu": "SiLU (no ACON)",
+    "meta": "MetaAconC",
+    "paper_meta": "MetaAconC, paper's code",
 }
 
 
@@ -344,12 +440,12 @@ def training_table(trains, device):
         lines += [
             f"\nTraining step: {train['model']}, batch {train['batch']}, {train['image']}x{train['image']}, "
             f"SGD, median of {train['steps']} steps",
-            f"{'activation':<22} {'ms / step':>10} {'/ ' + baseline:>9} {'saved for backward MB':>22}"
+            f"{'activation':<24} {'ms / step':>10} {'/ ' + baseline:>9} {'saved for backward MB':>22}"
             + (f" {'peak MB':>8}" if device == "cuda" else ""),
         ]
         for variant, row in rows.items():
             lines.append(
-                f"{TRAINING_LABELS[variant]:<22} {row['ms']:10.1f} {row['ms'] / rows[baseline]['ms']:8.2f}x "
+                f"{TRAINING_LABELS[variant]:<24} {row['ms']:10.1f} {row['ms'] / rows[baseline]['ms']:8.2f}x "
                 f"{row['saved_bytes'] / 2**20:22.1f}"
                 + (f" {row['peak_bytes'] / 2**20:8.1f}" if device == "cuda" else "")
             )
@@ -507,6 +603,7 @@ def main(argv=None):
     parser.add_argument("--rounds", type=int, default=None, help="interleaved rounds per case (default 2; 1 with --quick)")
     parser.add_argument("--out", default="bench_results", help="folder for results.json and speedup.png")
     parser.add_argument("--no-train", action="store_true", help="skip the training steps (ResNet-18, ShuffleNetV2)")
+    parser.add_argument("--no-meta", action="store_true", help="skip the Meta-ACON module cases")
     parser.add_argument("--system-malloc", action="store_true",
                         help="leave glibc's malloc as it is (page faults on every large allocation)")
     args = parser.parse_args(argv)
@@ -537,7 +634,8 @@ def main(argv=None):
           f"({info.get('gpu') or info.get('cpu')}), {torch.get_num_threads()} CPU threads, "
           f"malloc keeps freed memory: {kept}", file=sys.stderr)
     do_train = not (args.quick or args.no_train)
-    total = len(cases) + do_train
+    do_meta = not (args.quick or args.no_meta)
+    total = len(cases) + do_meta + do_train
     os.makedirs(args.out, exist_ok=True)
     started = time.perf_counter()
     report = {
@@ -550,6 +648,7 @@ def main(argv=None):
         "complete": False,
         "wall_s": 0.0,
         "results": [],
+        "meta_modules": None,
         "training_steps": None,
     }
 
@@ -559,6 +658,8 @@ def main(argv=None):
         report["complete"] = final
         report["wall_s"] = time.perf_counter() - started
         text = table(report["results"], args.device)
+        if report["meta_modules"] is not None:
+            text += "\n" + meta_table(report["meta_modules"])
         if report["training_steps"] is not None:
             text += "\n" + training_table(report["training_steps"], args.device)
         with open(os.path.join(args.out, "results.json"), "w") as f:
@@ -573,8 +674,12 @@ def main(argv=None):
         if args.device == "cuda":
             torch.cuda.empty_cache()
         write(final=False)
+    if do_meta:
+        progress(len(cases), total, "Meta-ACON modules", started)
+        report["meta_modules"] = measure_meta_modules(args.device, batch, layouts, rounds, budget_s)
+        write(final=False)
     if do_train:
-        progress(len(cases), total, "training steps (ResNet-18, ShuffleNetV2)", started)
+        progress(len(cases) + do_meta, total, "training steps (ResNet-18, ShuffleNetV2)", started)
         report["training_steps"] = measure_training_steps(args.device, steps=5)
     progress(total, total, "done", started)
 

@@ -62,3 +62,16 @@ def test_per_call_script_runs():
 
     t = per_call.main(["--shape", "2,3,4", "--seconds", "0.01"])
     assert all(v > 0 for k, v in t.items() if k != "autograd around the ops")
+
+
+def test_meta_acon_module_cases_run(monkeypatch):
+    from benchmarks import bench_acon
+
+    monkeypatch.setattr(bench_acon, "META_SHAPES", [(None, 16, 5, 5)])
+    rows = bench_acon.measure_meta_modules("cpu", 2, ["contiguous", "channels_last"], rounds=1, budget_s=0.005)
+    assert [r["layout"] for r in rows] == ["contiguous", "channels_last"]
+    assert all(t > 0 for r in rows for t in r["ms"].values())
+    # The fused MetaAconC keeps x (and small tensors); the paper's keeps several x-sized ones.
+    assert all(r["saved_bytes"]["meta_acon_c"] < r["saved_bytes"]["paper_meta_acon_c"] for r in rows)
+    text = bench_acon.meta_table(rows)
+    assert "2x16x5x5" in text and "paper / it" in text

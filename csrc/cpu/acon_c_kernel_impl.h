@@ -475,6 +475,64 @@ void backward_wide_rows(
   }
 }
 
+// Backward over kRows rows of C channels (channels innermost) that each are
+// a sample of their own, with a per-sample beta (outer == 1, such as (N, C)
+// features): each row has its own beta, and its g terms are that sample's
+// sums already, so they are written straight to its double sums `g_out[q]`;
+// the a and b terms are added to `acc` (SumLines) as in
+// backward_wide_rows, whose structure this follows.
+template <typename scalar_t, int kRows>
+void backward_sample_rows(
+    const scalar_t* x, const scalar_t* dy, scalar_t* dx, int64_t C, const at::opmath_type<scalar_t>* lines,
+    const at::opmath_type<scalar_t>* const* betas, double* const* g_out, at::opmath_type<scalar_t>* acc) {
+  using L = Lanes<scalar_t>;
+  using opmath_t = typename L::opmath_t;
+  using FVec = typename L::FVec;
+  using SL = SumLines<opmath_t>;
+  for (int64_t c = 0; c < C; c += L::kStep) {
+    const int64_t n = std::min(L::kStep, C - c);
+    FVec xv[kRows][L::kNumF], dyv[kRows][L::kNumF];
+    for (const auto q : c10::irange(kRows)) {
+      L::load(x + q * C + c, n, xv[q]);
+      L::load(dy + q * C + c, n, dyv[q]);
+    }
+    for (const auto j : c10::irange(L::kNumF)) {
+      const int64_t cj = c + j * L::kWidth;
+      const int64_t count = std::min<int64_t>(L::kWidth, n - j * L::kWidth);
+      FVec sa(0), sb(0);
+      for (const auto q : c10::irange(kRows)) {
+        const ChannelParams<FVec, opmath_t> p(lines, betas[q], cj, count);
+        const auto grad = acon_c_grad(xv[q][j], dyv[q][j], p.d, p.p2, p.bd);
+        xv[q][j] = grad.dx;
+        sa = sa + grad.a;
+        sb = sb + grad.b;
+        // The sample's g sums, each written once: a fixed-length loop the
+        // compiler turns into vector conversions to double.
+        alignas(64) opmath_t g[FVec::size()];
+        grad.g.store(g);
+        double* out = g_out[q] + cj;
+        if (count == FVec::size()) {
+          for (int64_t i = 0; i < FVec::size(); ++i) {
+            out[i] = g[i];
+          }
+        } else {
+          for (int64_t i = 0; i < count; ++i) {
+            out[i] = g[i];
+          }
+        }
+      }
+      opmath_t* s = acc + SL::index(cj);
+      (FVec::loadu(s) + sa).store(s);
+      (FVec::loadu(s + SL::kLine) + sb).store(s + SL::kLine);
+    }
+    if (dx != nullptr) {
+      for (const auto q : c10::irange(kRows)) {
+        L::store(dx + q * C + c, n, xv[q]);
+      }
+    }
+  }
+}
+
 // Where one block's sums go: a and b always into the block's own partials; g
 // into the partials too, or straight into args.sum_g (g_direct) when the
 // block owns whole groups of a per-sample beta.
@@ -500,6 +558,29 @@ void backward_block_channels_inner(
   double* own_g = sinks.g_direct ? nullptr : own_b + C;
 
   std::fill(acc, acc + 3 * args.padded_channels, opmath_t(0));
+  if (sinks.g_direct && a.outer == 1) {
+    // One row per sample ((N, C) features with an (N, C) beta): rows in
+    // pairs, whatever C, and no per-sample sums to move.
+    for (int64_t g = g0; g < g1;) {
+      const int64_t rows = std::min<int64_t>(g1 - g, kFlushRows);
+      for (int64_t r = 0; r < rows;) {
+        const int64_t q = g + r;
+        const opmath_t* betas[2] = {a.beta + q * C, a.beta + (q + 1) * C};
+        double* g_out[2] = {args.sum_g + q * C, args.sum_g + (q + 1) * C};
+        scalar_t* dx = a.out == nullptr ? nullptr : a.out + q * C;
+        if (r + 2 <= rows) {
+          backward_sample_rows<scalar_t, 2>(a.x + q * C, a.dy + q * C, dx, C, a.lines, betas, g_out, acc);
+          r += 2;
+        } else {
+          backward_sample_rows<scalar_t, 1>(a.x + q * C, a.dy + q * C, dx, C, a.lines, betas, g_out, acc);
+          r += 1;
+        }
+      }
+      move_sums<opmath_t>(acc, C, own_a, own_b, nullptr);
+      g += rows;
+    }
+    return;
+  }
   // Rows of at most kNarrow channels keep parameters and sums in registers.
   constexpr int kNarrowChunks = kMaxRegisterVectors / L::kNumF;
   constexpr int64_t kNarrow = kNarrowChunks * L::kStep;

@@ -1,0 +1,238 @@
+"""MetaAconC's fast path (acon_cuda/meta_acon.py) against the paper's module,
+re-typed here for any rank and channel axis, in float64: outputs, every
+gradient, running statistics over training steps; and what the fast path
+promises about memory (no x-sized tensor but the acon op's)."""
+
+import pytest
+import torch
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from acon_cuda import MetaAconC
+
+
+class PaperLayoutMetaAconC(nn.Module):
+    """The paper's MetaAconC (1x1 convolutions and BatchNorm2d on the
+    (N, C, 1, 1) mean), for x of any rank with channels at ``channel_dim``."""
+
+    def __init__(self, width, channel_dim, norm, r=16):
+        super().__init__()
+        hidden = max(r, width // r)
+        self.channel_dim, self.norm = channel_dim, norm
+        self.fc1 = nn.Conv2d(width, hidden, kernel_size=1, stride=1, bias=True)
+        self.fc2 = nn.Conv2d(hidden, width, kernel_size=1, stride=1, bias=True)
+        if norm:
+            self.bn1 = nn.BatchNorm2d(hidden)
+            self.bn2 = nn.BatchNorm2d(width)
+        self.p1 = nn.Parameter(torch.randn(1, width, 1, 1))
+        self.p2 = nn.Parameter(torch.randn(1, width, 1, 1))
+
+    def forward(self, x):
+        xc = x.movedim(self.channel_dim, 1)
+        n, c = xc.shape[:2]
+        y = xc.reshape(n, c, -1).mean(-1) if xc.dim() > 2 else xc
+        h = self.fc1(y[:, :, None, None])
+        if self.norm:
+            h = self.bn1(h)
+        h = self.fc2(h)
+        if self.norm:
+            h = self.bn2(h)
+        ones = [1] * (xc.dim() - 2)
+        beta = torch.sigmoid(h).reshape(n, c, *ones)
+        p1, p2 = self.p1.reshape(1, c, *ones), self.p2.reshape(1, c, *ones)
+        out = (p1 * xc - p2 * xc) * torch.sigmoid(beta * (p1 * xc - p2 * xc)) + p2 * xc
+        return out.movedim(1, self.channel_dim)
+
+
+# (shape, channel_dim, memory format): ranks 2 to 5, both layouts of 4-D and
+# 5-D maps, features last, 7x7 maps.
+CASES = [
+    ((6, 5), 1, None),
+    ((3, 5, 11), 1, None),
+    ((4, 5, 6, 7), 1, None),
+    ((4, 5, 6, 7), 1, torch.channels_last),
+    ((3, 20, 7, 7), 1, torch.channels_last),
+    ((2, 5, 3, 4, 6), 1, None),
+    ((2, 5, 3, 4, 6), 1, torch.channels_last_3d),
+    ((3, 9, 5), -1, None),
+]
+CASE_IDS = ["NC", "NCL", "NCHW", "NHWC", "7x7-NHWC", "NCDHW", "NDHWC", "BTC"]
+
+BATCH_NORMS = {
+    "default": {},
+    "cumulative": {"momentum": None},
+    "no_running_stats": {"track_running_stats": False},
+}
+
+
+def make_pair(shape, channel_dim, norm, impl, bn_config):
+    """A paper-layout module and ours with its state, float64."""
+    width = shape[channel_dim]
+    paper = PaperLayoutMetaAconC(width, channel_dim, norm).double()
+    ours = MetaAconC(width, channel_dim=channel_dim, norm=norm, impl=impl, dtype=torch.float64)
+    for module in (paper, ours):
+        for m in module.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                for key, value in BATCH_NORMS[bn_config].items():
+                    setattr(m, key, value)
+                if not m.track_running_stats:
+                    m.running_mean = m.running_var = m.num_batches_tracked = None
+    with torch.no_grad():
+        for m in paper.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.weight.normal_()
+                m.bias.normal_()
+                if m.track_running_stats:
+                    m.running_mean.normal_()
+                    m.running_var.uniform_(0.5, 2.0)
+    ours.load_state_dict(paper.state_dict(), strict=True)
+    return paper, ours
+
+
+def make_x(shape, fmt):
+    x = 2 * torch.randn(shape, dtype=torch.float64)
+    return x.contiguous(memory_format=fmt) if fmt is not None else x
+
+
+def named_grads(module, out, x, grad):
+    names = [name for name, _ in module.named_parameters()]
+    params = [p for _, p in module.named_parameters()]
+    grads = torch.autograd.grad(out, [x, *params], grad)
+    return grads[0], dict(zip(names, grads[1:]))
+
+
+def assert_close(actual, expected):
+    # atol: fc1.bias's gradient under a training BatchNorm is a sum that
+    # cancels to ~1e-13 (BatchNorm removes the batch mean).
+    torch.testing.assert_close(actual, expected, rtol=1e-9, atol=1e-10)
+
+
+# BatchNorm settings with norm=True, and YOLOv5's norm=False.
+NORMS = [(True, config) for config in BATCH_NORMS] + [(False, "default")]
+
+
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("norm, bn_config", NORMS, ids=[f"norm-{c}" for c in BATCH_NORMS] + ["no_norm"])
+@pytest.mark.parametrize("impl", ["fused", "reference"])
+@pytest.mark.parametrize("shape, channel_dim, fmt", CASES, ids=CASE_IDS)
+def test_matches_the_papers_module_over_training_steps(shape, channel_dim, fmt, impl, norm, bn_config, train):
+    torch.manual_seed(0)
+    paper, ours = make_pair(shape, channel_dim, norm, impl, bn_config)
+    paper.train(train)
+    ours.train(train)
+    for _ in range(3):
+        x = make_x(shape, fmt).requires_grad_()
+        grad = torch.randn_like(x)
+        expected_out = paper(x)
+        out = ours(x)
+        assert_close(out, expected_out)
+        assert out.stride() == x.stride()
+        expected_dx, expected = named_grads(paper, expected_out, x, grad)
+        dx, actual = named_grads(ours, out, x, grad)
+        assert_close(dx, expected_dx)
+        assert dx.stride() == x.stride()
+        assert actual.keys() == expected.keys()
+        for name in expected:
+            assert actual[name].shape == expected[name].shape, name
+            assert_close(actual[name], expected[name])
+        # One SGD step on both, so the next step starts elsewhere.
+        with torch.no_grad():
+            for name, param in paper.named_parameters():
+                param -= 0.1 * expected[name]
+                ours.get_parameter(name).copy_(param)
+    paper_state, state = paper.state_dict(), ours.state_dict()
+    assert state.keys() == paper_state.keys()
+    for key in paper_state:
+        assert_close(state[key], paper_state[key])
+
+
+def test_frozen_parts_get_no_gradient_and_the_rest_stays_right():
+    torch.manual_seed(0)
+    paper, ours = make_pair((4, 6, 5, 5), 1, True, "fused", "default")
+    for module in (paper, ours):
+        module.fc1.requires_grad_(False)
+        module.bn2.requires_grad_(False)
+        module.p1.requires_grad_(False)
+    x = make_x((4, 6, 5, 5), torch.channels_last)
+    grad = torch.randn_like(x)
+    for wrt_x in (True, False):
+        inputs = [x.requires_grad_(wrt_x)] if wrt_x else []
+        expected_out, out = paper(x), ours(x)
+        trainable = [(n, p) for n, p in paper.named_parameters() if p.requires_grad]
+        expected = torch.autograd.grad(expected_out, inputs + [p for _, p in trainable], grad)
+        actual = torch.autograd.grad(out, inputs + [ours.get_parameter(n) for n, _ in trainable], grad)
+        for a, e in zip(actual, expected):
+            assert_close(a, e)
+        x = x.detach()
+
+
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+def test_double_backward_matches_the_reference_impl(train):
+    torch.manual_seed(0)
+    _, fused = make_pair((4, 6, 5, 5), 1, True, "fused", "default")
+    reference = MetaAconC(6, impl="reference", dtype=torch.float64)
+    reference.load_state_dict(fused.state_dict())
+    fused.train(train)
+    reference.train(train)
+    x = make_x((4, 6, 5, 5), None)
+    results = []
+    for module in (fused, reference):
+        xs = x.clone().requires_grad_()
+        params = [xs, *module.parameters()]
+        grads = torch.autograd.grad(module(xs).sin().sum(), params, create_graph=True)
+        penalty = sum(g.square().sum() for g in grads)
+        results.append(torch.autograd.grad(penalty, params))
+    for a, e in zip(*results):
+        assert_close(a, e)
+
+
+class XSized(TorchDispatchMode):
+    """Records the ops that return a tensor of `numel` elements in memory of
+    its own (not a view of an input, not an input written in place)."""
+
+    def __init__(self, numel):
+        super().__init__()
+        self.numel, self.ops = numel, []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        flat_in = torch.utils._pytree.tree_leaves((args, kwargs))
+        inputs = {t.untyped_storage().data_ptr() for t in flat_in if isinstance(t, torch.Tensor)}
+        for t in torch.utils._pytree.tree_leaves(out):
+            if isinstance(t, torch.Tensor) and t.numel() == self.numel and t.untyped_storage().data_ptr() not in inputs:
+                self.ops.append(func._schema.name)
+        return out
+
+
+@pytest.mark.parametrize("fmt", [None, torch.channels_last], ids=["contiguous", "channels_last"])
+def test_no_x_sized_tensor_but_the_acon_ops(fmt):
+    module = MetaAconC(32).train()
+    x = make_x((4, 32, 6, 6), fmt).float().requires_grad_()
+    grad = torch.randn_like(x)
+    with XSized(x.numel()) as forward:
+        y = module(x)
+    with XSized(x.numel()) as backward:
+        torch.autograd.grad(y, [x, *module.parameters()], grad)
+    assert forward.ops == ["acon::acon_c_forward"]
+    assert backward.ops == ["acon::acon_c_backward"]
+
+
+def test_eager_calls_make_one_autograd_node():
+    module = MetaAconC(8)
+    y = module(torch.randn(2, 8, 3, 3, requires_grad=True))
+    assert type(y.grad_fn).__name__ == "MetaAconCFunctionBackward"
+
+
+def test_counts_batches_as_batchnorm_does():
+    torch.manual_seed(0)
+    paper, ours = make_pair((4, 6, 5), 1, True, "fused", "cumulative")
+    for _ in range(3):
+        x = make_x((4, 6, 5), None)
+        paper(x)
+        ours(x)
+    assert ours.bn1.num_batches_tracked.item() == 3 == ours.bn2.num_batches_tracked.item()
+    for key, value in paper.state_dict().items():
+        assert_close(ours.state_dict()[key], value)
+    ours.eval()
+    ours(make_x((4, 6, 5), None))
+    assert ours.bn1.num_batches_tracked.item() == 3
