@@ -352,9 +352,9 @@ def meta_table(rows):
     return "\n".join(lines)
 
 
-def time_training_step(model, x, target, device, steps):
-    """Median ms of an SGD step (ACON parameters without weight decay), and
-    the bytes autograd keeps for backward (CPU) or the peak memory (CUDA)."""
+def training_step(model, x, target):
+    """One SGD step of model on (x, target) (ACON parameters without weight
+    decay), as a call."""
     optimizer = torch.optim.SGD(acon_cuda.param_groups(model, 1e-4), lr=0.01, momentum=0.9)
 
     def step():
@@ -363,23 +363,37 @@ def time_training_step(model, x, target, device, steps):
         loss.backward()
         optimizer.step()
 
-    for _ in range(2):
-        step()
-    samples = [wall_ms(step, device) for _ in range(steps)]
-    row = {
-        "ms": statistics.median(samples),
-        "saved_bytes": saved_bytes(lambda: F.cross_entropy(model(x), target), ()),
-    }
-    if device == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-        step()
-        torch.cuda.synchronize()
-        row["peak_bytes"] = torch.cuda.max_memory_allocated() - base
-    return row
+    return step
 
 
-def measure_training_steps(device, steps):
+def time_training_steps(models, x, target, device, steps, rounds):
+    """Median ms of an SGD step per model, timed in interleaved rounds of
+    `steps` steps (the machine's drift hits every model alike), and the
+    bytes autograd keeps for backward (CPU) or the peak memory (CUDA)."""
+    calls = {key: training_step(model, x, target) for key, model in models.items()}
+    for call in calls.values():
+        for _ in range(2):
+            call()
+    samples = {key: [] for key in calls}
+    for _ in range(rounds):
+        for key, call in calls.items():
+            samples[key] += [wall_ms(call, device) for _ in range(steps)]
+    rows = {}
+    for key, model in models.items():
+        rows[key] = {
+            "ms": statistics.median(samples[key]),
+            "saved_bytes": saved_bytes(lambda: F.cross_entropy(model(x), target), ()),
+        }
+        if device == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated()
+            calls[key]()
+            torch.cuda.synchronize()
+            rows[key]["peak_bytes"] = torch.cuda.max_memory_allocated() - base
+    return rows
+
+
+def measure_training_steps(device, steps, rounds=3):
     """Two training steps with every ReLU converted (one ACON per call site):
     - torchvision ResNet-18 (batch 16, 112x112): fused against the
       reference ACON, and the ReLU model for scale;
@@ -408,7 +422,7 @@ def measure_training_steps(device, steps):
     for arch, title, batch, image, memory_format, variants, baseline in plans:
         x = torch.randn(batch, 3, image, image, device=device).contiguous(memory_format=memory_format)
         target = torch.randint(0, 1000, (batch,), device=device)
-        rows = {}
+        models = {}
         for variant in variants:
             torch.manual_seed(0)
             model = getattr(torchvision.models, arch)().to(device, memory_format=memory_format)
@@ -416,8 +430,9 @@ def measure_training_steps(device, steps):
                 model = acon_cuda.convert_activations(model, new=lambda: torch.nn.SiLU())
             elif variant != "relu":
                 model = acon_cuda.convert_activations(model, example_input=x[:2], **news[variant])
-            rows[variant] = time_training_step(model, x, target, device, steps)
-        results.append({"model": title, "batch": batch, "image": image, "steps": steps, "rows": rows,
+            models[variant] = model
+        rows = time_training_steps(models, x, target, device, steps, rounds)
+        results.append({"model": title, "batch": batch, "image": image, "steps": steps * rounds, "rows": rows,
                         "baseline": baseline})
     return results
 
@@ -439,7 +454,7 @@ def training_table(trains, device):
         rows, baseline = train["rows"], train["baseline"]
         lines += [
             f"\nTraining step: {train['model']}, batch {train['batch']}, {train['image']}x{train['image']}, "
-            f"SGD, median of {train['steps']} steps",
+            f"SGD, median of {train['steps']} steps (interleaved rounds)",
             f"{'activation':<24} {'ms / step':>10} {'/ ' + baseline:>9} {'saved for backward MB':>22}"
             + (f" {'peak MB':>8}" if device == "cuda" else ""),
         ]
@@ -680,7 +695,7 @@ def main(argv=None):
         write(final=False)
     if do_train:
         progress(len(cases) + do_meta, total, "training steps (ResNet-18, ShuffleNetV2)", started)
-        report["training_steps"] = measure_training_steps(args.device, steps=5)
+        report["training_steps"] = measure_training_steps(args.device, steps=3)
     progress(total, total, "done", started)
 
     text = write(final=True)
