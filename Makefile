@@ -9,18 +9,21 @@ PY := $(VENV)/bin/python
 # compile where nvcc 13 is installed. On these machines it installs from disk.
 TORCH ?= torch==2.14.1
 # The torchvision built for that torch (ResNet-18 in the tests and the
-# benchmark's training step); empty it with another TORCH: those parts skip.
+# benchmark's training step); with another TORCH, empty it: the extras then
+# bring the torchvision pip matches to that torch.
 TORCHVISION ?= torchvision==0.29.1
-# onnx, onnxscript, onnxruntime: the ONNX export tests (torch.onnx, run in
-# onnxruntime's CPU provider).
-DEPS := $(TORCH) $(TORCHVISION) numpy pytest ninja setuptools wheel matplotlib scikit-learn \
-	onnx onnxscript onnxruntime
+# What the build needs, with torch and torchvision pinned; the test, bench
+# and lint tools come from the package's extras (pyproject.toml).
+DEPS := $(TORCH) $(TORCHVISION) ninja setuptools wheel
+EXTRAS := test,bench,lint
 
 DEPS_STAMP := $(VENV)/.acon-deps
 BUILD_STAMP := $(VENV)/.acon-build
-SOURCES := setup.py pyproject.toml $(shell find csrc -type f)
+SOURCES := setup.py pyproject.toml acon_cuda/_version.py $(shell find csrc -type f)
+PY_FILES := setup.py acon_cuda benchmarks tests examples
+CXX_FILES := $(shell find csrc -name '*.h' -o -name '*.cpp' -o -name '*.cu')
 
-.PHONY: setup test bench clean
+.PHONY: setup test test-wheel wheel lint format bench clean
 
 setup: $(BUILD_STAMP)
 
@@ -32,16 +35,37 @@ $(DEPS_STAMP): Makefile | $(PY)
 	$(PY) -m pip install $(DEPS)
 	touch $@
 
-# Rebuilt whenever a kernel source changes.
+# Rebuilt whenever a kernel source changes; installs the extras too, with
+# $(TORCH) named again so that pip keeps it (and picks a matching torchvision).
 $(BUILD_STAMP): $(DEPS_STAMP) $(SOURCES)
-	$(PY) -m pip install --no-build-isolation -e .
+	$(PY) -m pip install --no-build-isolation -e ".[$(EXTRAS)]" "$(TORCH)"
 	touch $@
 
 test: setup
 	$(PY) -m pytest tests
 
+# A wheel built here, installed into a fresh venv with only torch (slow: a
+# full build, and torch installed again).
+test-wheel: setup
+	$(PY) -m pytest tests -m slow
+
+# dist/acon_cuda-<version>+torch<major.minor>.<cuda>-*.whl
+wheel: setup
+	$(PY) -m pip wheel --no-build-isolation --no-deps -w dist .
+
+lint: setup
+	$(VENV)/bin/ruff check $(PY_FILES)
+	$(VENV)/bin/ruff format --check $(PY_FILES)
+	$(VENV)/bin/clang-format --dry-run -Werror $(CXX_FILES)
+
+# Rewrites the files as lint wants them.
+format: setup
+	$(VENV)/bin/ruff check --fix $(PY_FILES)
+	$(VENV)/bin/ruff format $(PY_FILES)
+	$(VENV)/bin/clang-format -i $(CXX_FILES)
+
 bench: setup
 	$(PY) -m benchmarks $(BENCH_ARGS)
 
 clean:
-	rm -rf build acon_cuda/_C*.so acon_cuda.egg-info $(BUILD_STAMP)
+	rm -rf build dist acon_cuda/_C*.so acon_cuda/_build_info.py acon_cuda.egg-info $(BUILD_STAMP)

@@ -12,7 +12,7 @@ import shutil
 import subprocess
 
 import torch
-from setuptools import find_packages, setup
+from setuptools import setup
 from torch.utils import cpp_extension
 from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
 
@@ -152,13 +152,42 @@ else:
         extra_link_args=["-fopenmp"],
     )
 
+
+
+def base_version():
+    """acon_cuda/_version.py's version, read without importing the package."""
+    with open(os.path.join(ROOT, "acon_cuda", "_version.py")) as f:
+        return re.search(r'^__version__ = "([^"]+)"', f.read(), re.M).group(1)
+
+
+def build_label(with_cuda):
+    """The local version label of this build: torch's major.minor, and the
+    CUDA version of the kernels (cpu without them), e.g. torch2.14.cu130."""
+    major_minor = ".".join(torch.__version__.split("+")[0].split(".")[:2])
+    cuda = "cu" + torch.version.cuda.replace(".", "") if with_cuda else "cpu"
+    return "torch%s.%s" % (major_minor, cuda)
+
+
+def write_build_info(version, with_cuda):
+    """acon_cuda/_build_info.py: what the extension is built against, which
+    acon_cuda/__init__.py checks before it loads the extension."""
+    with open(os.path.join(ROOT, "acon_cuda", "_build_info.py"), "w") as f:
+        f.write(
+            "# Written by setup.py at build time (not in git): what acon_cuda._C\n"
+            "# was compiled against.\n"
+            "VERSION = %r\n" % version
+            + "TORCH_VERSION = %r\n" % torch.__version__
+            + "CUDA_VERSION = %r\n" % (torch.version.cuda if with_cuda else None)
+            + "CUDA_ARCHS = %r\n" % (os.environ.get("TORCH_CUDA_ARCH_LIST") if with_cuda else None)
+        )
+
+
+VERSION = "%s+%s" % (base_version(), build_label(problem is None))
+write_build_info(VERSION, problem is None)
+
+# Name, dependencies and the other metadata are in pyproject.toml.
 setup(
-    name="acon_cuda",
-    version="0.1.0",
-    description="Fused ACON activations (ACON-A/B/C, Meta-ACON) for PyTorch",
-    packages=find_packages(include=["acon_cuda", "acon_cuda.*"]),
+    version=VERSION,
     ext_modules=[extension],
     cmdclass={"build_ext": BuildExtensionPerIsa},
-    python_requires=">=3.9",
-    install_requires=["torch"],
 )

@@ -11,11 +11,15 @@ their parameters out of weight decay.
 
 import torch  # noqa: F401  (loads libtorch before the extension)
 
-from . import _C  # noqa: F401  (registers torch.ops.acon.*)
-from . import reference
-from .convert import convert_activations
-from .modules import AconA, AconB, AconC, MetaAconC, param_groups
-from .ops import acon_c, cpu_kernel_isa
+from ._build import check_build
+
+__version__ = check_build()  # a clear error, before loading the extension
+
+from . import _C  # noqa: E402, F401  (registers torch.ops.acon.*)
+from . import reference  # noqa: E402
+from .convert import convert_activations  # noqa: E402
+from .modules import AconA, AconB, AconC, MetaAconC, param_groups  # noqa: E402
+from .ops import acon_c, cpu_kernel_isa  # noqa: E402
 
 __all__ = [
     "AconA",
@@ -28,4 +32,3 @@ __all__ = [
     "param_groups",
     "reference",
 ]
-__version__ = "0.1.0"
