@@ -33,11 +33,20 @@ def rel(*patterns):
 X86_64 = platform.machine().lower() in ("x86_64", "amd64")
 ISA_FLAGS = {
     "csrc/cpu/acon_c_kernel_avx2.cpp": [
-        "-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2",
+        "-mavx2",
+        "-mfma",
+        "-mf16c",
+        "-DCPU_CAPABILITY=AVX2",
+        "-DCPU_CAPABILITY_AVX2",
     ],
     "csrc/cpu/acon_c_kernel_avx512.cpp": [
-        "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma",
-        "-DCPU_CAPABILITY=AVX512", "-DCPU_CAPABILITY_AVX512",
+        "-mavx512f",
+        "-mavx512bw",
+        "-mavx512vl",
+        "-mavx512dq",
+        "-mfma",
+        "-DCPU_CAPABILITY=AVX512",
+        "-DCPU_CAPABILITY_AVX512",
     ],
 }
 CPU_SOURCES = rel("csrc/*.cpp", "csrc/cpu/acon_c_cpu.cpp", "csrc/cpu/acon_c_kernel_default.cpp")
@@ -110,8 +119,7 @@ def cuda_build_problem():
     if not match:
         return "could not read the version of %s" % nvcc
     if match.group(1) != torch.version.cuda.split(".")[0]:
-        return "nvcc %s.%s does not match torch's CUDA %s" % (
-            match.group(1), match.group(2), torch.version.cuda)
+        return "nvcc %s.%s does not match torch's CUDA %s" % (match.group(1), match.group(2), torch.version.cuda)
     # cpp_extension guessed its CUDA_HOME when it was imported.
     os.environ["CUDA_HOME"] = cuda_home
     cpp_extension.CUDA_HOME = cuda_home
@@ -127,8 +135,7 @@ DEFAULT_CUDA_ARCHS = "9.0+PTX"
 def default_cuda_archs():
     if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
         os.environ["TORCH_CUDA_ARCH_LIST"] = DEFAULT_CUDA_ARCHS
-        print("acon_cuda: no GPU visible, building CUDA kernels for TORCH_CUDA_ARCH_LIST=%s"
-              % DEFAULT_CUDA_ARCHS)
+        print("acon_cuda: no GPU visible, building CUDA kernels for TORCH_CUDA_ARCH_LIST=%s" % DEFAULT_CUDA_ARCHS)
 
 
 CXX_FLAGS = ["-O3", "-fopenmp"] + (["-DACON_CPU_X86_VARIANTS"] if X86_64 else [])
@@ -153,7 +160,6 @@ else:
     )
 
 
-
 def base_version():
     """acon_cuda/_version.py's version, read without importing the package."""
     with open(os.path.join(ROOT, "acon_cuda", "_version.py")) as f:
@@ -175,7 +181,8 @@ def write_build_info(version, with_cuda):
         f.write(
             "# Written by setup.py at build time (not in git): what acon_cuda._C\n"
             "# was compiled against.\n"
-            "VERSION = %r\n" % version
+            "VERSION = %r\n"
+            % version
             + "TORCH_VERSION = %r\n" % torch.__version__
             + "CUDA_VERSION = %r\n" % (torch.version.cuda if with_cuda else None)
             + "CUDA_ARCHS = %r\n" % (os.environ.get("TORCH_CUDA_ARCH_LIST") if with_cuda else None)

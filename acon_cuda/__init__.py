@@ -15,8 +15,7 @@ from ._build import check_build
 
 __version__ = check_build()  # a clear error, before loading the extension
 
-from . import _C  # noqa: E402, F401  (registers torch.ops.acon.*)
-from . import reference  # noqa: E402
+from . import _C, reference  # noqa: E402, F401  (_C registers torch.ops.acon.*)
 from .convert import convert_activations  # noqa: E402
 from .modules import AconA, AconB, AconC, MetaAconC, param_groups  # noqa: E402
 from .ops import acon_c, cpu_kernel_isa  # noqa: E402

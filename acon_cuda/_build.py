@@ -31,7 +31,10 @@ def mismatch(built_torch, built_cuda, running_torch, running_cuda):
             f"CUDA {running_cuda}. "
         )
     if built_cuda is not None and running_cuda is None:
-        return f"acon_cuda was built with CUDA kernels (CUDA {built_cuda}), but torch {running_torch} is a CPU-only build. "
+        return (
+            f"acon_cuda was built with CUDA kernels (CUDA {built_cuda}), "
+            f"but torch {running_torch} is a CPU-only build. "
+        )
     return None
 
 

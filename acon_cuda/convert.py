@@ -21,7 +21,6 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.modules.lazy import LazyModuleMixin
 
 from .modules import AconA, AconB, AconC, MetaAconC, _Acon
 

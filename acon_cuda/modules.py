@@ -65,7 +65,8 @@ class _Acon(LazyModuleMixin, nn.Module):
     def _channels_of(self, x: Tensor) -> int:
         if x.dim() < 2:
             raise ValueError(
-                f"{type(self).__name__}: expected an input of rank >= 2 (batch, channels, ...), got shape {tuple(x.shape)}"
+                f"{type(self).__name__}: expected an input of rank >= 2 (batch, channels, ...), "
+                f"got shape {tuple(x.shape)}"
             )
         if not -x.dim() <= self.channel_dim < x.dim():
             raise ValueError(
@@ -205,6 +206,11 @@ class MetaAconC(_Acon):
 
     With ``norm=True``, training needs a batch of at least 2 (BatchNorm over
     one value per channel is undefined); a batch of 1 raises a ValueError.
+
+    The generator runs on (N, C) matrices (``acon_cuda/meta_acon.py``): the
+    convolutions as matrix products on views of their weights, the BatchNorms
+    with their own parameters, buffers and rules; plain eager calls make one
+    autograd node. The submodules' ``forward`` (and hooks) are not called.
     """
 
     _PARAMS = ("p1", "p2")

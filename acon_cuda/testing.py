@@ -20,9 +20,9 @@ TOLERANCES = {
 # float64 truth may land one unit in the last place apart; atol covers
 # float16's subnormals.
 ROUNDING = {
-    torch.float32: (2 ** -23, 1e-45),
-    torch.float16: (2 ** -10, 2 ** -24),
-    torch.bfloat16: (2 ** -7, 1e-38),
+    torch.float32: (2**-23, 1e-45),
+    torch.float16: (2**-10, 2**-24),
+    torch.bfloat16: (2**-7, 1e-38),
 }
 
 

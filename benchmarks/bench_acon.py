@@ -194,6 +194,7 @@ def measure_case(name, layout, dtype, device, rounds, budget_s, batch):
             def call():
                 with torch.no_grad():
                     fn(*sets[i], channel_dim)
+
             return call
 
         def backward(i):
@@ -217,7 +218,7 @@ def measure_case(name, layout, dtype, device, rounds, budget_s, batch):
                 estimate[(key, mode)] = wall_ms(call, device)
     times = {(key, mode): [] for key, per_mode in calls.items() for mode in per_mode}
     for _ in range(rounds):
-        for (key, mode) in times:
+        for key, mode in times:
             times[(key, mode)].append(median_ms(calls[key][mode], device, budget_s, estimate[(key, mode)]))
     ms = {}
     for (key, mode), samples in times.items():
@@ -236,13 +237,16 @@ def measure_case(name, layout, dtype, device, rounds, budget_s, batch):
         "ms": ms,
         "gbps": {
             key: {mode: TRAFFIC[mode] * x_bytes / (t * 1e6) for mode, t in per_mode.items()}
-            for key, per_mode in ms.items() if key != "copy"
+            for key, per_mode in ms.items()
+            if key != "copy"
         },
         "copy_gbps": TRAFFIC["forward"] * x_bytes / (ms["copy"]["forward"] * 1e6),
         "saved_bytes": {key: saved_bytes(fn, (*leaves[0], channel_dim)) for key, fn in contenders.items()},
     }
     if device == "cuda":
-        result["peak_bytes"] = {key: cuda_peak_bytes(fn, leaves[0], grads[0], channel_dim) for key, fn in contenders.items()}
+        result["peak_bytes"] = {
+            key: cuda_peak_bytes(fn, leaves[0], grads[0], channel_dim) for key, fn in contenders.items()
+        }
     return result
 
 
@@ -298,8 +302,9 @@ def measure_meta_modules(device, batch, layouts, rounds, budget_s):
         copies = max(1, min(32, math.ceil(CACHE_BYTES[device] / x_bytes)))
         for layout in layouts:
             fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
-            xs = [torch.randn(shape, device=device).contiguous(memory_format=fmt).requires_grad_()
-                  for _ in range(copies)]
+            xs = [
+                torch.randn(shape, device=device).contiguous(memory_format=fmt).requires_grad_() for _ in range(copies)
+            ]
             grads = [torch.randn_like(x) for x in xs]
             torch.manual_seed(0)
             modules = {key: make(shape[1]).to(device).train() for key, make in META_MODULES.items()}
@@ -309,6 +314,7 @@ def measure_meta_modules(device, batch, layouts, rounds, budget_s):
 
                 def call(i):
                     return lambda: torch.autograd.grad(module(xs[i]), [xs[i], *wrt], grads[i])
+
                 calls = itertools.cycle([call(i) for i in range(copies)])
                 return lambda: next(calls)()
 
@@ -321,13 +327,15 @@ def measure_meta_modules(device, batch, layouts, rounds, budget_s):
             for _ in range(rounds):
                 for key in calls:
                     times[key].append(median_ms(calls[key], device, budget_s, estimate[key]))
-            rows.append({
-                "shape": list(shape),
-                "layout": layout,
-                "ms": {key: statistics.median(samples) for key, samples in times.items()},
-                "saved_bytes": {key: saved_bytes(lambda m=m: m(xs[0]), ()) for key, m in modules.items()},
-                "x_bytes": x_bytes,
-            })
+            rows.append(
+                {
+                    "shape": list(shape),
+                    "layout": layout,
+                    "ms": {key: statistics.median(samples) for key, samples in times.items()},
+                    "saved_bytes": {key: saved_bytes(lambda m=m: m(xs[0]), ()) for key, m in modules.items()},
+                    "x_bytes": x_bytes,
+                }
+            )
     return rows
 
 
@@ -406,10 +414,24 @@ def measure_training_steps(device, steps, rounds=3):
     except ImportError:
         return None
     plans = [
-        ("resnet18", "torchvision resnet18, ReLU -> AconC", 16, 112, torch.contiguous_format,
-         ("relu", "fused", "reference"), "fused"),
-        ("shufflenet_v2_x0_5", "torchvision shufflenet_v2_x0_5, ReLU -> AconC, channels_last", 32, 160,
-         torch.channels_last, ("silu", "relu", "paper", "fused", "paper_meta", "meta"), "silu"),
+        (
+            "resnet18",
+            "torchvision resnet18, ReLU -> AconC",
+            16,
+            112,
+            torch.contiguous_format,
+            ("relu", "fused", "reference"),
+            "fused",
+        ),
+        (
+            "shufflenet_v2_x0_5",
+            "torchvision shufflenet_v2_x0_5, ReLU -> AconC, channels_last",
+            32,
+            160,
+            torch.channels_last,
+            ("silu", "relu", "paper", "fused", "paper_meta", "meta"),
+            "silu",
+        ),
     ]
     news = {
         "fused": {"impl": "fused"},
@@ -432,8 +454,16 @@ def measure_training_steps(device, steps, rounds=3):
                 model = acon_cuda.convert_activations(model, example_input=x[:2], **news[variant])
             models[variant] = model
         rows = time_training_steps(models, x, target, device, steps, rounds)
-        results.append({"model": title, "batch": batch, "image": image, "steps": steps * rounds, "rows": rows,
-                        "baseline": baseline})
+        results.append(
+            {
+                "model": title,
+                "batch": batch,
+                "image": image,
+                "steps": steps * rounds,
+                "rows": rows,
+                "baseline": baseline,
+            }
+        )
     return results
 
 
@@ -497,7 +527,8 @@ def table(results, device):
             else:
                 memory = f"{r['saved_bytes']['fused'] / r['x_bytes']:8.2f}" if mode == "fwd+bwd" else ""
             lines.append(
-                f"{r['case']:<10} {'x'.join(map(str, r['shape'])):<16} {r['layout']:<13} {r['dtype']:<8} {mode:<8} {fused:9.3f} {gbps:7.1f} "
+                f"{r['case']:<10} {'x'.join(map(str, r['shape'])):<16} {r['layout']:<13} {r['dtype']:<8} "
+                f"{mode:<8} {fused:9.3f} {gbps:7.1f} "
                 f"{100 * gbps / r['copy_gbps']:5.0f}% {ms['paper'][mode] / fused:7.2f}x "
                 f"{ms['reference'][mode] / fused:6.2f}x {ms['compiled'][mode] / fused:9.2f}x "
                 f"{fused / ms['silu'][mode]:6.2f}x {memory:>8}"
@@ -508,8 +539,11 @@ def table(results, device):
         "vs paper / vs ref / vs compile: speedup of the fused op over the paper's code, the reference\n"
         "(d*x once) and torch.compile(reference); higher is better. / silu: fused time over F.silu's\n"
         "(lower is better; SiLU is the floor). "
-        + ("peak MB: CUDA memory allocated by one forward+backward." if device == "cuda"
-           else "saved/x: bytes kept for backward over x's bytes.")
+        + (
+            "peak MB: CUDA memory allocated by one forward+backward."
+            if device == "cuda"
+            else "saved/x: bytes kept for backward over x's bytes."
+        )
     )
     return "\n".join(lines)
 
@@ -548,17 +582,19 @@ def plot(results, path):
     axes[1].sharey(axes[0])
     for ax, mode in zip(axes, ["forward", "backward"]):
         for key, marker in (("reference", "o"), ("compiled", "s")):
-            for dtype, color in (("float32", "tab:blue"), ("bfloat16", "tab:orange"),
-                                 ("float16", "tab:green"), ("float64", "tab:red")):
+            for dtype, color in (
+                ("float32", "tab:blue"),
+                ("bfloat16", "tab:orange"),
+                ("float16", "tab:green"),
+                ("float64", "tab:red"),
+            ):
                 points = sorted(
-                    (r["x_bytes"], r["ms"][key][mode] / r["ms"]["fused"][mode])
-                    for r in results if r["dtype"] == dtype
+                    (r["x_bytes"], r["ms"][key][mode] / r["ms"]["fused"][mode]) for r in results if r["dtype"] == dtype
                 )
                 if points:
                     xs, ys = zip(*points)
                     label = f"over {'torch.compile(ref)' if key == 'compiled' else 'reference'}, {dtype}"
-                    ax.scatter(xs, ys, marker=marker, color=color, alpha=0.8 if key == "compiled" else 0.5,
-                               label=label)
+                    ax.scatter(xs, ys, marker=marker, color=color, alpha=0.8 if key == "compiled" else 0.5, label=label)
         ax.axhline(1.0, color="gray", linewidth=0.8)
         ax.set_xscale("log")
         ax.set_yscale("log")
@@ -571,11 +607,16 @@ def plot(results, path):
     axes[1].legend(fontsize=7)
     ax = axes[2]
     for layout, marker in (("contiguous", "o"), ("channels_last", "s")):
-        for dtype, color in (("float32", "tab:blue"), ("bfloat16", "tab:orange"),
-                             ("float16", "tab:green"), ("float64", "tab:red")):
+        for dtype, color in (
+            ("float32", "tab:blue"),
+            ("bfloat16", "tab:orange"),
+            ("float16", "tab:green"),
+            ("float64", "tab:red"),
+        ):
             points = sorted(
                 (r["x_bytes"], r["ms"]["fused"]["fwd+bwd"] / r["ms"]["silu"]["fwd+bwd"])
-                for r in results if r["dtype"] == dtype and r["layout"] == layout
+                for r in results
+                if r["dtype"] == dtype and r["layout"] == layout
             )
             if points:
                 xs, ys = zip(*points)
@@ -602,25 +643,44 @@ def parse_list(parser, value, allowed, what):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--quick", action="store_true", help="two small cases, float32, one round")
-    parser.add_argument("--dtype", default=None,
-                        help="comma-separated: float32, bfloat16, float16, float64 (default: float32 on the CPU, "
-                        "to stay within 4 minutes on 2 cores; float32,bfloat16 on CUDA)")
-    parser.add_argument("--sizes", default=None,
-                        help="comma-separated, of: " + ", ".join(SIZES) + " (default: all but large on the CPU)")
-    parser.add_argument("--layout", default="contiguous,channels_last",
-                        help="comma-separated: contiguous, channels_last (4-D cases only)")
-    parser.add_argument("--batch", type=int, default=None,
-                        help="batch of the ResNet-50 stage and Meta-ACON cases (default 16 on the CPU, 32 on CUDA)")
-    parser.add_argument("--rounds", type=int, default=None, help="interleaved rounds per case (default 2; 1 with --quick)")
+    parser.add_argument(
+        "--dtype",
+        default=None,
+        help="comma-separated: float32, bfloat16, float16, float64 (default: float32 on the CPU, "
+        "to stay within 4 minutes on 2 cores; float32,bfloat16 on CUDA)",
+    )
+    parser.add_argument(
+        "--sizes",
+        default=None,
+        help="comma-separated, of: " + ", ".join(SIZES) + " (default: all but large on the CPU)",
+    )
+    parser.add_argument(
+        "--layout",
+        default="contiguous,channels_last",
+        help="comma-separated: contiguous, channels_last (4-D cases only)",
+    )
+    parser.add_argument(
+        "--batch",
+        type=int,
+        default=None,
+        help="batch of the ResNet-50 stage and Meta-ACON cases (default 16 on the CPU, 32 on CUDA)",
+    )
+    parser.add_argument(
+        "--rounds", type=int, default=None, help="interleaved rounds per case (default 2; 1 with --quick)"
+    )
     parser.add_argument("--out", default="bench_results", help="folder for results.json and speedup.png")
     parser.add_argument("--no-train", action="store_true", help="skip the training steps (ResNet-18, ShuffleNetV2)")
     parser.add_argument("--no-meta", action="store_true", help="skip the Meta-ACON module cases")
-    parser.add_argument("--system-malloc", action="store_true",
-                        help="leave glibc's malloc as it is (page faults on every large allocation)")
+    parser.add_argument(
+        "--system-malloc",
+        action="store_true",
+        help="leave glibc's malloc as it is (page faults on every large allocation)",
+    )
     args = parser.parse_args(argv)
 
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -629,8 +689,11 @@ def main(argv=None):
         parser.error("--device cuda: this build of acon_cuda has no CUDA kernels")
     default_dtypes = "float32" if args.quick or args.device == "cpu" else "float32,bfloat16"
     dtypes = parse_list(parser, args.dtype or default_dtypes, ["float32", "bfloat16", "float16", "float64"], "dtype")
-    sizes = parse_list(parser, args.sizes, list(SIZES), "size") if args.sizes else (
-        QUICK_SIZES if args.quick else DEFAULT_SIZES[args.device])
+    sizes = (
+        parse_list(parser, args.sizes, list(SIZES), "size")
+        if args.sizes
+        else (QUICK_SIZES if args.quick else DEFAULT_SIZES[args.device])
+    )
     layouts = parse_list(parser, args.layout, ["contiguous", "channels_last"], "layout")
     rounds = args.rounds or (1 if args.quick else 2)
     batch = DEFAULT_BATCH[args.device] if args.batch is None else args.batch
@@ -641,13 +704,18 @@ def main(argv=None):
 
     cases = [
         (name, layout, getattr(torch, dtype))
-        for name in sizes for dtype in dtypes for layout in layouts
+        for name in sizes
+        for dtype in dtypes
+        for layout in layouts
         if layout == "contiguous" or len(SIZES[name][0]) == 4
     ]
     info = machine_info(args.device)
-    print(f"torch {torch.__version__}, device {args.device} "
-          f"({info.get('gpu') or info.get('cpu')}), {torch.get_num_threads()} CPU threads, "
-          f"malloc keeps freed memory: {kept}", file=sys.stderr)
+    print(
+        f"torch {torch.__version__}, device {args.device} "
+        f"({info.get('gpu') or info.get('cpu')}), {torch.get_num_threads()} CPU threads, "
+        f"malloc keeps freed memory: {kept}",
+        file=sys.stderr,
+    )
     do_train = not (args.quick or args.no_train)
     do_meta = not (args.quick or args.no_meta)
     total = len(cases) + do_meta + do_train
@@ -704,6 +772,9 @@ def main(argv=None):
     compile_s = ", ".join(f"{r['case']}/{r['layout']}/{r['dtype']} {r['compile_s']:.1f}" for r in results)
     print(f"\ntorch.compile time of the reference, s (not in the timings): {compile_s}")
     plotted = plot(results, os.path.join(args.out, "speedup.png"))
-    print(f"wrote {args.out}/results.json, table.txt" + (", speedup.png" if plotted else
-          " (no speedup.png: matplotlib is not installed)"), file=sys.stderr)
+    print(
+        f"wrote {args.out}/results.json, table.txt"
+        + (", speedup.png" if plotted else " (no speedup.png: matplotlib is not installed)"),
+        file=sys.stderr,
+    )
     return report

@@ -29,8 +29,19 @@ def measure(shape, seconds):
     p1, p2, beta = (torch.randn(channels, requires_grad=True) for _ in range(3))
     grad = torch.randn(shape)
     names = dict(
-        torch=torch, F=F, acon_cuda=acon_cuda, ops=ops, x=x, p1=p1, p2=p2, beta=beta, grad=grad,
-        xd=x.detach(), p1d=p1.detach(), p2d=p2.detach(), betad=beta.detach(),
+        torch=torch,
+        F=F,
+        acon_cuda=acon_cuda,
+        ops=ops,
+        x=x,
+        p1=p1,
+        p2=p2,
+        beta=beta,
+        grad=grad,
+        xd=x.detach(),
+        p1d=p1.detach(),
+        p2d=p2.detach(),
+        betad=beta.detach(),
     )
     t = {
         "forward op": median_us("ops._forward_op(xd, p1d, p2d, betad, 1)", seconds, **names),
@@ -47,8 +58,9 @@ def measure(shape, seconds):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.per_call", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.per_call", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--shape", default="4,64,8,8", help="x's shape, channels on axis 1")
     parser.add_argument("--seconds", type=float, default=2.0, help="measuring time per figure")
     args = parser.parse_args(argv)

@@ -29,7 +29,8 @@ def block(results_dir):
     where = machine.get("gpu") or f"{machine.get('cpu')}, {machine.get('threads')} threads"
     args = report["args"]
     command = "python -m benchmarks" + "".join(
-        f" --{key.replace('_', '-')} {value}" for key, value in args.items()
+        f" --{key.replace('_', '-')} {value}"
+        for key, value in args.items()
         if value not in (None, False) and key not in ("out",)
     ).replace(" True", "")
     rel = os.path.relpath(results_dir, ROOT)

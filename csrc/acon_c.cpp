@@ -10,19 +10,27 @@ namespace acon_cuda {
 namespace {
 
 bool is_supported_float(at::ScalarType t) {
-  return t == at::kFloat || t == at::kDouble || t == at::kHalf ||
-      t == at::kBFloat16;
+  return t == at::kFloat || t == at::kDouble || t == at::kHalf || t == at::kBFloat16;
 }
 
 void check_param(const char* name, const at::Tensor& t, const at::Tensor& x) {
   TORCH_CHECK(
       t.device() == x.device(),
-      "acon_c: ", name, " is on ", t.device(), " but x is on ", x.device(),
+      "acon_c: ",
+      name,
+      " is on ",
+      t.device(),
+      " but x is on ",
+      x.device(),
       "; move both to the same device");
   TORCH_CHECK_TYPE(
       t.scalar_type() == x.scalar_type() || t.scalar_type() == at::kFloat,
-      "acon_c: ", name, " must have x's dtype (", x.scalar_type(),
-      ") or float32, got ", t.scalar_type());
+      "acon_c: ",
+      name,
+      " must have x's dtype (",
+      x.scalar_type(),
+      ") or float32, got ",
+      t.scalar_type());
 }
 
 // Whether t's sizes, leaving out size-1 axes, are `expected` (also leaving
@@ -62,13 +70,18 @@ int64_t check_acon_c_args(
       "acon_c: x must be a float32, float64, float16 or bfloat16 tensor, got ",
       x.scalar_type());
   TORCH_CHECK_VALUE(
-      x.dim() >= 2,
-      "acon_c: x must have at least 2 dimensions (batch, channels, ...), got shape ",
-      x.sym_sizes());
+      x.dim() >= 2, "acon_c: x must have at least 2 dimensions (batch, channels, ...), got shape ", x.sym_sizes());
   TORCH_CHECK_VALUE(
       channel_dim >= -x.dim() && channel_dim < x.dim(),
-      "acon_c: channel_dim=", channel_dim, " is out of range for x of rank ",
-      x.dim(), " (expected -", x.dim(), " <= channel_dim < ", x.dim(), ")");
+      "acon_c: channel_dim=",
+      channel_dim,
+      " is out of range for x of rank ",
+      x.dim(),
+      " (expected -",
+      x.dim(),
+      " <= channel_dim < ",
+      x.dim(),
+      ")");
   const int64_t cdim = channel_dim < 0 ? channel_dim + x.dim() : channel_dim;
   // Symbolic sizes, so the fake kernels can run these checks under
   // torch.compile with dynamic shapes.
@@ -80,34 +93,46 @@ int64_t check_acon_c_args(
   check_param("beta", beta, x);
   TORCH_CHECK_VALUE(
       holds_along_axes(p1, {channels}),
-      "acon_c: p1 must hold C = x.shape[channel_dim] = ", channels,
+      "acon_c: p1 must hold C = x.shape[channel_dim] = ",
+      channels,
       " values: shape (C,), or that with size-1 axes added such as (1, C, 1, 1); got shape ",
       p1.sym_sizes());
   TORCH_CHECK_VALUE(
       holds_along_axes(p2, {channels}),
-      "acon_c: p2 must hold C = x.shape[channel_dim] = ", channels,
+      "acon_c: p2 must hold C = x.shape[channel_dim] = ",
+      channels,
       " values: shape (C,), or that with size-1 axes added such as (1, C, 1, 1); got shape ",
       p2.sym_sizes());
   TORCH_CHECK_VALUE(
       holds_along_axes(beta, {channels}) || holds_along_axes(beta, {batch, channels}),
-      "acon_c: beta must have shape (C,) = (", channels, ",) (one per channel) or (N, C) = (",
-      batch, ", ", channels, ") (one per sample and channel), or one of those with size-1 axes "
-      "added such as (1, C, 1, 1) or (N, C, 1, 1); got shape ", beta.sym_sizes());
+      "acon_c: beta must have shape (C,) = (",
+      channels,
+      ",) (one per channel) or (N, C) = (",
+      batch,
+      ", ",
+      channels,
+      ") (one per sample and channel), or one of those with size-1 axes "
+      "added such as (1, C, 1, 1) or (N, C, 1, 1); got shape ",
+      beta.sym_sizes());
   TORCH_CHECK_VALUE(
       beta.sym_numel() == channels || cdim != 0,
       "acon_c: a per-sample beta needs a batch axis distinct from the channel axis, "
       "but channel_dim is 0");
 
   if (grad_y.defined()) {
-    TORCH_CHECK(
-        grad_y.device() == x.device(), "acon_c: grad_y is on ", grad_y.device(),
-        " but x is on ", x.device());
+    TORCH_CHECK(grad_y.device() == x.device(), "acon_c: grad_y is on ", grad_y.device(), " but x is on ", x.device());
     TORCH_CHECK_TYPE(
-        grad_y.scalar_type() == x.scalar_type(), "acon_c: grad_y must have x's dtype (",
-        x.scalar_type(), "), got ", grad_y.scalar_type());
+        grad_y.scalar_type() == x.scalar_type(),
+        "acon_c: grad_y must have x's dtype (",
+        x.scalar_type(),
+        "), got ",
+        grad_y.scalar_type());
     TORCH_CHECK_VALUE(
-        grad_y.sym_sizes() == x.sym_sizes(), "acon_c: grad_y must have x's shape ",
-        x.sym_sizes(), ", got ", grad_y.sym_sizes());
+        grad_y.sym_sizes() == x.sym_sizes(),
+        "acon_c: grad_y must have x's shape ",
+        x.sym_sizes(),
+        ", got ",
+        grad_y.sym_sizes());
   }
   return cdim;
 }
@@ -148,9 +173,9 @@ WorkTensors make_work_tensors(
   const int64_t ndim = x.dim();
   std::vector<int64_t> perm(ndim);
   std::iota(perm.begin(), perm.end(), 0);
-  std::stable_sort(
-      perm.begin() + (layout.per_sample_beta ? 1 : 0), perm.end(),
-      [&](int64_t a, int64_t b) { return out.stride(a) > out.stride(b); });
+  std::stable_sort(perm.begin() + (layout.per_sample_beta ? 1 : 0), perm.end(), [&](int64_t a, int64_t b) {
+    return out.stride(a) > out.stride(b);
+  });
 
   w.out = out;
   if (!is_contiguous_in_order(out, perm)) {
@@ -207,10 +232,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> parameter_grads_from_sums(
 TORCH_LIBRARY_IMPL(acon, CompositeExplicitAutograd, m) {
   m.impl(
       "acon_c_check_args",
-      [](const at::Tensor& x, const at::Tensor& p1, const at::Tensor& p2,
-         const at::Tensor& beta, int64_t channel_dim,
+      [](const at::Tensor& x,
+         const at::Tensor& p1,
+         const at::Tensor& p2,
+         const at::Tensor& beta,
+         int64_t channel_dim,
          const std::optional<at::Tensor>& grad_y) {
-        acon_cuda::check_acon_c_args(
-            x, p1, p2, beta, channel_dim, grad_y.value_or(at::Tensor()));
+        acon_cuda::check_acon_c_args(x, p1, p2, beta, channel_dim, grad_y.value_or(at::Tensor()));
       });
 }

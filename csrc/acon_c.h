@@ -35,10 +35,10 @@ int64_t check_acon_c_args(
 // every tensor with the same flat index. Copies only when a layout differs.
 struct WorkTensors {
   ChannelLayout layout;
-  at::Tensor out;     // written by the kernel; equals the caller's out unless
-                      // the layout needed a contiguous detour (copy back!)
+  at::Tensor out; // written by the kernel; equals the caller's out unless
+                  // the layout needed a contiguous detour (copy back!)
   at::Tensor x;
-  at::Tensor grad_y;  // undefined for the forward
+  at::Tensor grad_y; // undefined for the forward
 };
 WorkTensors make_work_tensors(
     const at::Tensor& out,

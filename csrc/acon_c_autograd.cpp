@@ -20,12 +20,15 @@ using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
 at::Tensor call_forward(
-    const at::Tensor& x, const at::Tensor& p1, const at::Tensor& p2, const at::Tensor& beta,
+    const at::Tensor& x,
+    const at::Tensor& p1,
+    const at::Tensor& p2,
+    const at::Tensor& beta,
     int64_t channel_dim) {
-  static const auto op = c10::Dispatcher::singleton()
-                             .findSchemaOrThrow("acon::acon_c_forward", "")
-                             .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                               const at::Tensor&, int64_t)>();
+  static const auto op =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("acon::acon_c_forward", "")
+          .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t)>();
   at::AutoDispatchBelowADInplaceOrView below_autograd;
   return op.call(x, p1, p2, beta, channel_dim);
 }
@@ -33,12 +36,23 @@ at::Tensor call_forward(
 using Grads = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 
 Grads call_backward(
-    const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& p1, const at::Tensor& p2,
-    const at::Tensor& beta, int64_t channel_dim, std::array<bool, 2> output_mask) {
+    const at::Tensor& grad_y,
+    const at::Tensor& x,
+    const at::Tensor& p1,
+    const at::Tensor& p2,
+    const at::Tensor& beta,
+    int64_t channel_dim,
+    std::array<bool, 2> output_mask) {
   static const auto op = c10::Dispatcher::singleton()
                              .findSchemaOrThrow("acon::acon_c_backward", "")
-                             .typed<Grads(const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                          const at::Tensor&, const at::Tensor&, int64_t, std::array<bool, 2>)>();
+                             .typed<Grads(
+                                 const at::Tensor&,
+                                 const at::Tensor&,
+                                 const at::Tensor&,
+                                 const at::Tensor&,
+                                 const at::Tensor&,
+                                 int64_t,
+                                 std::array<bool, 2>)>();
   at::AutoDispatchBelowADInplaceOrView below_autograd;
   return op.call(grad_y, x, p1, p2, beta, channel_dim, output_mask);
 }
@@ -60,8 +74,14 @@ bool any_requires_grad(std::initializer_list<const at::Tensor*> tensors) {
 class AconCBackward : public torch::autograd::Function<AconCBackward> {
  public:
   static variable_list forward(
-      AutogradContext* ctx, const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& p1,
-      const at::Tensor& p2, const at::Tensor& beta, int64_t channel_dim, std::array<bool, 2> output_mask) {
+      AutogradContext* ctx,
+      const at::Tensor& grad_y,
+      const at::Tensor& x,
+      const at::Tensor& p1,
+      const at::Tensor& p2,
+      const at::Tensor& beta,
+      int64_t channel_dim,
+      std::array<bool, 2> output_mask) {
     auto [gx, gp1, gp2, gbeta] = call_backward(grad_y, x, p1, p2, beta, channel_dim, output_mask);
     return {gx, gp1, gp2, gbeta};
   }
@@ -75,8 +95,13 @@ class AconCBackward : public torch::autograd::Function<AconCBackward> {
 };
 
 Grads acon_c_backward_autograd(
-    const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& p1, const at::Tensor& p2,
-    const at::Tensor& beta, int64_t channel_dim, std::array<bool, 2> output_mask) {
+    const at::Tensor& grad_y,
+    const at::Tensor& x,
+    const at::Tensor& p1,
+    const at::Tensor& p2,
+    const at::Tensor& beta,
+    int64_t channel_dim,
+    std::array<bool, 2> output_mask) {
   if (!any_requires_grad({&grad_y, &x, &p1, &p2, &beta})) {
     return call_backward(grad_y, x, p1, p2, beta, channel_dim, output_mask);
   }
@@ -87,8 +112,12 @@ Grads acon_c_backward_autograd(
 class AconCForward : public torch::autograd::Function<AconCForward> {
  public:
   static at::Tensor forward(
-      AutogradContext* ctx, const at::Tensor& x, const at::Tensor& p1, const at::Tensor& p2,
-      const at::Tensor& beta, int64_t channel_dim) {
+      AutogradContext* ctx,
+      const at::Tensor& x,
+      const at::Tensor& p1,
+      const at::Tensor& p2,
+      const at::Tensor& beta,
+      int64_t channel_dim) {
     ctx->save_for_backward({x, p1, p2, beta});
     ctx->saved_data["channel_dim"] = channel_dim;
     return call_forward(x, p1, p2, beta, channel_dim);
@@ -97,8 +126,7 @@ class AconCForward : public torch::autograd::Function<AconCForward> {
   static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
     const variable_list saved = ctx->get_saved_variables();
     const std::array<bool, 2> mask = {
-        ctx->needs_input_grad(0),
-        ctx->needs_input_grad(1) || ctx->needs_input_grad(2) || ctx->needs_input_grad(3)};
+        ctx->needs_input_grad(0), ctx->needs_input_grad(1) || ctx->needs_input_grad(2) || ctx->needs_input_grad(3)};
     // Under create_graph=True the backward op goes through its own autograd,
     // so that differentiating these gradients raises (acon_cuda.acon_c is
     // what supports double backward) instead of silently giving nothing.
@@ -110,7 +138,10 @@ class AconCForward : public torch::autograd::Function<AconCForward> {
 };
 
 at::Tensor acon_c_forward_autograd(
-    const at::Tensor& x, const at::Tensor& p1, const at::Tensor& p2, const at::Tensor& beta,
+    const at::Tensor& x,
+    const at::Tensor& p1,
+    const at::Tensor& p2,
+    const at::Tensor& beta,
     int64_t channel_dim) {
   if (!any_requires_grad({&x, &p1, &p2, &beta})) {
     return call_forward(x, p1, p2, beta, channel_dim);

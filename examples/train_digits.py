@@ -41,11 +41,19 @@ def load_digits(test_fraction=0.2, seed=0):
 def make_model(activation, impl="fused"):
     act = ACTIVATIONS[activation]
     return nn.Sequential(
-        nn.Conv2d(1, 32, 3, padding=1), nn.BatchNorm2d(32), act(impl),
-        nn.Conv2d(32, 64, 3, padding=1), nn.BatchNorm2d(64), act(impl),
+        nn.Conv2d(1, 32, 3, padding=1),
+        nn.BatchNorm2d(32),
+        act(impl),
+        nn.Conv2d(32, 64, 3, padding=1),
+        nn.BatchNorm2d(64),
+        act(impl),
         nn.MaxPool2d(2),
-        nn.Conv2d(64, 64, 3, padding=1), nn.BatchNorm2d(64), act(impl),
-        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, 10),
+        nn.Conv2d(64, 64, 3, padding=1),
+        nn.BatchNorm2d(64),
+        act(impl),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(64, 10),
     )
 
 
@@ -84,11 +92,15 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--epochs", type=int, default=15)
     parser.add_argument("--impl", default="fused", choices=["fused", "reference"], help="how ACON is computed")
-    parser.add_argument("--activations", default=",".join(ACTIVATIONS), help="comma-separated: " + ", ".join(ACTIVATIONS))
+    parser.add_argument(
+        "--activations", default=",".join(ACTIVATIONS), help="comma-separated: " + ", ".join(ACTIVATIONS)
+    )
     args = parser.parse_args(argv)
     data = load_digits()
-    print(f"digits: {len(data[1])} training and {len(data[3])} test images, {args.epochs} epochs, "
-          f"ACON computed by the {args.impl} op, torch {torch.__version__}, {torch.get_num_threads()} threads")
+    print(
+        f"digits: {len(data[1])} training and {len(data[3])} test images, {args.epochs} epochs, "
+        f"ACON computed by the {args.impl} op, torch {torch.__version__}, {torch.get_num_threads()} threads"
+    )
     print(f"{'activation':<12} {'test accuracy':>13} {'s / epoch':>10} {'final loss':>11}")
     for name in args.activations.split(","):
         result = train(name.strip(), args.epochs, args.impl, data=data)

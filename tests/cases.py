@@ -124,7 +124,7 @@ def run_truth(x, p1, p2, beta, channel_dim, grad):
 
     # The truth's own error: autograd takes sigmoid's derivative as S*(1 - S),
     # with 1 - S by subtraction, which is off by up to min(2**-53, S_neg).
-    s_neg_error = torch.clamp(s_neg, max=2.0 ** -53)
+    s_neg_error = torch.clamp(s_neg, max=2.0**-53)
     g_truth_error = 2 * total(g64.abs() * dxa * (dxa * (s * s_neg_error)), beta_other)
     sizes = (
         (dx_size, 0.0),

@@ -2,11 +2,19 @@
 
 import pytest
 import torch
+from cases import (
+    check_against_truth,
+    copy_free_layouts,
+    dtype_pairs,
+    make_params,
+    make_x,
+    per_sample_kinds,
+    run_fused,
+    shape_layouts,
+)
 
 import acon_cuda
 from acon_cuda.testing import DTYPES
-
-from cases import check_against_truth, copy_free_layouts, dtype_pairs, make_params, make_x, per_sample_kinds, run_fused, shape_layouts
 
 
 @per_sample_kinds

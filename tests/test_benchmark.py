@@ -18,9 +18,22 @@ from benchmarks import readme  # noqa: E402
 def test_quick_benchmark_runs_and_writes_its_outputs(tmp_path):
     out = tmp_path / "bench"
     done = subprocess.run(
-        [sys.executable, "-m", "benchmarks", "--quick", "--sizes", "small", "--layout", "contiguous,channels_last",
-         "--out", str(out)],
-        cwd=ROOT, capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "benchmarks",
+            "--quick",
+            "--sizes",
+            "small",
+            "--layout",
+            "contiguous,channels_last",
+            "--out",
+            str(out),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert done.returncode == 0, done.stderr[-3000:]
     assert "vs compile" in done.stdout and "%copy" in done.stdout
@@ -54,7 +67,9 @@ def test_readme_figures_come_from_the_committed_results():
     assert names, "README.md has no benchmark block"
     for name in names:
         results_dir = os.path.join(ROOT, "benchmarks", "results", name)
-        assert readme.block(results_dir) in text, f"README's {name} block differs from {results_dir}; run python -m benchmarks.readme"
+        assert readme.block(results_dir) in text, (
+            f"README's {name} block differs from {results_dir}; run python -m benchmarks.readme"
+        )
 
 
 def test_per_call_script_runs():

@@ -33,7 +33,11 @@ def record_inputs(model):
 def calls_of(model, types, x):
     """How many times modules of `types` run in one forward pass of `model`."""
     count = [0]
-    hooks = [m.register_forward_hook(lambda *_: count.__setitem__(0, count[0] + 1)) for m in model.modules() if isinstance(m, types)]
+    hooks = [
+        m.register_forward_hook(lambda *_: count.__setitem__(0, count[0] + 1))
+        for m in model.modules()
+        if isinstance(m, types)
+    ]
     with torch.no_grad():
         model.eval()(x)
     for h in hooks:

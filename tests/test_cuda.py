@@ -8,11 +8,10 @@ import subprocess
 
 import pytest
 import torch
+from cases import make_params
 
 import acon_cuda
 from acon_cuda import reference
-
-from cases import make_params
 
 OPS = ["acon_c_forward", "acon_c_backward"]
 

@@ -7,7 +7,6 @@ warp shuffles and barriers of the block reductions, and the GPU itself."""
 
 import pytest
 import torch
-
 from cases import check_against_truth, dtype_pairs, leaves, make_params, make_x, per_sample_kinds, shape_layouts
 
 pytestmark = pytest.mark.skipif(

@@ -6,12 +6,11 @@ import contextlib
 
 import pytest
 import torch
+from cases import copy_free_layouts, make_params, make_x, per_sample_kinds
 from torch.func import grad, jacfwd, jacrev, vmap
 
 import acon_cuda
 from acon_cuda import ops, reference
-
-from cases import copy_free_layouts, make_params, make_x, per_sample_kinds
 
 F64 = dict(rtol=1e-12, atol=1e-12)
 
@@ -54,9 +53,7 @@ def test_forward_mode_ad_outside_torch_func(device):
 
 @copy_free_layouts
 @per_sample_kinds
-@pytest.mark.parametrize(
-    "batched", [(0,), (1, 2, 3), (0, 1, 2, 3), (0, 3)], ids=["x", "params", "all", "x_and_beta"]
-)
+@pytest.mark.parametrize("batched", [(0,), (1, 2, 3), (0, 1, 2, 3), (0, 3)], ids=["x", "params", "all", "x_and_beta"])
 def test_vmap(device, layout, per_sample, batched):
     (x, *params), channel_dim = inputs(device, layout, per_sample)
     args = [x, *params]
@@ -89,7 +86,9 @@ def test_per_sample_gradients(device, layout):
         return ((y.squeeze(0) - target) ** 2).sum()
 
     with no_vmap_fallback():
-        per_sample_grads = vmap(grad(loss, argnums=(0, 1, 2)), in_dims=(None, None, None, 0, 0))(p1, p2, beta, x, target)
+        per_sample_grads = vmap(grad(loss, argnums=(0, 1, 2)), in_dims=(None, None, None, 0, 0))(
+            p1, p2, beta, x, target
+        )
     for n in range(x.shape[0]):
         leaves = [t.detach().requires_grad_() for t in (p1, p2, beta)]
         expected = torch.autograd.grad(reference_loss(*leaves, x[n], target[n]), leaves)
@@ -183,7 +182,11 @@ def test_reference_backward_matches_autograd(device):
 )
 def test_strict_parameter_shapes(device, name, shape, ok):
     x = torch.randn(4, 6, 3, device=device)
-    params = {"p1": torch.randn(6, device=device), "p2": torch.randn(6, device=device), "beta": torch.ones(6, device=device)}
+    params = {
+        "p1": torch.randn(6, device=device),
+        "p2": torch.randn(6, device=device),
+        "beta": torch.ones(6, device=device),
+    }
     params[name] = torch.randn(shape, device=device)
     call = lambda: acon_cuda.acon_c(x, params["p1"], params["p2"], params["beta"])  # noqa: E731
     if ok:

@@ -8,11 +8,10 @@ import sys
 
 import pytest
 import torch
+from cases import copy_free_layouts, make_params, make_x, per_sample_kinds
 
 import acon_cuda
 from acon_cuda import reference
-
-from cases import copy_free_layouts, make_params, make_x, per_sample_kinds
 
 OPS = ["acon_c_forward", "acon_c_backward"]
 
@@ -274,8 +273,21 @@ def test_each_cpu_kernel_build_matches_reference(isa):
     subprocess.run([sys.executable, "-c", check], env=env, check=True, timeout=120)
     selection = "cpu and (float32 or bfloat16 or float64) and not strided and not transposed and not params"
     result = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider",
-         os.path.join(here, "test_acon_c.py"), "-k", selection],
-        env=env, capture_output=True, text=True, timeout=600,
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-q",
+            "-x",
+            "-p",
+            "no:cacheprovider",
+            os.path.join(here, "test_acon_c.py"),
+            "-k",
+            selection,
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]

@@ -273,8 +273,14 @@ def test_param_groups():
 def small_net(activation):
     torch.manual_seed(0)
     return nn.Sequential(
-        nn.Conv2d(3, 8, 3, padding=1), activation(), nn.Conv2d(8, 16, 3, padding=1),
-        nn.BatchNorm2d(16), activation(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 4),
+        nn.Conv2d(3, 8, 3, padding=1),
+        activation(),
+        nn.Conv2d(8, 16, 3, padding=1),
+        nn.BatchNorm2d(16),
+        activation(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(16, 4),
     )
 
 
@@ -308,7 +314,9 @@ def test_torch_export(name):
 def autocast_cases():
     yield pytest.param("cpu", torch.bfloat16, id="cpu-bfloat16")
     yield pytest.param(
-        "cuda", torch.float16, id="cuda-float16",
+        "cuda",
+        torch.float16,
+        id="cuda-float16",
         marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU"),
     )
 

@@ -5,12 +5,11 @@ import warnings
 
 import pytest
 import torch
+from cases import make_params, make_x, per_sample_kinds
 from torch import nn
 
 import acon_cuda
 from acon_cuda import AconA, AconB, AconC, MetaAconC
-
-from cases import make_params, make_x, per_sample_kinds
 
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")

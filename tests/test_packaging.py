@@ -50,7 +50,11 @@ def test_build_records_the_torch_and_cuda_it_was_built_against():
     "built, running, words",
     [
         (("2.13.0", None), ("2.14.1+cu130", "13.0"), "built against torch 2.13 (2.13.0), but torch 2.14.1+cu130"),
-        (("2.14.1+cu126", "12.6"), ("2.14.1+cu130", "13.0"), "built for CUDA 12.6, but torch 2.14.1+cu130 uses CUDA 13.0"),
+        (
+            ("2.14.1+cu126", "12.6"),
+            ("2.14.1+cu130", "13.0"),
+            "built for CUDA 12.6, but torch 2.14.1+cu130 uses CUDA 13.0",
+        ),
         (("2.14.1+cu130", "13.0"), ("2.14.0+cpu", None), "CPU-only build"),
     ],
     ids=["other_torch", "other_cuda", "cpu_only_torch"],
@@ -73,15 +77,30 @@ def test_same_torch_with_another_patch_release_loads():
 def test_sdist_holds_what_a_build_needs(tmp_path):
     done = subprocess.run(
         [sys.executable, "-m", "build", "--sdist", "--no-isolation", "--outdir", str(tmp_path)],
-        cwd=ROOT, capture_output=True, text=True, timeout=300,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert done.returncode == 0, done.stderr[-3000:]
     (sdist,) = tmp_path.glob("acon_cuda-*.tar.gz")
     with tarfile.open(sdist) as tar:
         names = {name.split("/", 1)[1] for name in tar.getnames() if "/" in name}
-    for needed in ["setup.py", "pyproject.toml", "README.md", "LICENSE", "MANIFEST.in", "acon_cuda/_version.py",
-                   "acon_cuda/ops.py", "csrc/acon.cpp", "csrc/acon_c.h", "csrc/cpu/acon_c_kernel.h",
-                   "csrc/cpu/acon_c_kernel_impl.h", "csrc/cuda/acon_c_cuda.cu", "tests/test_acon_c.py"]:
+    for needed in [
+        "setup.py",
+        "pyproject.toml",
+        "README.md",
+        "LICENSE",
+        "MANIFEST.in",
+        "acon_cuda/_version.py",
+        "acon_cuda/ops.py",
+        "csrc/acon.cpp",
+        "csrc/acon_c.h",
+        "csrc/cpu/acon_c_kernel.h",
+        "csrc/cpu/acon_c_kernel_impl.h",
+        "csrc/cuda/acon_c_cuda.cu",
+        "tests/test_acon_c.py",
+    ]:
         assert needed in names, needed
     assert not any(name.endswith(".so") or name.endswith("_build_info.py") for name in names)
 
@@ -108,7 +127,9 @@ def test_wheel_installs_into_a_fresh_venv_with_only_torch(tmp_path):
     elsewhere.mkdir()
     subprocess.run(
         [sys.executable, "-m", "pip", "wheel", "--no-build-isolation", "--no-deps", "-w", str(dist), ROOT],
-        check=True, capture_output=True, timeout=1800,
+        check=True,
+        capture_output=True,
+        timeout=1800,
     )
     (wheel,) = dist.glob("acon_cuda-*.whl")
     assert f"+{acon_cuda.__version__.split('+')[1]}-" in wheel.name  # torch and CUDA in the file name
@@ -124,7 +145,11 @@ def test_wheel_installs_into_a_fresh_venv_with_only_torch(tmp_path):
     # No compiler on PATH, no source tree on sys.path, no CUDA_HOME.
     env = {"PATH": str(venv / "bin"), "HOME": str(tmp_path)}
     done = subprocess.run(
-        [str(venv / "bin" / "python"), "-c", SMOKE], cwd=elsewhere, env=env, capture_output=True, text=True,
+        [str(venv / "bin" / "python"), "-c", SMOKE],
+        cwd=elsewhere,
+        env=env,
+        capture_output=True,
+        text=True,
         timeout=600,
     )
     assert done.returncode == 0, done.stderr[-3000:]

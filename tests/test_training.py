@@ -39,9 +39,7 @@ def test_digits_example_trains_and_fused_matches_reference(activation):
     # apart by 1e-2), so only float64 rounding keeps the comparison tight.
     fused = example.train(activation, epochs=3, impl="fused", data=data, dtype=torch.float64)
     ref = example.train(activation, epochs=3, impl="reference", data=data, dtype=torch.float64)
-    torch.testing.assert_close(
-        torch.tensor(fused["losses"]), torch.tensor(ref["losses"]), rtol=1e-8, atol=1e-10
-    )
+    torch.testing.assert_close(torch.tensor(fused["losses"]), torch.tensor(ref["losses"]), rtol=1e-8, atol=1e-10)
 
 
 def test_digits_example_runs_as_a_script(capsys):
@@ -58,9 +56,13 @@ BATCH = 8
 def ddp_model():
     torch.manual_seed(0)
     return nn.Sequential(
-        nn.Conv2d(3, 8, 3, padding=1), acon_cuda.AconC(8),
-        nn.Conv2d(8, 16, 3, padding=1), acon_cuda.MetaAconC(16, r=4, norm=False),
-        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 4),
+        nn.Conv2d(3, 8, 3, padding=1),
+        acon_cuda.AconC(8),
+        nn.Conv2d(8, 16, 3, padding=1),
+        acon_cuda.MetaAconC(16, r=4, norm=False),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(16, 4),
     )
 
 

@@ -59,9 +59,14 @@ at::Tensor values_in(const at::Tensor& t, at::ScalarType dtype) {
 // written in place; `out` undefined: a backward without grad_x (the layout of
 // x then decides).
 void launch(
-    const at::Tensor& out, const at::Tensor& x, const at::Tensor& p1,
-    const at::Tensor& p2, const at::Tensor& beta, int64_t cdim,
-    const at::Tensor& grad_y, AconCKernelArgs& args,
+    const at::Tensor& out,
+    const at::Tensor& x,
+    const at::Tensor& p1,
+    const at::Tensor& p2,
+    const at::Tensor& beta,
+    int64_t cdim,
+    const at::Tensor& grad_y,
+    AconCKernelArgs& args,
     void (*kernel)(const AconCKernelArgs&)) {
   const at::Tensor& like = out.defined() ? out : x.is_non_overlapping_and_dense() ? x : at::empty_like(x);
   WorkTensors w = make_work_tensors(like, x, beta, cdim, grad_y);
@@ -85,8 +90,11 @@ void launch(
 }
 
 at::Tensor acon_c_forward_cpu(
-    const at::Tensor& x, const at::Tensor& p1, const at::Tensor& p2,
-    const at::Tensor& beta, int64_t channel_dim) {
+    const at::Tensor& x,
+    const at::Tensor& p1,
+    const at::Tensor& p2,
+    const at::Tensor& beta,
+    int64_t channel_dim) {
   const int64_t cdim = check_acon_c_args(x, p1, p2, beta, channel_dim);
   at::Tensor y = at::empty_like(x);
   if (x.numel() > 0) {
@@ -110,8 +118,12 @@ at::Tensor grad_from_sums(const at::Tensor& param, const double* first, const do
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> acon_c_backward_cpu(
-    const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& p1,
-    const at::Tensor& p2, const at::Tensor& beta, int64_t channel_dim,
+    const at::Tensor& grad_y,
+    const at::Tensor& x,
+    const at::Tensor& p1,
+    const at::Tensor& p2,
+    const at::Tensor& beta,
+    int64_t channel_dim,
     std::array<bool, 2> output_mask) {
   const int64_t cdim = check_acon_c_args(x, p1, p2, beta, channel_dim, grad_y);
   const auto [want_x, want_params] = output_mask;

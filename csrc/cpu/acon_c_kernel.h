@@ -16,7 +16,7 @@ struct Lines {
   static constexpr int64_t kLine = 64 / sizeof(T);
   // Index of channel c's row-0 value; its row-k value is k * kLine further on.
   static constexpr int64_t index(int64_t c) {
-    const auto u = static_cast<uint64_t>(c);  // unsigned: shifts, not divisions
+    const auto u = static_cast<uint64_t>(c); // unsigned: shifts, not divisions
     return static_cast<int64_t>((u / kLine) * kRows * kLine + u % kLine);
   }
 };
@@ -34,12 +34,12 @@ struct AconCKernelArgs {
   // build their ParamLines (d = p1 - p2, p2) from them.
   const void* p1;
   const void* p2;
-  const void* params;  // the ParamLines: set by the kernel entry, not the caller
+  const void* params; // the ParamLines: set by the kernel entry, not the caller
   // beta in opmath precision, contiguous, C values per group (one group, or
   // one per sample), not padded. Kernels take beta * d as the reference does.
   const void* beta;
-  const void* x;       // dtype, contiguous in layout order
-  const void* grad_y;  // backward only
+  const void* x;      // dtype, contiguous in layout order
+  const void* grad_y; // backward only
   // y (forward) or grad_x (backward); null in a backward that only wants the
   // parameter sums.
   void* out;
@@ -62,10 +62,10 @@ void* thread_scratch_bytes(int slot, int64_t bytes);
 // padded_channels is a multiple of this (the widest vector of any dtype).
 constexpr int64_t kTableAlign = 64;
 
-#define ACON_DECLARE_CPU_KERNELS(isa)                          \
-  namespace isa {                                              \
-  void acon_c_forward_kernel(const AconCKernelArgs& args);     \
-  void acon_c_backward_kernel(const AconCKernelArgs& args);    \
+#define ACON_DECLARE_CPU_KERNELS(isa)                       \
+  namespace isa {                                           \
+  void acon_c_forward_kernel(const AconCKernelArgs& args);  \
+  void acon_c_backward_kernel(const AconCKernelArgs& args); \
   }
 
 ACON_DECLARE_CPU_KERNELS(DEFAULT)

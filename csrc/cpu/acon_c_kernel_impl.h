@@ -157,8 +157,8 @@ inline Vectorized<float> reciprocal_of_one_plus(const Vectorized<float>& t) {
 template <typename V>
 inline void sigmoid_pair(const V& u, V& s, V& s_neg) {
   const V t = u.abs().neg().exp_u20();
-  const V r = reciprocal_of_one_plus(t);  // sigmoid(|u|)
-  const V q = t * r;                      // sigmoid(-|u|)
+  const V r = reciprocal_of_one_plus(t); // sigmoid(|u|)
+  const V q = t * r;                     // sigmoid(-|u|)
   const V nonneg = u >= V(0);
   s = V::blendv(q, r, nonneg);
   s_neg = V::blendv(r, q, nonneg);
@@ -180,8 +180,7 @@ struct AconCGrad {
 };
 
 template <typename V>
-inline AconCGrad<V> acon_c_grad(
-    const V& x, const V& dy, const V& d, const V& p2, const V& bd) {
+inline AconCGrad<V> acon_c_grad(const V& x, const V& dy, const V& d, const V& p2, const V& bd) {
   const V u = bd * x;
   V s, s_neg;
   sigmoid_pair(u, s, s_neg);
@@ -255,7 +254,10 @@ inline V acon_c_elementwise(const V& x, const V& dy, const V& d, const V& p2, co
 // Loads the x (and, for kGrad, dy) of n elements at `offset`.
 template <typename scalar_t, bool kGrad>
 inline void load_inputs(
-    const TypedArgs<scalar_t>& a, int64_t offset, int64_t n, typename Lanes<scalar_t>::FVec* xv,
+    const TypedArgs<scalar_t>& a,
+    int64_t offset,
+    int64_t n,
+    typename Lanes<scalar_t>::FVec* xv,
     typename Lanes<scalar_t>::FVec* dyv) {
   Lanes<scalar_t>::load(a.x + offset, n, xv);
   if constexpr (kGrad) {
@@ -329,7 +331,7 @@ void elementwise_typed(const AconCKernelArgs& args) {
     // Channels innermost: a row is C elements, parameters vary along it.
     const int64_t rows = lay.groups * lay.outer;
     at::parallel_for(0, rows, ceil_div(kGrainElements, lay.channels), [&](int64_t begin, int64_t end) {
-      for (int64_t r0 = begin; r0 < end;) {  // group by group
+      for (int64_t r0 = begin; r0 < end;) { // group by group
         const int64_t g = r0 / lay.outer;
         const int64_t r1 = std::min(end, (g + 1) * lay.outer);
         elementwise_rows_channels_inner<scalar_t, kGrad>(args, g, r0, r1);
@@ -389,8 +391,13 @@ constexpr int kMaxRegisterVectors = 4;
 
 template <typename scalar_t, int kChunks>
 void backward_narrow_rows(
-    const scalar_t* x, const scalar_t* dy, scalar_t* dx, int64_t C, int64_t rows,
-    const at::opmath_type<scalar_t>* lines, const at::opmath_type<scalar_t>* beta,
+    const scalar_t* x,
+    const scalar_t* dy,
+    scalar_t* dx,
+    int64_t C,
+    int64_t rows,
+    const at::opmath_type<scalar_t>* lines,
+    const at::opmath_type<scalar_t>* beta,
     at::opmath_type<scalar_t>* acc) {
   using L = Lanes<scalar_t>;
   using opmath_t = typename L::opmath_t;
@@ -441,8 +448,12 @@ void backward_narrow_rows(
 // in the L1 cache: that measured 3-4x slower than this.)
 template <typename scalar_t, int kRows>
 void backward_wide_rows(
-    const scalar_t* x, const scalar_t* dy, scalar_t* dx, int64_t C,
-    const at::opmath_type<scalar_t>* lines, const at::opmath_type<scalar_t>* beta,
+    const scalar_t* x,
+    const scalar_t* dy,
+    scalar_t* dx,
+    int64_t C,
+    const at::opmath_type<scalar_t>* lines,
+    const at::opmath_type<scalar_t>* beta,
     at::opmath_type<scalar_t>* acc) {
   using L = Lanes<scalar_t>;
   using opmath_t = typename L::opmath_t;
@@ -483,8 +494,14 @@ void backward_wide_rows(
 // backward_wide_rows, whose structure this follows.
 template <typename scalar_t, int kRows>
 void backward_sample_rows(
-    const scalar_t* x, const scalar_t* dy, scalar_t* dx, int64_t C, const at::opmath_type<scalar_t>* lines,
-    const at::opmath_type<scalar_t>* const* betas, double* const* g_out, at::opmath_type<scalar_t>* acc) {
+    const scalar_t* x,
+    const scalar_t* dy,
+    scalar_t* dx,
+    int64_t C,
+    const at::opmath_type<scalar_t>* lines,
+    const at::opmath_type<scalar_t>* const* betas,
+    double* const* g_out,
+    at::opmath_type<scalar_t>* acc) {
   using L = Lanes<scalar_t>;
   using opmath_t = typename L::opmath_t;
   using FVec = typename L::FVec;
@@ -537,7 +554,7 @@ void backward_sample_rows(
 // into the partials too, or straight into args.sum_g (g_direct) when the
 // block owns whole groups of a per-sample beta.
 struct BlockSinks {
-  double* own;  // a[C], b[C], g[C]
+  double* own; // a[C], b[C], g[C]
   bool g_direct;
 };
 
@@ -547,8 +564,13 @@ struct BlockSinks {
 // a per-sample beta's g sums at the end of each group.
 template <typename scalar_t>
 void backward_block_channels_inner(
-    const AconCKernelArgs& args, int64_t g0, int64_t g1, int64_t u0, int64_t u1,
-    const BlockSinks& sinks, at::opmath_type<scalar_t>* acc) {
+    const AconCKernelArgs& args,
+    int64_t g0,
+    int64_t g1,
+    int64_t u0,
+    int64_t u1,
+    const BlockSinks& sinks,
+    at::opmath_type<scalar_t>* acc) {
   using L = Lanes<scalar_t>;
   using opmath_t = typename L::opmath_t;
   const TypedArgs<scalar_t> a(args);
@@ -616,13 +638,11 @@ void backward_block_channels_inner(
         int64_t r = 0;
         for (; r + 2 <= rows; r += 2) {
           backward_wide_rows<scalar_t, 2>(
-              a.x + offset + r * C, a.dy + offset + r * C, dx == nullptr ? nullptr : dx + r * C, C, a.lines, beta,
-              acc);
+              a.x + offset + r * C, a.dy + offset + r * C, dx == nullptr ? nullptr : dx + r * C, C, a.lines, beta, acc);
         }
         if (r < rows) {
           backward_wide_rows<scalar_t, 1>(
-              a.x + offset + r * C, a.dy + offset + r * C, dx == nullptr ? nullptr : dx + r * C, C, a.lines, beta,
-              acc);
+              a.x + offset + r * C, a.dy + offset + r * C, dx == nullptr ? nullptr : dx + r * C, C, a.lines, beta, acc);
         }
       }
       pending += rows;
@@ -643,7 +663,11 @@ void backward_block_channels_inner(
 // (inner > 1).
 template <typename scalar_t>
 void backward_block_channel_runs(
-    const AconCKernelArgs& args, int64_t g0, int64_t g1, int64_t u0, int64_t u1,
+    const AconCKernelArgs& args,
+    int64_t g0,
+    int64_t g1,
+    int64_t u0,
+    int64_t u1,
     const BlockSinks& sinks) {
   using L = Lanes<scalar_t>;
   using opmath_t = typename L::opmath_t;
@@ -656,7 +680,7 @@ void backward_block_channel_runs(
   double* own_a = sinks.own;
   double* own_b = own_a + C;
 
-  FVec keep[L::kNumF];  // lanes an overlapping last vector counts
+  FVec keep[L::kNumF]; // lanes an overlapping last vector counts
   if (I >= L::kStep && I % L::kStep != 0) {
     L::keep_from(L::kStep - I % L::kStep, keep);
   }
@@ -715,7 +739,7 @@ void backward_typed(const AconCKernelArgs& args) {
   const ChannelLayout& lay = args.layout;
   const int64_t C = lay.channels;
   const bool channels_inner = lay.inner == 1;
-  const int64_t units = channels_inner ? lay.outer : lay.outer * C;  // rows per group
+  const int64_t units = channels_inner ? lay.outer : lay.outer * C; // rows per group
   const int64_t numel = lay.groups * lay.outer * C * lay.inner;
 
   // A block covers either whole groups or a slice of one group.

@@ -47,12 +47,24 @@ constexpr int kFlushIterations = 16;
 
 #define ACON_HD __host__ __device__ __forceinline__
 
-ACON_HD float exp_of(float v) { return expf(v); }
-ACON_HD double exp_of(double v) { return exp(v); }
-ACON_HD float abs_of(float v) { return fabsf(v); }
-ACON_HD double abs_of(double v) { return fabs(v); }
-ACON_HD float fma_of(float a, float b, float c) { return fmaf(a, b, c); }
-ACON_HD double fma_of(double a, double b, double c) { return fma(a, b, c); }
+ACON_HD float exp_of(float v) {
+  return expf(v);
+}
+ACON_HD double exp_of(double v) {
+  return exp(v);
+}
+ACON_HD float abs_of(float v) {
+  return fabsf(v);
+}
+ACON_HD double abs_of(double v) {
+  return fabs(v);
+}
+ACON_HD float fma_of(float a, float b, float c) {
+  return fmaf(a, b, c);
+}
+ACON_HD double fma_of(double a, double b, double c) {
+  return fma(a, b, c);
+}
 
 template <typename T>
 ACON_HD T min_of(T a, T b) {
@@ -70,8 +82,8 @@ ACON_HD T max_of(T a, T b) {
 template <typename T>
 ACON_HD void sigmoid_pair(T u, T& s, T& s_neg) {
   const T t = exp_of(-abs_of(u));
-  const T r = T(1) / (T(1) + t);  // sigmoid(|u|)
-  const T q = t * r;              // sigmoid(-|u|)
+  const T r = T(1) / (T(1) + t); // sigmoid(|u|)
+  const T q = t * r;             // sigmoid(-|u|)
   const bool nonneg = u >= T(0);
   s = nonneg ? r : q;
   s_neg = nonneg ? q : r;
@@ -125,8 +137,8 @@ template <typename scalar_t>
 struct KernelArgs {
   using opmath_t = at::opmath_type<scalar_t>;
   const scalar_t* x;
-  const scalar_t* grad_y;  // backward only
-  scalar_t* out;           // y, or grad_x
+  const scalar_t* grad_y; // backward only
+  scalar_t* out;          // y, or grad_x
   // Contiguous, opmath_t: C values each; beta C per group (groups values of
   // C for a per-sample beta).
   const opmath_t* p1;
@@ -156,7 +168,7 @@ struct KernelArgs {
 // or column tile (columns), from the item number; `minor` is C or tiles.
 struct Item {
   int64_t g, chunk, minor;
-  int64_t o0, rows;  // the chunk's first outer index and its length
+  int64_t o0, rows; // the chunk's first outer index and its length
 };
 
 template <typename scalar_t>
@@ -180,10 +192,15 @@ ACON_HD Item locate(const KernelArgs<scalar_t>& args, int64_t item, int64_t mino
 // lane j uses channel j % kChannels's parameters and sums.
 template <typename scalar_t, int kWidth, int kUnroll, int kChannels, bool kBackward, bool kRagged>
 ACON_HD void compute_packs(
-    const KernelArgs<scalar_t>& args, const int64_t (&offset)[kUnroll], const int (&lo)[kUnroll],
-    const int (&hi)[kUnroll], const at::opmath_type<scalar_t> (&d)[kChannels],
-    const at::opmath_type<scalar_t> (&p2)[kChannels], const at::opmath_type<scalar_t> (&bd)[kChannels],
-    at::opmath_type<scalar_t> (&a)[kChannels], at::opmath_type<scalar_t> (&b)[kChannels],
+    const KernelArgs<scalar_t>& args,
+    const int64_t (&offset)[kUnroll],
+    const int (&lo)[kUnroll],
+    const int (&hi)[kUnroll],
+    const at::opmath_type<scalar_t> (&d)[kChannels],
+    const at::opmath_type<scalar_t> (&p2)[kChannels],
+    const at::opmath_type<scalar_t> (&bd)[kChannels],
+    at::opmath_type<scalar_t> (&a)[kChannels],
+    at::opmath_type<scalar_t> (&b)[kChannels],
     at::opmath_type<scalar_t> (&gs)[kChannels]) {
   using opmath_t = at::opmath_type<scalar_t>;
   using P = Pack<scalar_t, kWidth>;
@@ -248,7 +265,7 @@ ACON_HD void compute_packs(
 template <typename scalar_t, int kWidth, bool kBackward, bool kRagged>
 ACON_HD void runs_thread(const KernelArgs<scalar_t>& args, const Item& it, int thread, double (&sums)[3]) {
   using opmath_t = at::opmath_type<scalar_t>;
-  constexpr int kUnroll = kWidth > 1 ? 2 : 4;  // independent loads in flight
+  constexpr int kUnroll = kWidth > 1 ? 2 : 4; // independent loads in flight
   const int64_t C = args.channels;
   const int64_t c = it.minor;
   const int64_t row_stride = C * args.inner;
@@ -307,8 +324,11 @@ ACON_HD void runs_thread(const KernelArgs<scalar_t>& args, const Item& it, int t
 // bounds a thread's rows to kFlushIterations.
 template <typename scalar_t, int kWidth, bool kBackward>
 ACON_HD void columns_thread(
-    const KernelArgs<scalar_t>& args, const Item& it, int thread,
-    at::opmath_type<scalar_t> (&a)[kWidth], at::opmath_type<scalar_t> (&b)[kWidth],
+    const KernelArgs<scalar_t>& args,
+    const Item& it,
+    int thread,
+    at::opmath_type<scalar_t> (&a)[kWidth],
+    at::opmath_type<scalar_t> (&b)[kWidth],
     at::opmath_type<scalar_t> (&gs)[kWidth]) {
   using opmath_t = at::opmath_type<scalar_t>;
   constexpr int kUnroll = kWidth > 1 ? 2 : 4;
@@ -321,7 +341,7 @@ ACON_HD void columns_thread(
   for (int j = 0; j < kWidth; ++j) {
     a[j] = b[j] = gs[j] = 0;
   }
-  if (c0 >= C) {  // past the last channel (C is a multiple of kWidth)
+  if (c0 >= C) { // past the last channel (C is a multiple of kWidth)
     return;
   }
   const int64_t base = (it.g * args.outer + it.o0) * C + c0;
@@ -397,7 +417,7 @@ __device__ __forceinline__ void block_sum3(double (&v)[3], double* scratch) {
       v[i] = warp_sum(lane < kWarps ? scratch[lane * 3 + i] : 0.0);
     }
   }
-  __syncthreads();  // scratch is reused by the block's next work item
+  __syncthreads(); // scratch is reused by the block's next work item
 }
 
 // Runs of one channel (inner > 1); see runs_thread.
@@ -436,7 +456,7 @@ __global__ void __launch_bounds__(kThreads) acon_c_columns_kernel(const KernelAr
     columns_thread<scalar_t, kWidth, kBackward>(args, it, threadIdx.x, a, b, gs);
     if constexpr (kBackward) {
       const int64_t c0 = (it.minor * tile_vectors + threadIdx.x % tile_vectors) * kWidth;
-      const auto reduce_column = [&](const opmath_t (&term)[kWidth], int s) {
+      const auto reduce_column = [&](const opmath_t(&term)[kWidth], int s) {
 #pragma unroll
         for (int j = 0; j < kWidth; ++j) {
           column_sums[threadIdx.x * kWidth + j] = static_cast<double>(term[j]);
@@ -446,8 +466,7 @@ __global__ void __launch_bounds__(kThreads) acon_c_columns_kernel(const KernelAr
           if (ty < half) {
 #pragma unroll
             for (int j = 0; j < kWidth; ++j) {
-              column_sums[threadIdx.x * kWidth + j] +=
-                  column_sums[(threadIdx.x + half * tile_vectors) * kWidth + j];
+              column_sums[threadIdx.x * kWidth + j] += column_sums[(threadIdx.x + half * tile_vectors) * kWidth + j];
             }
           }
           __syncthreads();
@@ -468,7 +487,11 @@ __global__ void __launch_bounds__(kThreads) acon_c_columns_kernel(const KernelAr
 }
 
 __global__ void reduce_channel_sums(
-    const double* partials, double* sums, int64_t groups, int64_t chunks, int64_t channels) {
+    const double* partials,
+    double* sums,
+    int64_t groups,
+    int64_t chunks,
+    int64_t channels) {
   const int64_t n = (2 + groups) * channels;
   for (int64_t j = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; j < n;
        j += static_cast<int64_t>(gridDim.x) * blockDim.x) {
@@ -580,7 +603,7 @@ bool is_aligned(const void* p, int64_t bytes) {
 struct Target {
   bool emulate;
   int multiprocessors;
-  int blocks_per_multiprocessor;  // emulation; a GPU's comes from its occupancy
+  int blocks_per_multiprocessor; // emulation; a GPU's comes from its occupancy
   cudaStream_t stream;
 };
 
@@ -638,8 +661,8 @@ int64_t resident_blocks(Kernel kernel, const Target& target) {
 template <typename scalar_t, bool kBackward>
 at::Tensor run_kernel(KernelArgs<scalar_t>& args, const at::TensorOptions& options, const Target& target) {
   constexpr int kVector = 16 / sizeof(scalar_t);
-  const bool aligned = is_aligned(args.x, 16) && is_aligned(args.out, 16) &&
-      (!kBackward || is_aligned(args.grad_y, 16));
+  const bool aligned =
+      is_aligned(args.x, 16) && is_aligned(args.out, 16) && (!kBackward || is_aligned(args.grad_y, 16));
   const bool runs = args.inner > 1;
   const bool vector = aligned && (runs ? args.inner : args.channels) % kVector == 0;
   // Runs of other lengths: aligned windows, partial at the ends of each run
@@ -676,28 +699,43 @@ at::Tensor run_kernel(KernelArgs<scalar_t>& args, const at::TensorOptions& optio
   };
 
   if (runs && vector) {
-    return start(acon_c_runs_kernel<scalar_t, kVector, kBackward, false>,
-                 emulate_runs<scalar_t, kVector, kBackward, false>, kVector, false);
+    return start(
+        acon_c_runs_kernel<scalar_t, kVector, kBackward, false>,
+        emulate_runs<scalar_t, kVector, kBackward, false>,
+        kVector,
+        false);
   }
   if (ragged) {
-    return start(acon_c_runs_kernel<scalar_t, kVector, kBackward, true>,
-                 emulate_runs<scalar_t, kVector, kBackward, true>, kVector, true);
+    return start(
+        acon_c_runs_kernel<scalar_t, kVector, kBackward, true>,
+        emulate_runs<scalar_t, kVector, kBackward, true>,
+        kVector,
+        true);
   }
   if (runs) {
-    return start(acon_c_runs_kernel<scalar_t, 1, kBackward, false>,
-                 emulate_runs<scalar_t, 1, kBackward, false>, 1, false);
+    return start(
+        acon_c_runs_kernel<scalar_t, 1, kBackward, false>, emulate_runs<scalar_t, 1, kBackward, false>, 1, false);
   }
-  return vector ? start(acon_c_columns_kernel<scalar_t, kVector, kBackward>,
-                        emulate_columns<scalar_t, kVector, kBackward>, kVector, false)
-                : start(acon_c_columns_kernel<scalar_t, 1, kBackward>,
-                        emulate_columns<scalar_t, 1, kBackward>, 1, false);
+  return vector
+      ? start(
+            acon_c_columns_kernel<scalar_t, kVector, kBackward>,
+            emulate_columns<scalar_t, kVector, kBackward>,
+            kVector,
+            false)
+      : start(acon_c_columns_kernel<scalar_t, 1, kBackward>, emulate_columns<scalar_t, 1, kBackward>, 1, false);
 }
 
 // Runs the forward (grad_y undefined) or the backward with x (and grad_y) in
 // the layout of `out`; the backward writes its parameter sums into `sums`.
 void launch(
-    const at::Tensor& out, const at::Tensor& x, const at::Tensor& p1, const at::Tensor& p2,
-    const at::Tensor& beta, int64_t cdim, const at::Tensor& grad_y, const at::Tensor& sums,
+    const at::Tensor& out,
+    const at::Tensor& x,
+    const at::Tensor& p1,
+    const at::Tensor& p2,
+    const at::Tensor& beta,
+    int64_t cdim,
+    const at::Tensor& grad_y,
+    const at::Tensor& sums,
     const Target& target) {
   const WorkTensors w = make_work_tensors(out, x, beta, cdim, grad_y);
   const bool backward = grad_y.defined();
@@ -746,8 +784,12 @@ void launch(
 }
 
 at::Tensor forward(
-    const at::Tensor& x, const at::Tensor& p1, const at::Tensor& p2, const at::Tensor& beta,
-    int64_t cdim, const Target& target) {
+    const at::Tensor& x,
+    const at::Tensor& p1,
+    const at::Tensor& p2,
+    const at::Tensor& beta,
+    int64_t cdim,
+    const Target& target) {
   at::Tensor y = at::empty_like(x);
   if (x.numel() > 0) {
     launch(y, x, p1, p2, beta, cdim, at::Tensor(), at::Tensor(), target);
@@ -756,15 +798,20 @@ at::Tensor forward(
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward(
-    const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& p1, const at::Tensor& p2,
-    const at::Tensor& beta, int64_t cdim, const Target& target) {
+    const at::Tensor& grad_y,
+    const at::Tensor& x,
+    const at::Tensor& p1,
+    const at::Tensor& p2,
+    const at::Tensor& beta,
+    int64_t cdim,
+    const Target& target) {
   const int64_t C = x.size(cdim);
   at::Tensor grad_x = at::empty_like(x);
   // [A, B, G] as on the CPU (parameter_grads_from_sums); every entry is
   // written unless x is empty.
   const auto options = x.options().dtype(at::kDouble);
-  at::Tensor sums = x.numel() > 0 ? at::empty({2 * C + beta.numel()}, options)
-                                  : at::zeros({2 * C + beta.numel()}, options);
+  at::Tensor sums =
+      x.numel() > 0 ? at::empty({2 * C + beta.numel()}, options) : at::zeros({2 * C + beta.numel()}, options);
   if (x.numel() > 0) {
     launch(grad_x, x, p1, p2, beta, cdim, grad_y, sums, target);
   }
@@ -773,16 +820,23 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward(
 }
 
 at::Tensor acon_c_forward_cuda(
-    const at::Tensor& x, const at::Tensor& p1, const at::Tensor& p2,
-    const at::Tensor& beta, int64_t channel_dim) {
+    const at::Tensor& x,
+    const at::Tensor& p1,
+    const at::Tensor& p2,
+    const at::Tensor& beta,
+    int64_t channel_dim) {
   const int64_t cdim = check_acon_c_args(x, p1, p2, beta, channel_dim);
   const c10::cuda::CUDAGuard guard(x.device());
   return forward(x, p1, p2, beta, cdim, gpu_target(x));
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> acon_c_backward_cuda(
-    const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& p1,
-    const at::Tensor& p2, const at::Tensor& beta, int64_t channel_dim,
+    const at::Tensor& grad_y,
+    const at::Tensor& x,
+    const at::Tensor& p1,
+    const at::Tensor& p2,
+    const at::Tensor& beta,
+    int64_t channel_dim,
     std::array<bool, 2> output_mask) {
   const int64_t cdim = check_acon_c_args(x, p1, p2, beta, channel_dim, grad_y);
   const c10::cuda::CUDAGuard guard(x.device());
@@ -805,7 +859,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> acon_c_backward_cuda(
 // blocks each.
 Target emulated_target(int64_t multiprocessors, int64_t blocks_per_multiprocessor) {
   TORCH_CHECK_VALUE(
-      multiprocessors >= 1 && blocks_per_multiprocessor >= 1 && multiprocessors * blocks_per_multiprocessor <= (1 << 20),
+      multiprocessors >= 1 && blocks_per_multiprocessor >= 1 &&
+          multiprocessors * blocks_per_multiprocessor <= (1 << 20),
       "acon_c emulation: multiprocessors and blocks_per_multiprocessor must be positive");
   Target target{};
   target.emulate = true;
@@ -815,15 +870,26 @@ Target emulated_target(int64_t multiprocessors, int64_t blocks_per_multiprocesso
 }
 
 at::Tensor acon_c_forward_emulated(
-    const at::Tensor& x, const at::Tensor& p1, const at::Tensor& p2, const at::Tensor& beta,
-    int64_t channel_dim, int64_t multiprocessors, int64_t blocks_per_multiprocessor) {
+    const at::Tensor& x,
+    const at::Tensor& p1,
+    const at::Tensor& p2,
+    const at::Tensor& beta,
+    int64_t channel_dim,
+    int64_t multiprocessors,
+    int64_t blocks_per_multiprocessor) {
   const int64_t cdim = check_acon_c_args(x, p1, p2, beta, channel_dim);
   return forward(x, p1, p2, beta, cdim, emulated_target(multiprocessors, blocks_per_multiprocessor));
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> acon_c_backward_emulated(
-    const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& p1, const at::Tensor& p2,
-    const at::Tensor& beta, int64_t channel_dim, int64_t multiprocessors, int64_t blocks_per_multiprocessor) {
+    const at::Tensor& grad_y,
+    const at::Tensor& x,
+    const at::Tensor& p1,
+    const at::Tensor& p2,
+    const at::Tensor& beta,
+    int64_t channel_dim,
+    int64_t multiprocessors,
+    int64_t blocks_per_multiprocessor) {
   const int64_t cdim = check_acon_c_args(x, p1, p2, beta, channel_dim, grad_y);
   return backward(grad_y, x, p1, p2, beta, cdim, emulated_target(multiprocessors, blocks_per_multiprocessor));
 }
