@@ -9,6 +9,7 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from acon_cuda import MetaAconC
+from acon_cuda.testing import device_available
 
 
 class PaperLayoutMetaAconC(nn.Module):
@@ -236,3 +237,23 @@ def test_counts_batches_as_batchnorm_does():
     ours.eval()
     ours(make_x((4, 6, 5), None))
     assert ours.bn1.num_batches_tracked.item() == 3
+
+
+@pytest.mark.skipif(not device_available("cuda"), reason="no GPU, or no CUDA kernels in this build")
+@pytest.mark.parametrize("fmt", [None, torch.channels_last], ids=["contiguous", "channels_last"])
+def test_matches_the_papers_module_on_cuda(fmt):
+    torch.manual_seed(0)
+    paper, ours = make_pair((4, 20, 7, 7), 1, True, "fused", "default")
+    paper, ours = paper.cuda(), ours.cuda()
+    for _ in range(2):
+        x = make_x((4, 20, 7, 7), fmt).cuda().requires_grad_()
+        grad = torch.randn_like(x)
+        expected_out, out = paper(x), ours(x)
+        assert_close(out, expected_out)
+        expected_dx, expected = named_grads(paper, expected_out, x, grad)
+        dx, actual = named_grads(ours, out, x, grad)
+        assert_close(dx, expected_dx)
+        for name in expected:
+            assert_close(actual[name], expected[name])
+    for key, value in paper.state_dict().items():
+        assert_close(ours.state_dict()[key], value)

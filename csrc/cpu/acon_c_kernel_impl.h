@@ -441,6 +441,37 @@ void backward_narrow_rows(
   }
 }
 
+// The n elements at channel c of kRows rows of C channels: x and dy loaded
+// (load_rows), dx stored where it is wanted (store_rows).
+template <typename scalar_t, int kRows>
+inline void load_rows(
+    const scalar_t* x,
+    const scalar_t* dy,
+    int64_t C,
+    int64_t c,
+    int64_t n,
+    typename Lanes<scalar_t>::FVec (*xv)[Lanes<scalar_t>::kNumF],
+    typename Lanes<scalar_t>::FVec (*dyv)[Lanes<scalar_t>::kNumF]) {
+  for (const auto q : c10::irange(kRows)) {
+    Lanes<scalar_t>::load(x + q * C + c, n, xv[q]);
+    Lanes<scalar_t>::load(dy + q * C + c, n, dyv[q]);
+  }
+}
+
+template <typename scalar_t, int kRows>
+inline void store_rows(
+    scalar_t* dx,
+    int64_t C,
+    int64_t c,
+    int64_t n,
+    const typename Lanes<scalar_t>::FVec (*xv)[Lanes<scalar_t>::kNumF]) {
+  if (dx != nullptr) {
+    for (const auto q : c10::irange(kRows)) {
+      Lanes<scalar_t>::store(dx + q * C + c, n, xv[q]);
+    }
+  }
+}
+
 // Backward over kRows rows of C channels (channels innermost), any C: each
 // vector of parameters is loaded, and each vector of sums in `acc`
 // (SumLines) updated, once for the kRows rows. (Channel tiles run over many
@@ -461,10 +492,7 @@ void backward_wide_rows(
   for (int64_t c = 0; c < C; c += L::kStep) {
     const int64_t n = std::min(L::kStep, C - c);
     FVec xv[kRows][L::kNumF], dyv[kRows][L::kNumF];
-    for (const auto q : c10::irange(kRows)) {
-      L::load(x + q * C + c, n, xv[q]);
-      L::load(dy + q * C + c, n, dyv[q]);
-    }
+    load_rows<scalar_t, kRows>(x, dy, C, c, n, xv, dyv);
     for (const auto j : c10::irange(L::kNumF)) {
       const int64_t cj = c + j * L::kWidth;
       const ChannelParams<FVec, opmath_t> p(lines, beta, cj, n - j * L::kWidth);
@@ -478,11 +506,7 @@ void backward_wide_rows(
       }
       add_to_sums(acc, cj, sa, sb, sg);
     }
-    if (dx != nullptr) {
-      for (const auto q : c10::irange(kRows)) {
-        L::store(dx + q * C + c, n, xv[q]);
-      }
-    }
+    store_rows<scalar_t, kRows>(dx, C, c, n, xv);
   }
 }
 
@@ -509,10 +533,7 @@ void backward_sample_rows(
   for (int64_t c = 0; c < C; c += L::kStep) {
     const int64_t n = std::min(L::kStep, C - c);
     FVec xv[kRows][L::kNumF], dyv[kRows][L::kNumF];
-    for (const auto q : c10::irange(kRows)) {
-      L::load(x + q * C + c, n, xv[q]);
-      L::load(dy + q * C + c, n, dyv[q]);
-    }
+    load_rows<scalar_t, kRows>(x, dy, C, c, n, xv, dyv);
     for (const auto j : c10::irange(L::kNumF)) {
       const int64_t cj = c + j * L::kWidth;
       const int64_t count = std::min<int64_t>(L::kWidth, n - j * L::kWidth);
@@ -542,11 +563,7 @@ void backward_sample_rows(
       (FVec::loadu(s) + sa).store(s);
       (FVec::loadu(s + SL::kLine) + sb).store(s + SL::kLine);
     }
-    if (dx != nullptr) {
-      for (const auto q : c10::irange(kRows)) {
-        L::store(dx + q * C + c, n, xv[q]);
-      }
-    }
+    store_rows<scalar_t, kRows>(dx, C, c, n, xv);
   }
 }
 
