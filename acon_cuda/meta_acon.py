@@ -50,17 +50,17 @@ def _mean(x: Tensor, cdim: int) -> Tensor:
     return x.sum(dim=other) / math.prod([x.shape[i] for i in other]) if other else x
 
 
-def batch_norm_mode(bn, count_batch: bool):
+def batch_norm_mode(bn):
     """(running_mean, running_var, use_batch_statistics, momentum), as
-    ``nn.BatchNorm2d.forward`` chooses them; with ``count_batch`` it also
-    counts the batch in ``num_batches_tracked`` as that forward does.
+    ``nn.BatchNorm2d.forward`` chooses them, counting the batch in
+    ``num_batches_tracked`` as that forward does.
     Buffers are read from ``bn._buffers``: ``nn.Module.__getattr__`` costs
     about a microsecond per access here."""
     buffers = bn._buffers
     running_mean, running_var = buffers.get("running_mean"), buffers.get("running_var")
     momentum = 0.0 if bn.momentum is None else bn.momentum
     tracked = buffers.get("num_batches_tracked")
-    if count_batch and bn.training and bn.track_running_stats and tracked is not None:
+    if bn.training and bn.track_running_stats and tracked is not None:
         tracked.add_(1)
         if bn.momentum is None:  # cumulative moving average
             momentum = 1.0 / float(tracked)
@@ -95,7 +95,7 @@ def _beta(x, cdim, w1, b1, w2, b2, norm1, norm2) -> Tensor:
 
 def _module_norm(bn):
     def norm(h):
-        running_mean, running_var, use_batch, momentum = batch_norm_mode(bn, count_batch=True)
+        running_mean, running_var, use_batch, momentum = batch_norm_mode(bn)
         return F.batch_norm(h, running_mean, running_var, bn.weight, bn.bias, use_batch, momentum, bn.eps)
 
     return norm
@@ -113,7 +113,7 @@ def meta_acon_c_plain(module, x: Tensor, cdim: int, acon_c) -> Tensor:
 def _batch_norm_forward(bn, h):
     """BatchNorm of (N, .) values, updating bn's running statistics as its
     forward does; returns the output and what its backward needs."""
-    running_mean, running_var, use_batch, momentum = batch_norm_mode(bn, count_batch=True)
+    running_mean, running_var, use_batch, momentum = batch_norm_mode(bn)
     weight, bias = bn._parameters["weight"], bn._parameters["bias"]
     out, save_mean, save_invstd = torch.native_batch_norm(
         h, weight, bias, running_mean, running_var, use_batch, momentum, bn.eps
@@ -204,7 +204,7 @@ def _differentiable_grads(ctx, grad_y, x, p1, p2, w1, b1, w2, b2, *bn_params):
     """The gradients as differentiable tensors (double backward)."""
 
     def norm(step, weight, bias):
-        h, running_mean, running_var, _, _, use_batch, eps = step
+        _, running_mean, running_var, _, _, use_batch, eps = step
         if use_batch:
             return lambda h: F.batch_norm(h, None, None, weight, bias, True, 0.0, eps)
         return lambda h: F.batch_norm(h, running_mean, running_var, weight, bias, False, 0.0, eps)
