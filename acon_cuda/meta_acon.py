@@ -26,11 +26,19 @@ from typing import List
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
+from torch.autograd import forward_ad
 
 from . import ops, reference
 
-__all__ = ["MetaAconCFunction", "meta_acon_c", "meta_acon_c_plain"]
+__all__ = [
+    "MetaAconCFunction",
+    "has_plain_submodules",
+    "meta_acon_c",
+    "meta_acon_c_modules",
+    "meta_acon_c_plain",
+    "uses_batch_statistics",
+]
 
 _forward_op = torch.ops.acon.acon_c_forward.default
 _backward_op = torch.ops.acon.acon_c_backward.default
@@ -42,12 +50,24 @@ def _reduced_axes(x: Tensor, cdim: int) -> List[int]:
     return [i for i in range(1, x.dim()) if i != cdim]
 
 
-def _mean(x: Tensor, cdim: int) -> Tensor:
-    """x averaged over every axis but batch and channel, (N, C), as a sum and
-    a division on (N, C): the sum's gradient is an expanded view, where
-    ``x.mean``'s would be divided at x's size."""
+def _sum_and_count(x: Tensor, cdim: int):
+    """(s, count) with s / count the mean of x over every axis but batch and
+    channel, (N, C), in x's dtype, taken as a sum: its gradient is an
+    expanded view, where ``x.mean``'s would be divided at x's size. A
+    float16 sum overflows (65504) where the mean does not: 16-bit x is summed
+    in float32 and divided at once (count 1)."""
     other = _reduced_axes(x, cdim)
-    return x.sum(dim=other) / math.prod([x.shape[i] for i in other]) if other else x
+    if not other:
+        return x, 1
+    count = math.prod([x.shape[i] for i in other])
+    if x.dtype in (torch.float16, torch.bfloat16):
+        return (x.sum(dim=other, dtype=torch.float32) / count).to(x.dtype), 1
+    return x.sum(dim=other), count
+
+
+def _mean(x: Tensor, cdim: int) -> Tensor:
+    total, count = _sum_and_count(x, cdim)
+    return total / count if count != 1 else total
 
 
 def batch_norm_mode(bn):
@@ -64,7 +84,7 @@ def batch_norm_mode(bn):
         tracked.add_(1)
         if bn.momentum is None:  # cumulative moving average
             momentum = 1.0 / float(tracked)
-    use_batch = bn.training or (running_mean is None and running_var is None)
+    use_batch = uses_batch_statistics(bn)
     if bn.training and not bn.track_running_stats:
         running_mean = running_var = None
     return running_mean, running_var, use_batch, momentum
@@ -110,6 +130,45 @@ def meta_acon_c_plain(module, x: Tensor, cdim: int, acon_c) -> Tensor:
     return acon_c(x, module.p1, module.p2, beta, cdim)
 
 
+def uses_batch_statistics(bn) -> bool:
+    """Whether bn normalises with the batch's statistics (training mode, or
+    no running statistics), as nn.BatchNorm2d.forward decides."""
+    buffers = bn._buffers
+    return bn.training or (buffers.get("running_mean") is None and buffers.get("running_var") is None)
+
+
+def _hooked(module) -> bool:
+    return bool(module._forward_hooks or module._forward_pre_hooks)
+
+
+def has_plain_submodules(module) -> bool:
+    """Whether fc1 / fc2 are plain nn.Conv2d and bn1 / bn2 plain
+    nn.BatchNorm2d, without hooks or parametrizations: only then may the
+    generator skip their forward. A SyncBatchNorm, FrozenBatchNorm, fused,
+    pruned or quantisation-wrapped submodule, or one with hooks, keeps its
+    own forward (meta_acon_c_modules)."""
+    fcs = (module.fc1, module.fc2)
+    bns = (module.bn1, module.bn2) if module.norm else ()
+    return all(type(m) is nn.Conv2d and not _hooked(m) for m in fcs) and all(
+        type(m) is nn.BatchNorm2d and not _hooked(m) for m in bns
+    )
+
+
+def meta_acon_c_modules(module, x: Tensor, cdim: int, acon_c) -> Tensor:
+    """Meta-ACON with the generator's submodules called as the paper's code
+    calls them, on the (N, C, 1, 1) mean."""
+    h = module.fc1(_mean(x, cdim)[:, :, None, None])
+    if module.norm:
+        h = module.bn1(h)
+    h = module.fc2(h)
+    if module.norm:
+        h = module.bn2(h)
+    beta = torch.sigmoid(h).flatten(1)
+    if beta.dtype != x.dtype:
+        beta = beta.float()  # e.g. float32 x under autocast: the op takes float32
+    return acon_c(x, module.p1, module.p2, beta, cdim)
+
+
 def _batch_norm_forward(bn, h):
     """BatchNorm of (N, .) values, updating bn's running statistics as its
     forward does; returns the output and what its backward needs."""
@@ -133,9 +192,7 @@ class MetaAconCFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, module, x, cdim, p1, p2, w1, b1, w2, b2, *bn_params):
-        other = _reduced_axes(x, cdim)
-        count = math.prod([x.shape[i] for i in other])
-        total = x.sum(dim=other) if other else x
+        total, count = _sum_and_count(x, cdim)
         a1 = torch.addmm(b1, total, w1.flatten(1).t(), alpha=1.0 / count)
         steps = (None, None)
         if module.norm:
@@ -169,21 +226,16 @@ class MetaAconCFunction(torch.autograd.Function):
             grads[1] = dx if want_x else None
             return tuple(grads)
         step1, step2 = ctx.steps
-        want_bn = any(needs[9:])
         grad = _sigmoid_backward(dbeta.view(beta.shape), beta)
         if step2 is not None:
-            grad, grads[11], grads[12] = _batch_norm_backward(
-                grad, step2[0], bn_params[2], *step2[1:], [True, want_bn, want_bn]
-            )
+            grad = _batch_norm_grads(grad, step2, bn_params[2], needs, 11, grads)
         if needs[7]:
             grads[7] = grad.t().mm(a1).view(w2.shape)
         if needs[8]:
             grads[8] = grad.sum(0)
         grad = grad.mm(w2.flatten(1))
         if step1 is not None:
-            grad, grads[9], grads[10] = _batch_norm_backward(
-                grad, step1[0], bn_params[0], *step1[1:], [True, want_bn, want_bn]
-            )
+            grad = _batch_norm_grads(grad, step1, bn_params[0], needs, 9, grads)
         if needs[6]:
             grads[6] = grad.sum(0)
         grad = grad * (1.0 / ctx.count)  # the mean's 1/count, applied once at (N, hidden)
@@ -198,6 +250,15 @@ class MetaAconCFunction(torch.autograd.Function):
             shape[0], shape[ctx.cdim] = x.shape[0], x.shape[ctx.cdim]
             grads[1] = dx.add_(grad.mm(w1.flatten(1)).view(shape))
         return tuple(grads)
+
+
+def _batch_norm_grads(grad, step, weight, needs, first, grads):
+    """One BatchNorm's backward: its input's gradient, returned, and its
+    weight's and bias's, put in grads[first] and grads[first + 1] where
+    wanted (a BatchNorm with affine=False has neither)."""
+    want = [True, needs[first], needs[first + 1]]
+    grad, grads[first], grads[first + 1] = _batch_norm_backward(grad, step[0], weight, *step[1:], want)
+    return grad
 
 
 def _differentiable_grads(ctx, grad_y, x, p1, p2, w1, b1, w2, b2, *bn_params):
@@ -226,8 +287,12 @@ def meta_acon_c(module, x: Tensor, cdim: int) -> Tensor:
         torch.compiler.is_compiling()
         or torch._C._are_functorch_transforms_active()
         or torch.onnx.is_in_onnx_export()
+        or torch.jit.is_tracing()
+        or forward_ad._current_level >= 0
         or torch.is_autocast_enabled(x.device.type)
+        or x.numel() == 0
     ):
-        # Tracing, transforms, export and autocast need ordinary ops.
+        # Tracing, transforms, export, forward-mode AD and autocast need
+        # ordinary ops; so do empty inputs (BatchNorm of an empty batch).
         return meta_acon_c_plain(module, x, cdim, ops.acon_c)
     return MetaAconCFunction.apply(module, x, cdim, module.p1, module.p2, *_generator_params(module))

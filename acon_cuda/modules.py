@@ -15,7 +15,13 @@ from torch.nn.modules.lazy import LazyModuleMixin
 from torch.nn.parameter import UninitializedParameter
 
 from . import reference
-from .meta_acon import meta_acon_c, meta_acon_c_plain
+from .meta_acon import (
+    has_plain_submodules,
+    meta_acon_c,
+    meta_acon_c_modules,
+    meta_acon_c_plain,
+    uses_batch_statistics,
+)
 from .ops import acon_c as fused_acon_c
 
 __all__ = ["AconA", "AconB", "AconC", "MetaAconC", "param_groups"]
@@ -260,15 +266,19 @@ class MetaAconC(_Acon):
         cdim = self.channel_dim % x.dim()
         if cdim == 0:
             raise ValueError("MetaAconC: channel_dim must not be the batch axis 0 (beta is per sample and channel)")
-        if self.norm and self.training and x.shape[0] == 1:
+        if self.norm and x.shape[0] == 1 and (uses_batch_statistics(self.bn1) or uses_batch_statistics(self.bn2)):
             raise ValueError(
-                "MetaAconC(norm=True) cannot train on a batch of 1: its BatchNorm2d layers normalise one "
-                "value per channel and sample. Use norm=False (no BatchNorm, as YOLOv5 does), a batch of 2 "
-                "or more, or eval mode."
+                "MetaAconC(norm=True) cannot normalise a batch of 1 with batch statistics (its BatchNorm2d "
+                "layers in training mode, or without running statistics): they would normalise one value per "
+                "channel and sample. Use norm=False (no BatchNorm, as YOLOv5 does), a batch of 2 or more, or "
+                "eval mode."
             )
+        impl = fused_acon_c if self.impl == "fused" else reference.acon_c
+        if not has_plain_submodules(self):
+            return meta_acon_c_modules(self, x, cdim, impl)
         if self.impl == "fused":
             return meta_acon_c(self, x, cdim)
-        return meta_acon_c_plain(self, x, cdim, reference.acon_c)
+        return meta_acon_c_plain(self, x, cdim, impl)
 
     def _extra_options(self):
         return [f"r={self.r}", f"norm={self.norm}"]

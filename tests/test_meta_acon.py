@@ -6,6 +6,7 @@ promises about memory (no x-sized tensor but the acon op's)."""
 import pytest
 import torch
 from torch import nn
+from torch.nn.utils import prune
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from acon_cuda import MetaAconC
@@ -31,7 +32,7 @@ class PaperLayoutMetaAconC(nn.Module):
     def forward(self, x):
         xc = x.movedim(self.channel_dim, 1)
         n, c = xc.shape[:2]
-        y = xc.reshape(n, c, -1).mean(-1) if xc.dim() > 2 else xc
+        y = xc.mean(dim=tuple(range(2, xc.dim()))) if xc.dim() > 2 else xc
         h = self.fc1(y[:, :, None, None])
         if self.norm:
             h = self.bn1(h)
@@ -257,3 +258,127 @@ def test_matches_the_papers_module_on_cuda(fmt):
             assert_close(actual[name], expected[name])
     for key, value in paper.state_dict().items():
         assert_close(ours.state_dict()[key], value)
+
+
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("impl", ["fused", "reference"])
+def test_float16_sums_of_large_maps_do_not_overflow(impl, train):
+    # mean x count above 65504: a float16 sum would be inf.
+    torch.manual_seed(0)
+    paper, ours = make_pair((2, 8, 128, 128), 1, True, impl, "default")
+    paper.train(train)
+    ours = ours.half().train(train)
+    x = (torch.rand(2, 8, 128, 128) + 4.5).half()
+    out = ours(x)
+    assert out.isfinite().all()
+    torch.testing.assert_close(out.double(), paper(x.double()), rtol=2e-2, atol=2e-2)
+    assert all(t.isfinite().all() for t in ours.state_dict().values())
+
+
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("shape", [(0, 6, 4, 4), (3, 6, 0, 4)], ids=["empty_batch", "empty_map"])
+def test_empty_inputs_behave_as_the_papers_module(shape, train):
+    torch.manual_seed(0)
+    paper, ours = make_pair(shape, 1, True, "fused", "default")
+    paper.train(train)
+    ours.train(train)
+    x = make_x(shape, None).requires_grad_()
+    expected_out, out = paper(x), ours(x)
+    torch.testing.assert_close(out, expected_out, equal_nan=True)
+    expected_dx, expected = named_grads(paper, expected_out, x, torch.ones_like(x))
+    dx, actual = named_grads(ours, out, x, torch.ones_like(x))
+    torch.testing.assert_close(dx, expected_dx, equal_nan=True)
+    for name in expected:
+        torch.testing.assert_close(actual[name], expected[name], equal_nan=True)
+    for key, value in paper.state_dict().items():
+        torch.testing.assert_close(ours.state_dict()[key], value, equal_nan=True)
+
+
+@pytest.mark.parametrize("which", ["bn1", "bn2"])
+def test_a_batchnorm_without_affine_parameters(which):
+    torch.manual_seed(0)
+    paper, ours = make_pair((4, 6, 5, 5), 1, True, "fused", "default")
+    for module in (paper, ours):
+        width = getattr(module, which).num_features
+        setattr(module, which, nn.BatchNorm2d(width, affine=False, dtype=torch.float64))
+    x = make_x((4, 6, 5, 5), torch.channels_last).requires_grad_()
+    grad = torch.randn_like(x)
+    expected_out, out = paper(x), ours(x)
+    assert_close(out, expected_out)
+    expected_dx, expected = named_grads(paper, expected_out, x, grad)
+    dx, actual = named_grads(ours, out, x, grad)
+    assert_close(dx, expected_dx)
+    for name in expected:
+        assert_close(actual[name], expected[name])
+
+
+def test_batch_of_one_raises_only_where_a_batchnorm_uses_batch_statistics():
+    torch.manual_seed(0)
+    paper, ours = make_pair((1, 6, 5, 5), 1, True, "fused", "default")
+    x = make_x((1, 6, 5, 5), None)
+    # Training, BatchNorms frozen (fine-tuning): running statistics, fine.
+    for module in (paper, ours):
+        module.train()
+        module.bn1.eval()
+        module.bn2.eval()
+    assert_close(ours(x), paper(x))
+    # A BatchNorm in training mode, or one without running statistics.
+    ours.eval()
+    ours.bn2.train()
+    with pytest.raises(ValueError, match="batch of 1 with batch statistics"):
+        ours(x)
+    _, no_stats = make_pair((1, 6, 5, 5), 1, True, "fused", "no_running_stats")
+    with pytest.raises(ValueError, match="batch of 1 with batch statistics"):
+        no_stats.eval()(x)
+
+
+def test_forward_mode_dual_numbers_in_eager_code():
+    torch.manual_seed(0)
+    paper, ours = make_pair((4, 6, 5, 5), 1, True, "fused", "default")
+    x, tangent = make_x((4, 6, 5, 5), None), make_x((4, 6, 5, 5), None)
+    results = []
+    for module in (paper, ours):
+        with torch.autograd.forward_ad.dual_level():
+            out = module(torch.autograd.forward_ad.make_dual(x, tangent))
+            results.append(torch.autograd.forward_ad.unpack_dual(out))
+    assert_close(results[1].primal, results[0].primal)
+    assert_close(results[1].tangent, results[0].tangent)
+
+
+def test_torch_jit_trace():
+    torch.manual_seed(0)
+    _, ours = make_pair((4, 6, 5, 5), 1, True, "fused", "default")
+    ours.eval()
+    x = make_x((4, 6, 5, 5), None)
+    traced = torch.jit.trace(ours, (x,), check_trace=False)
+    x2 = make_x((4, 6, 5, 5), None)
+    assert_close(traced(x2), ours(x2))
+
+
+def test_submodules_with_hooks_or_replaced_keep_their_own_forward():
+    torch.manual_seed(0)
+    paper, ours = make_pair((4, 6, 5, 5), 1, True, "fused", "default")
+    calls = []
+    ours.fc1.register_forward_hook(lambda module, args, out: calls.append(out.shape))
+    x = make_x((4, 6, 5, 5), None)
+    assert_close(ours(x), paper(x))
+    assert calls == [torch.Size([4, 16, 1, 1])]
+
+    class ShiftedBatchNorm(nn.BatchNorm2d):
+        def forward(self, h):
+            return super().forward(h) + 0.25
+
+    for module in (paper, ours):
+        shifted = ShiftedBatchNorm(6, dtype=torch.float64)
+        shifted.load_state_dict(module.bn2.state_dict())
+        module.bn2 = shifted
+        prune.l1_unstructured(module.fc2, "weight", amount=0.5)
+    x = make_x((4, 6, 5, 5), None).requires_grad_()
+    grad = torch.randn_like(x)
+    expected_out, out = paper(x), ours(x)
+    assert_close(out, expected_out)
+    expected_dx, expected = named_grads(paper, expected_out, x, grad)
+    dx, actual = named_grads(ours, out, x, grad)
+    assert_close(dx, expected_dx)
+    for name in expected:
+        assert_close(actual[name], expected[name])
