@@ -210,13 +210,16 @@ class MetaAconC(_Acon):
     layout of YOLOv5's MetaAconC). Parameters ``p1``, ``p2`` (1, C, 1, 1),
     standard normal. Other arguments as :class:`AconA`.
 
-    With ``norm=True``, training needs a batch of at least 2 (BatchNorm over
-    one value per channel is undefined); a batch of 1 raises a ValueError.
+    With ``norm=True``, a batch of 1 normalised with batch statistics (a
+    BatchNorm in training mode, or without running statistics) raises a
+    ValueError: BatchNorm over one value per channel is undefined.
 
     The generator runs on (N, C) matrices (``acon_cuda/meta_acon.py``): the
     convolutions as matrix products on views of their weights, the BatchNorms
     with their own parameters, buffers and rules; plain eager calls make one
-    autograd node. The submodules' ``forward`` (and hooks) are not called.
+    autograd node. The submodules' ``forward`` is not called, unless one of
+    them is not a plain ``nn.Conv2d`` / ``nn.BatchNorm2d`` or has hooks
+    (SyncBatchNorm, pruning, ...): then all are called as in the paper's code.
     """
 
     _PARAMS = ("p1", "p2")
