@@ -125,6 +125,11 @@ def meta_acon_c_plain(module, x: Tensor, cdim: int, acon_c) -> Tensor:
     """Meta-ACON in ordinary ops (the generator) around ``acon_c``."""
     norm1, norm2 = (_module_norm(module.bn1), _module_norm(module.bn2)) if module.norm else (None, None)
     beta = _beta(x, cdim, *_generator_params(module)[:4], norm1, norm2)
+    return _activation(module, x, cdim, beta, acon_c)
+
+
+def _activation(module, x: Tensor, cdim: int, beta: Tensor, acon_c) -> Tensor:
+    """acon_c with the module's p1, p2 and the generated (N, C) beta."""
     if beta.dtype != x.dtype:
         beta = beta.float()  # e.g. float32 x under autocast: the op takes float32
     return acon_c(x, module.p1, module.p2, beta, cdim)
@@ -163,10 +168,7 @@ def meta_acon_c_modules(module, x: Tensor, cdim: int, acon_c) -> Tensor:
     h = module.fc2(h)
     if module.norm:
         h = module.bn2(h)
-    beta = torch.sigmoid(h).flatten(1)
-    if beta.dtype != x.dtype:
-        beta = beta.float()  # e.g. float32 x under autocast: the op takes float32
-    return acon_c(x, module.p1, module.p2, beta, cdim)
+    return _activation(module, x, cdim, torch.sigmoid(h).flatten(1), acon_c)
 
 
 def _batch_norm_forward(bn, h):

@@ -276,7 +276,7 @@ class MetaAconC(_Acon):
                 "channel and sample. Use norm=False (no BatchNorm, as YOLOv5 does), a batch of 2 or more, or "
                 "eval mode."
             )
-        impl = fused_acon_c if self.impl == "fused" else reference.acon_c
+        impl = _IMPLS[self.impl]
         if not has_plain_submodules(self):
             return meta_acon_c_modules(self, x, cdim, impl)
         if self.impl == "fused":

@@ -44,6 +44,9 @@ SIZES = {
     "stage4": ((None, 2048, 7, 7), 1, False),
     "small": ((4, 64, 8, 8), 1, False),
     "features": ((256, 4096), 1, False),
+    # Meta-ACON on features, (N, C) beta: not a default case; compare it
+    # with "features" (--sizes features,features-meta).
+    "features-meta": ((256, 4096), 1, True),
     "tokens": ((32, 197, 768), -1, False),
     "meta-acon": ((None, 256, 28, 28), 1, True),
     "large": ((64, 256, 112, 112), 1, False),
@@ -567,6 +570,9 @@ def machine_info(device):
     return info
 
 
+DTYPE_COLORS = (("float32", "tab:blue"), ("bfloat16", "tab:orange"), ("float16", "tab:green"), ("float64", "tab:red"))
+
+
 def plot(results, path):
     """speedup.png: speedup over the reference and torch.compile against size
     (forward, backward), and fused fwd+bwd time over F.silu's (floor 1.0)."""
@@ -582,12 +588,7 @@ def plot(results, path):
     axes[1].sharey(axes[0])
     for ax, mode in zip(axes, ["forward", "backward"]):
         for key, marker in (("reference", "o"), ("compiled", "s")):
-            for dtype, color in (
-                ("float32", "tab:blue"),
-                ("bfloat16", "tab:orange"),
-                ("float16", "tab:green"),
-                ("float64", "tab:red"),
-            ):
+            for dtype, color in DTYPE_COLORS:
                 points = sorted(
                     (r["x_bytes"], r["ms"][key][mode] / r["ms"]["fused"][mode]) for r in results if r["dtype"] == dtype
                 )
@@ -607,12 +608,7 @@ def plot(results, path):
     axes[1].legend(fontsize=7)
     ax = axes[2]
     for layout, marker in (("contiguous", "o"), ("channels_last", "s")):
-        for dtype, color in (
-            ("float32", "tab:blue"),
-            ("bfloat16", "tab:orange"),
-            ("float16", "tab:green"),
-            ("float64", "tab:red"),
-        ):
+        for dtype, color in DTYPE_COLORS:
             points = sorted(
                 (r["x_bytes"], r["ms"]["fused"]["fwd+bwd"] / r["ms"]["silu"]["fwd+bwd"])
                 for r in results

@@ -3,6 +3,8 @@ re-typed here for any rank and channel axis, in float64: outputs, every
 gradient, running statistics over training steps; and what the fast path
 promises about memory (no x-sized tensor but the acon op's)."""
 
+from functools import partial
+
 import pytest
 import torch
 from torch import nn
@@ -107,6 +109,18 @@ def assert_close(actual, expected):
     # atol: fc1.bias's gradient under a training BatchNorm is a sum that
     # cancels to ~1e-13 (BatchNorm removes the batch mean).
     torch.testing.assert_close(actual, expected, rtol=1e-9, atol=1e-10)
+
+
+def assert_matches(paper, ours, x, grad, close=assert_close):
+    """ours(x) against paper(x): the output, x's gradient and every
+    parameter's gradient."""
+    expected_out, out = paper(x), ours(x)
+    close(out, expected_out)
+    expected_dx, expected = named_grads(paper, expected_out, x, grad)
+    dx, actual = named_grads(ours, out, x, grad)
+    close(dx, expected_dx)
+    for name in expected:
+        close(actual[name], expected[name])
 
 
 # BatchNorm settings with norm=True, and YOLOv5's norm=False.
@@ -249,13 +263,7 @@ def test_matches_the_papers_module_on_cuda(fmt):
     for _ in range(2):
         x = make_x((4, 20, 7, 7), fmt).cuda().requires_grad_()
         grad = torch.randn_like(x)
-        expected_out, out = paper(x), ours(x)
-        assert_close(out, expected_out)
-        expected_dx, expected = named_grads(paper, expected_out, x, grad)
-        dx, actual = named_grads(ours, out, x, grad)
-        assert_close(dx, expected_dx)
-        for name in expected:
-            assert_close(actual[name], expected[name])
+        assert_matches(paper, ours, x, grad)
     for key, value in paper.state_dict().items():
         assert_close(ours.state_dict()[key], value)
 
@@ -283,13 +291,7 @@ def test_empty_inputs_behave_as_the_papers_module(shape, train):
     paper.train(train)
     ours.train(train)
     x = make_x(shape, None).requires_grad_()
-    expected_out, out = paper(x), ours(x)
-    torch.testing.assert_close(out, expected_out, equal_nan=True)
-    expected_dx, expected = named_grads(paper, expected_out, x, torch.ones_like(x))
-    dx, actual = named_grads(ours, out, x, torch.ones_like(x))
-    torch.testing.assert_close(dx, expected_dx, equal_nan=True)
-    for name in expected:
-        torch.testing.assert_close(actual[name], expected[name], equal_nan=True)
+    assert_matches(paper, ours, x, torch.ones_like(x), close=partial(torch.testing.assert_close, equal_nan=True))
     for key, value in paper.state_dict().items():
         torch.testing.assert_close(ours.state_dict()[key], value, equal_nan=True)
 
@@ -303,13 +305,7 @@ def test_a_batchnorm_without_affine_parameters(which):
         setattr(module, which, nn.BatchNorm2d(width, affine=False, dtype=torch.float64))
     x = make_x((4, 6, 5, 5), torch.channels_last).requires_grad_()
     grad = torch.randn_like(x)
-    expected_out, out = paper(x), ours(x)
-    assert_close(out, expected_out)
-    expected_dx, expected = named_grads(paper, expected_out, x, grad)
-    dx, actual = named_grads(ours, out, x, grad)
-    assert_close(dx, expected_dx)
-    for name in expected:
-        assert_close(actual[name], expected[name])
+    assert_matches(paper, ours, x, grad)
 
 
 def test_batch_of_one_raises_only_where_a_batchnorm_uses_batch_statistics():
@@ -375,10 +371,4 @@ def test_submodules_with_hooks_or_replaced_keep_their_own_forward():
         prune.l1_unstructured(module.fc2, "weight", amount=0.5)
     x = make_x((4, 6, 5, 5), None).requires_grad_()
     grad = torch.randn_like(x)
-    expected_out, out = paper(x), ours(x)
-    assert_close(out, expected_out)
-    expected_dx, expected = named_grads(paper, expected_out, x, grad)
-    dx, actual = named_grads(ours, out, x, grad)
-    assert_close(dx, expected_dx)
-    for name in expected:
-        assert_close(actual[name], expected[name])
+    assert_matches(paper, ours, x, grad)
