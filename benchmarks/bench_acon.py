@@ -45,8 +45,8 @@ SIZES = {
     "small": ((4, 64, 8, 8), 1, False),
     "features": ((256, 4096), 1, False),
     # Meta-ACON on features, (N, C) beta: not a default case; compare it
-    # with "features" (--sizes features,features-meta).
-    "features-meta": ((256, 4096), 1, True),
+    # with "features" (--sizes features,meta-feat).
+    "meta-feat": ((256, 4096), 1, True),
     "tokens": ((32, 197, 768), -1, False),
     "meta-acon": ((None, 256, 28, 28), 1, True),
     "large": ((64, 256, 112, 112), 1, False),
