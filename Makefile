@@ -21,7 +21,7 @@ DEPS_STAMP := $(VENV)/.acon-deps
 BUILD_STAMP := $(VENV)/.acon-build
 SOURCES := setup.py pyproject.toml acon_cuda/_version.py $(shell find csrc -type f)
 PY_FILES := setup.py acon_cuda benchmarks tests examples
-CXX_FILES := $(shell find csrc -name '*.h' -o -name '*.cpp' -o -name '*.cu')
+CXX_FILES := $(shell find csrc -name '*.h' -o -name '*.cuh' -o -name '*.cpp' -o -name '*.cu')
 
 .PHONY: setup test test-wheel wheel lint format bench clean
 

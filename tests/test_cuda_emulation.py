@@ -1,9 +1,12 @@
 """The CUDA kernels' code without a GPU: the CUDA build registers test hooks
-that run the kernels' per-thread code and work split on CPU tensors, block by
-block and thread by thread, as on a GPU of a given size. This checks their
-indexing (vector and element-wise paths, chunks, tiles, per-sample groups,
-grid-stride loops) and arithmetic against the float64 truth. Not covered: the
-warp shuffles and barriers of the block reductions, and the GPU itself."""
+that run the kernels' per-thread code, work split and host flow on CPU
+tensors, block by block and thread by thread, as on a GPU of a given size,
+with the warp and block sums as loops in the GPU's order. This checks their
+indexing (vector, ragged and element-wise paths, chunks, teams, tiles,
+per-sample groups, grid-stride loops, the reduce) and arithmetic against the
+float64 truth. A third hook returns the launch plan, whose properties (launch
+count, balance, busy lanes) are checked on an H200-sized GPU. Not covered:
+barriers, races, and the GPU itself."""
 
 import pytest
 import torch
@@ -52,17 +55,43 @@ def test_element_wise_path_for_unaligned_data(dtype, layout):
     check_against_truth(x, p1, p2, beta, channel_dim, run=run_emulated((132, 3)))
 
 
-@pytest.mark.parametrize(
-    "shape, channel_dim",
-    [((64, 96, 40, 40), 1), ((96, 40, 40, 32), -1), ((4096, 2, 3), 1)],
-    ids=["runs_many_chunks", "columns_many_chunks", "runs_of_3"],
-)
-def test_many_rows_per_block(shape, channel_dim):
-    """Tensors big enough that blocks take several rows per thread, several
-    chunks per channel, and (columns) the row cap per chunk."""
-    x = 3 * torch.randn(shape)
-    p1, p2, beta = make_params(x, channel_dim, False, torch.float32)
-    check_against_truth(x, p1, p2, beta, channel_dim, run=run_emulated((132, 3)))
+# Shapes whose work items far outnumber the blocks, or whose lines are cut
+# into many chunks: (shape, channel_dim, per-sample beta).
+MANY_ITEMS = [
+    pytest.param((64, 96, 40, 40), 1, False, id="runs_many_chunks"),
+    pytest.param((96, 40, 40, 32), -1, False, id="columns_many_chunks"),
+    pytest.param((4096, 2, 3), 1, False, id="runs_of_3"),
+    pytest.param((64, 64, 7, 7), 1, True, id="7x7_per_sample"),
+    pytest.param((4, 512, 7, 7), 1, False, id="4x512x7x7"),
+    pytest.param((256, 4, 16), -1, True, id="features_last_per_sample"),
+    pytest.param((512, 3, 8), 1, False, id="512x3x8"),
+    pytest.param((96, 2, 100), -1, False, id="features_last_100"),
+    pytest.param((1, 8, 256, 256), 1, False, id="long_runs_few_channels"),
+]
+
+
+@pytest.mark.parametrize("gpu", GPUS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape, channel_dim, per_sample", MANY_ITEMS)
+def test_many_items_per_block(shape, channel_dim, per_sample, dtype, gpu):
+    """Blocks and teams that take several items, lines cut into chunks,
+    teams narrower than a warp, and (columns) the row cap per chunk."""
+    x = (3 * torch.randn(shape)).to(dtype)
+    p1, p2, beta = make_params(x, channel_dim, per_sample, torch.float32)
+    check_against_truth(x, p1, p2, beta, channel_dim, run=run_emulated(gpu))
+
+
+@pytest.mark.parametrize("offset", [1, 3])
+@pytest.mark.parametrize("shape, channel_dim", [((5, 24, 7, 7), 1), ((5, 7, 7, 24), -1), ((3, 8, 70), 1)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.float64])
+def test_unaligned_views(dtype, shape, channel_dim, offset):
+    """Views that start `offset` elements past an aligned address: the
+    element-wise kernels, in both directions."""
+    storage = 3.0 * torch.randn(offset + torch.Size(shape).numel(), dtype=dtype)
+    x = storage[offset:].view(shape)
+    p1, p2, beta = make_params(x, channel_dim, True, dtype)
+    for gpu in [(132, 3), (1, 1)]:
+        check_against_truth(x, p1, p2, beta, channel_dim, run=run_emulated(gpu))
 
 
 def test_parameter_gradients_do_not_depend_on_the_run():

@@ -99,6 +99,9 @@ def test_sdist_holds_what_a_build_needs(tmp_path):
         "csrc/cpu/acon_c_kernel.h",
         "csrc/cpu/acon_c_kernel_impl.h",
         "csrc/cuda/acon_c_cuda.cu",
+        "csrc/cuda/acon_c_kernel.cuh",
+        "csrc/cuda/acon_c_launch.h",
+        "csrc/cuda/acon_c_emulation.cpp",
         "tests/test_acon_c.py",
     ]:
         assert needed in names, needed

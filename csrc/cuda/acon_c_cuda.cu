@@ -16,6 +16,12 @@
 namespace acon_cuda::cuda {
 namespace {
 
+// Resident blocks per multiprocessor the main kernels are compiled for: at
+// most 80 registers a thread (65536 / (3 * 256), in allocation steps). The
+// float64 runs backward would spill at 80; float64 is not a training dtype.
+template <typename scalar_t>
+constexpr int kMinBlocks = sizeof(scalar_t) == 8 ? 2 : 3;
+
 // Adds each of v[0..2] over a team of `team` lanes (a power of two <= 32,
 // aligned in its warp): lane 0 of the team gets the sums, in the order of
 // tree_sum (acon_c_emulation.cpp). Every lane of the warp must call it.
@@ -33,7 +39,7 @@ __device__ __forceinline__ void team_sum3(double (&v)[3], int team) {
 // item past the end computes nothing but joins the shuffles), so no lane
 // leaves a warp's shuffle early. No barriers, no shared memory.
 template <typename scalar_t, int kWidth, bool kBackward, bool kRagged>
-__global__ void __launch_bounds__(kThreads) acon_c_runs_kernel(const KernelArgs<scalar_t> args) {
+__global__ void __launch_bounds__(kThreads, kMinBlocks<scalar_t>) acon_c_runs_kernel(const KernelArgs<scalar_t> args) {
   const int team = args.team;
   const int lane = threadIdx.x % team;
   const int team_in_block = threadIdx.x / team;
@@ -62,7 +68,8 @@ __global__ void __launch_bounds__(kThreads) acon_c_runs_kernel(const KernelArgs<
 // each thread's three opmath sums to shared memory in one pass and adds
 // each channel's column with columns_block_sum: two barriers per item.
 template <typename scalar_t, int kWidth, bool kBackward>
-__global__ void __launch_bounds__(kThreads) acon_c_columns_kernel(const KernelArgs<scalar_t> args) {
+__global__ void __launch_bounds__(kThreads, kMinBlocks<scalar_t>)
+    acon_c_columns_kernel(const KernelArgs<scalar_t> args) {
   using opmath_t = at::opmath_type<scalar_t>;
   __shared__ opmath_t column_sums[kBackward ? 3 * kWidth * kThreads : 1];
   const int outputs = 3 * kWidth * args.tile_vectors;

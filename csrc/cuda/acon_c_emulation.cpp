@@ -193,8 +193,10 @@ std::vector<int64_t> acon_c_launch_plan(
   const EmulatedRunner runner = emulated_runner(multiprocessors, blocks_per_multiprocessor);
   const WorkTensors w = make_work_tensors(at::empty_like(x), x, beta, cdim);
   const ChannelLayout& l = w.layout;
-  const bool aligned = is_aligned(w.x.const_data_ptr(), 16) && is_aligned(w.out.const_data_ptr(), 16);
-  const KernelChoice k = choose_kernel(l, static_cast<int>(x.element_size()), aligned);
+  const int vector = pack_width(static_cast<int>(x.element_size()), backward);
+  const int64_t bytes = vector * x.element_size();
+  const bool aligned = is_aligned(w.x.const_data_ptr(), bytes) && is_aligned(w.out.const_data_ptr(), bytes);
+  const KernelChoice k = choose_kernel(l, vector, aligned);
   const MainPlan p_main = plan_main(l, k, runner.multiprocessors * runner.blocks_per_multiprocessor);
 
   int64_t most = 0; // block 0 takes the most items
@@ -213,14 +215,7 @@ std::vector<int64_t> acon_c_launch_plan(
         static_cast<double>(channel_vectors) / (p_main.tiles * p_main.tile_vectors));
   }
   std::vector<int64_t> plan = {
-      k.runs ? 0 : 1,
-      p_main.grid,
-      kThreads,
-      p_main.items,
-      p_main.teams_per_block,
-      most,
-      busy,
-      p_main.grid * kThreads};
+      k.runs ? 0 : 1, p_main.grid, kThreads, p_main.items, p_main.teams_per_block, most, busy, p_main.grid * kThreads};
   if (backward) {
     const ReducePlan r = plan_reduce(l, p_main.chunks, beta.numel());
     const std::vector<int64_t> reduce = {2, r.grid, kThreads, r.units, r.units_x, r.units_x, 1000, r.units * r.lanes_y};

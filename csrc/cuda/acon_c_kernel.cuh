@@ -485,30 +485,32 @@ ACON_HD const double* unit_rows(const ReduceArgs<scalar_t>& args, int64_t u, int
   return args.partials + (2 * args.groups + j / C) * args.chunks * C + j % C;
 }
 
-// Lane y's share of unit u: sums[0] (and sums[1] for an (A, B) unit).
+// Lane y's share of one of unit u's sums (s: 0 A, 1 B, 2 G): rows y, y +
+// lanes_y, ... in two alternating accumulators (two loads in flight per chain
+// of adds).
+template <typename scalar_t>
+ACON_HD double reduce_lane_sum(const ReduceArgs<scalar_t>& args, int64_t u, int s, int y) {
+  int64_t rows;
+  const double* p = unit_rows(args, u, s, rows);
+  const int64_t step = args.lanes_y * args.channels;
+  double even = 0.0, odd = 0.0;
+  int64_t r = y;
+  for (; r + args.lanes_y < rows; r += 2 * args.lanes_y) {
+    even += p[r * args.channels];
+    odd += p[r * args.channels + step];
+  }
+  if (r < rows) {
+    even += p[r * args.channels];
+  }
+  return even + odd;
+}
+
+// Lane y's share of unit u: A and B for an (A, B) unit, G and 0 for a G unit.
 template <typename scalar_t>
 ACON_HD void reduce_lane(const ReduceArgs<scalar_t>& args, int64_t u, int y, double (&sums)[2]) {
-  sums[0] = sums[1] = 0.0;
-  if (u >= args.units) {
-    return;
-  }
-  const int n = u < args.channels ? 2 : 1;
-  for (int i = 0; i < n; ++i) {
-    int64_t rows;
-    const double* p = unit_rows(args, u, u < args.channels ? i : 2, rows);
-    const int64_t step = args.lanes_y * args.channels;
-    // Two accumulators: two loads in flight per chain of adds.
-    double even = 0.0, odd = 0.0;
-    int64_t r = y;
-    for (; r + args.lanes_y < rows; r += 2 * args.lanes_y) {
-      even += p[r * args.channels];
-      odd += p[r * args.channels + step];
-    }
-    if (r < rows) {
-      even += p[r * args.channels];
-    }
-    sums[i] = even + odd;
-  }
+  const bool ab = u < args.channels;
+  sums[0] = u < args.units ? reduce_lane_sum(args, u, ab ? 0 : 2, y) : 0.0;
+  sums[1] = ab ? reduce_lane_sum(args, u, 1, y) : 0.0;
 }
 
 // Writes unit u's gradients from its totals.

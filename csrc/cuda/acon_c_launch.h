@@ -13,9 +13,9 @@
 
 #include <algorithm>
 #include <array>
-#include <type_traits>
 #include <cstdint>
 #include <tuple>
+#include <type_traits>
 #include <vector>
 
 namespace acon_cuda::cuda {
@@ -32,15 +32,25 @@ inline int64_t pow2_at_least(int64_t n) {
   return p;
 }
 
+// Elements a pack of a main kernel moves: 16 bytes, except the 16-bit
+// backward's 8 (4 channels a thread instead of 8: their 24 parameters and
+// sums in registers made 108-121 registers a thread, 2 blocks a
+// multiprocessor).
+constexpr int pack_width(int element_size, bool backward) {
+  return (backward && element_size == 2 ? 8 : 16) / element_size;
+}
+
+template <typename scalar_t, bool kBackward>
+constexpr int kPackWidth = pack_width(sizeof(scalar_t), kBackward);
+
 // Which main kernel runs, from the layout and the data's alignment.
 struct KernelChoice {
   bool runs;   // else columns
-  int width;   // elements per pack: 16 bytes, or 1
+  int width;   // elements per pack: `vector`, or 1
   bool ragged; // runs of a length that is not a multiple of width
 };
 
-inline KernelChoice choose_kernel(const ChannelLayout& layout, int element_size, bool aligned) {
-  const int vector = 16 / element_size;
+inline KernelChoice choose_kernel(const ChannelLayout& layout, int vector, bool aligned) {
   KernelChoice k{};
   k.runs = layout.inner > 1;
   const bool whole = aligned && (k.runs ? layout.inner : layout.channels) % vector == 0;
@@ -80,11 +90,12 @@ struct MainPlan {
   int tile_vectors;
 };
 
-// Chunks per unit (a line or a column tile): about two turns of the resident
-// teams, no more than max_chunks, no fewer than min_chunks.
+// Chunks per unit (a line or a column tile): as many as make about two
+// turns of the resident teams without going over, within [min_chunks,
+// max_chunks] (min_chunks wins).
 inline int64_t balanced_chunks(int64_t units, int64_t slots, int64_t min_chunks, int64_t max_chunks) {
-  const int64_t wanted = ceil_div(2 * slots, units);
-  return std::max<int64_t>(1, std::min(max_chunks, std::max(min_chunks, wanted)));
+  const int64_t wanted = 2 * slots / units;
+  return std::max<int64_t>({1, min_chunks, std::min(max_chunks, wanted)});
 }
 
 inline MainPlan plan_main(const ChannelLayout& layout, const KernelChoice& kernel, int64_t resident_blocks) {
@@ -113,10 +124,11 @@ inline MainPlan plan_main(const ChannelLayout& layout, const KernelChoice& kerne
     units = layout.groups * p.tiles;
     p.team = kThreads;
     p.teams_per_block = 1;
-    // A thread adds at most kFlushIterations of its rows in opmath_t.
+    // A thread adds at most kFlushIterations of its rows in opmath_t, and
+    // takes at least one.
     const int64_t row_step = kThreads / p.tile_vectors;
     const int64_t min_chunks = ceil_div(length, row_step * kFlushIterations);
-    p.chunks = balanced_chunks(units, resident_blocks, min_chunks, length);
+    p.chunks = balanced_chunks(units, resident_blocks, min_chunks, std::max<int64_t>(1, length / row_step));
   }
   p.chunk_len = ceil_div(length, p.chunks);
   p.chunks = ceil_div(length, p.chunk_len);
@@ -152,9 +164,9 @@ struct KernelKind {
 };
 
 // Calls f(KernelKind<...>{}) for the kernel `k` names.
-template <typename scalar_t, typename F>
+template <typename scalar_t, bool kBackward, typename F>
 void with_kernel_kind(const KernelChoice& k, F&& f) {
-  constexpr int kVector = 16 / sizeof(scalar_t);
+  constexpr int kVector = kPackWidth<scalar_t, kBackward>;
   if (k.runs) {
     if (k.ragged) {
       f(KernelKind<kVector, true, true>{});
@@ -175,8 +187,9 @@ inline bool is_aligned(const void* p, int64_t bytes) {
 }
 
 template <typename scalar_t>
-bool args_aligned(const KernelArgs<scalar_t>& args) {
-  return is_aligned(args.x, 16) && is_aligned(args.out, 16) && (args.grad_y == nullptr || is_aligned(args.grad_y, 16));
+bool args_aligned(const KernelArgs<scalar_t>& args, int64_t bytes) {
+  return is_aligned(args.x, bytes) && is_aligned(args.out, bytes) &&
+      (args.grad_y == nullptr || is_aligned(args.grad_y, bytes));
 }
 
 template <typename scalar_t>
@@ -230,13 +243,13 @@ void run_acon_c(
     args.channels = w.layout.channels;
     args.inner = w.layout.inner;
     args.per_sample_beta = w.layout.per_sample_beta;
-    const KernelChoice choice = choose_kernel(w.layout, sizeof(scalar_t), args_aligned(args));
-    with_kernel_kind<scalar_t>(choice, [&](auto kind) {
-      using Kind = decltype(kind);
-      const auto run_main = [&](auto backward_tag) {
-        constexpr bool kBackward = decltype(backward_tag)::value;
-        const MainPlan plan =
-            plan_main(w.layout, choice, runner.template resident_blocks<scalar_t, Kind, kBackward>());
+    const auto run = [&](auto backward_tag) {
+      constexpr bool kBackward = decltype(backward_tag)::value;
+      constexpr int kVector = kPackWidth<scalar_t, kBackward>;
+      const KernelChoice choice = choose_kernel(w.layout, kVector, args_aligned(args, kVector * sizeof(scalar_t)));
+      with_kernel_kind<scalar_t, kBackward>(choice, [&](auto kind) {
+        using Kind = decltype(kind);
+        const MainPlan plan = plan_main(w.layout, choice, runner.template resident_blocks<scalar_t, Kind, kBackward>());
         apply_plan(args, plan);
         at::Tensor partials;
         if constexpr (kBackward) {
@@ -265,13 +278,13 @@ void run_acon_c(
         }
         // `partials` is freed here; the caching allocator keeps its block
         // for this stream, so work queued on it stays safe.
-      };
-      if (backward) {
-        run_main(std::true_type{});
-      } else {
-        run_main(std::false_type{});
-      }
-    });
+      });
+    };
+    if (backward) {
+      run(std::true_type{});
+    } else {
+      run(std::false_type{});
+    }
   });
   if (!w.out.is_same(out)) {
     out.copy_(w.out);

@@ -1,0 +1,133 @@
+"""The CUDA launch plan's properties, without a GPU: the CUDA build registers
+torch.ops.acon._acon_c_cuda_launch_plan, the plan the GPU launches use
+(csrc/cuda/acon_c_launch.h), for a tensor's shape, layout, dtype and beta on a
+GPU of a given size."""
+
+import math
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.skipif(
+    not hasattr(torch.ops.acon, "_acon_c_cuda_launch_plan"),
+    reason="this build has no CUDA kernels",
+)
+
+FIELDS = ["kind", "grid", "threads", "items", "teams_per_block", "most_items", "busy_permille", "lanes"]
+KINDS = {0: "runs", 1: "columns", 2: "reduce"}
+H200_MULTIPROCESSORS = 132
+
+
+def launch_plan(x, per_sample, channel_dim, backward, blocks_per_multiprocessor):
+    c = x.shape[channel_dim]
+    beta = torch.ones((x.shape[0], c) if per_sample else (c,), dtype=x.dtype)
+    flat = torch.ops.acon._acon_c_cuda_launch_plan(
+        x, beta, channel_dim, backward, H200_MULTIPROCESSORS, blocks_per_multiprocessor
+    )
+    assert len(flat) % len(FIELDS) == 0
+    kernels = [dict(zip(FIELDS, flat[i : i + len(FIELDS)])) for i in range(0, len(flat), len(FIELDS))]
+    for k in kernels:
+        k["kind"] = KINDS[k["kind"]]
+    return kernels
+
+
+def empty_x(shape, layout, dtype):
+    """An uninitialised x (CPU pages are not touched): only its layout counts."""
+    if layout == "features_last":
+        n, c, *spatial = shape
+        return torch.empty(n, *spatial, c, dtype=dtype), -1
+    x = torch.empty(shape, dtype=dtype)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    return x, 1
+
+
+# (logical shape, layout, per-sample beta): the review's cases, training-sized
+# maps of every stage, and small ones.
+CASES = [
+    ((32, 256, 56, 56), "contiguous", False),
+    ((32, 256, 56, 56), "channels_last", False),
+    ((16, 2048, 7, 7), "contiguous", False),
+    ((16, 2048, 7, 7), "channels_last", False),
+    ((64, 64, 7, 7), "contiguous", True),
+    ((4, 512, 7, 7), "contiguous", False),
+    ((1, 64, 512, 512), "contiguous", False),
+    ((256, 4, 16), "features_last", True),
+    ((512, 3, 8), "contiguous", False),
+    ((96, 2, 100), "features_last", False),
+    ((256, 4096), "contiguous", True),
+    ((8, 197, 768), "features_last", False),
+]
+CASE_IDS = ["x".join(map(str, s)) + "-" + layout + ("-per_sample" if ps else "") for s, layout, ps in CASES]
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+
+@pytest.mark.parametrize("blocks_per_multiprocessor", [3, 4])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape, layout, per_sample", CASES, ids=CASE_IDS)
+def test_launches_per_call(shape, layout, per_sample, dtype, blocks_per_multiprocessor):
+    x, cdim = empty_x(shape, layout, dtype)
+    forward = launch_plan(x, per_sample, cdim, False, blocks_per_multiprocessor)
+    backward = launch_plan(x, per_sample, cdim, True, blocks_per_multiprocessor)
+    assert [k["kind"] for k in forward] == ["runs" if x.dim() > 2 and layout == "contiguous" else "columns"]
+    assert [k["kind"] for k in backward] == [forward[0]["kind"], "reduce"]
+
+
+@pytest.mark.parametrize("backward", [False, True], ids=["forward", "backward"])
+@pytest.mark.parametrize("blocks_per_multiprocessor", [3, 4])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape, layout, per_sample", CASES, ids=CASE_IDS)
+def test_work_is_balanced(shape, layout, per_sample, dtype, blocks_per_multiprocessor, backward):
+    """No block takes more than its share of turns, and where there is more
+    than one turn, the last leaves at most 10% of a wave's team slots idle
+    (with one turn every item runs at once: no tail)."""
+    x, cdim = empty_x(shape, layout, dtype)
+    main = launch_plan(x, per_sample, cdim, backward, blocks_per_multiprocessor)[0]
+    resident = H200_MULTIPROCESSORS * blocks_per_multiprocessor
+    assert 1 <= main["grid"] <= resident
+    wave = main["grid"] * main["teams_per_block"]  # team slots of one turn
+    turns = math.ceil(main["items"] / wave)
+    assert main["most_items"] <= main["teams_per_block"] * turns
+    if turns > 1:
+        assert turns * wave - main["items"] <= 0.1 * wave
+    # Work enough for the GPU: a wave of resident blocks, where the tensor has it.
+    if x.numel() >= 64 * resident * 256:
+        assert main["grid"] * main["teams_per_block"] * turns >= resident
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape, layout, per_sample", CASES, ids=CASE_IDS)
+def test_reduce_has_independent_lanes(shape, layout, per_sample, dtype):
+    x, cdim = empty_x(shape, layout, dtype)
+    reduce = launch_plan(x, per_sample, cdim, True, 3)[1]
+    c = x.shape[cdim]
+    assert reduce["lanes"] >= min(3 * c, 4096)
+    assert reduce["grid"] * reduce["teams_per_block"] >= reduce["items"]
+
+
+@pytest.mark.parametrize("backward", [False, True], ids=["forward", "backward"])
+@pytest.mark.parametrize("dtype", DTYPES + [torch.float64])
+@pytest.mark.parametrize("shape", [(64, 64, 7, 7), (32, 512, 7, 7), (8, 64, 14, 14)])
+def test_short_runs_keep_threads_busy(shape, dtype, backward):
+    """Per-sample beta on 7x7 (and 14x14) maps: one run an item, yet at
+    least 75% of the lanes hold a window."""
+    x, cdim = empty_x(shape, "contiguous", dtype)
+    main = launch_plan(x, True, cdim, backward, 3)[0]
+    assert main["kind"] == "runs"
+    assert main["busy_permille"] >= 750
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_long_runs_are_cut_into_chunks(dtype):
+    """(1, 64, 512, 512): 64 lines, yet a full GPU's worth of items."""
+    x, cdim = empty_x((1, 64, 512, 512), "contiguous", dtype)
+    main = launch_plan(x, False, cdim, True, 3)[0]
+    assert main["items"] >= H200_MULTIPROCESSORS * 3 * main["teams_per_block"]
+    assert main["grid"] >= 0.9 * H200_MULTIPROCESSORS * 3
+
+
+def test_bad_plan_arguments():
+    with pytest.raises(ValueError, match="non-empty"):
+        torch.ops.acon._acon_c_cuda_launch_plan(torch.empty(0, 3), torch.ones(3), 1, False, 132, 3)
+    with pytest.raises(ValueError, match="must be positive"):
+        torch.ops.acon._acon_c_cuda_launch_plan(torch.empty(2, 3), torch.ones(3), 1, False, 0, 3)
