@@ -139,8 +139,10 @@ def default_cuda_archs():
 
 
 CXX_FLAGS = ["-O3", "-fopenmp"] + (["-DACON_CPU_X86_VARIANTS"] if X86_64 else [])
+# -fmad=false: no multiply-add is fused unless the source says so (fma_of),
+# so the GPU adds the sums exactly as the CPU emulation of its code does.
 # ACON_PTXAS_VERBOSE=1 prints each kernel's registers, spills and stack.
-NVCC_FLAGS = ["-O3"] + (["-Xptxas=-v"] if os.environ.get("ACON_PTXAS_VERBOSE") else [])
+NVCC_FLAGS = ["-O3", "-fmad=false"] + (["-Xptxas=-v"] if os.environ.get("ACON_PTXAS_VERBOSE") else [])
 problem = cuda_build_problem()
 if problem is None:
     default_cuda_archs()

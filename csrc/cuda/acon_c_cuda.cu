@@ -93,23 +93,24 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks<scalar_t>)
   }
 }
 
-// Block: units_x units by lanes_y lanes (reduce_lane), then a fixed
-// shared-memory tree over the lanes.
+// Block: units_x units by lanes_y lanes of its region (reduce_lane), then
+// a fixed shared-memory tree over the lanes.
 template <typename scalar_t>
 __global__ void __launch_bounds__(kThreads) reduce_channel_sums(const ReduceArgs<scalar_t> args) {
   __shared__ double lanes[2][kThreads];
-  const int x = threadIdx.x % args.units_x;
-  const int y = threadIdx.x / args.units_x;
-  const int64_t u = static_cast<int64_t>(blockIdx.x) * args.units_x + x;
+  const ReduceRegion& region = args.region(blockIdx.x);
+  const int units_x = region.units_x;
+  const int y = threadIdx.x / units_x;
+  const int64_t u = region.unit(blockIdx.x, threadIdx.x % units_x);
   double sums[2];
-  reduce_lane(args, u, y, sums);
+  reduce_lane(args, region.lanes_y, u, y, sums);
   lanes[0][threadIdx.x] = sums[0];
   lanes[1][threadIdx.x] = sums[1];
   __syncthreads();
-  for (int half = args.lanes_y / 2; half > 0; half /= 2) {
+  for (int half = region.lanes_y / 2; half > 0; half /= 2) {
     if (y < half) {
-      lanes[0][threadIdx.x] += lanes[0][threadIdx.x + half * args.units_x];
-      lanes[1][threadIdx.x] += lanes[1][threadIdx.x + half * args.units_x];
+      lanes[0][threadIdx.x] += lanes[0][threadIdx.x + half * units_x];
+      lanes[1][threadIdx.x] += lanes[1][threadIdx.x + half * units_x];
     }
     __syncthreads();
   }

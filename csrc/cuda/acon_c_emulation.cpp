@@ -2,10 +2,12 @@
 // - the CUDA ops run on CPU tensors, with the kernels' own per-thread code
 //   (acon_c_kernel.cuh) and host flow (acon_c_launch.h), block by block and
 //   thread by thread, as on a GPU of a given size. Warp shuffles and shared-
-//   memory trees are replaced by loops that add in their order, so results
-//   match the GPU's bit for bit, except 16-bit math (fast_exp's model) and
-//   anything the GPU's hardware does wrong. Barriers, races and the GPU's
-//   timing are not covered.
+//   memory trees are replaced by loops that add in their order, and the
+//   kernels are built with -fmad=false, so the sums are formed and added as
+//   on the GPU. Results can still differ from the GPU's in the last bits:
+//   CUDA's exp/expf and the host's may round differently, and 16-bit math
+//   uses fast_exp's model. Barriers, races and the GPU's timing are not
+//   covered.
 // - the launch plan for a shape on a GPU of a given size.
 #include "acon_c_launch.h"
 
@@ -87,20 +89,22 @@ template <typename scalar_t>
 void emulate_reduce(const ReduceArgs<scalar_t>& args, int64_t grid) {
   std::vector<std::array<double, 2>> lanes(kThreads);
   for (int64_t block = 0; block < grid; ++block) {
+    const ReduceRegion& region = args.region(block);
+    const int units_x = region.units_x;
     for (int t = 0; t < kThreads; ++t) {
       double sums[2];
-      reduce_lane(args, block * args.units_x + t % args.units_x, t / args.units_x, sums);
+      reduce_lane(args, region.lanes_y, region.unit(block, t % units_x), t / units_x, sums);
       lanes[t] = {sums[0], sums[1]};
     }
-    for (int half = args.lanes_y / 2; half > 0; half /= 2) {
-      for (int t = 0; t < half * args.units_x; ++t) {
-        lanes[t][0] += lanes[t + half * args.units_x][0];
-        lanes[t][1] += lanes[t + half * args.units_x][1];
+    for (int half = region.lanes_y / 2; half > 0; half /= 2) {
+      for (int t = 0; t < half * units_x; ++t) {
+        lanes[t][0] += lanes[t + half * units_x][0];
+        lanes[t][1] += lanes[t + half * units_x][1];
       }
     }
-    for (int x = 0; x < args.units_x; ++x) {
+    for (int x = 0; x < units_x; ++x) {
       const double total[2] = {lanes[x][0], lanes[x][1]};
-      write_unit(args, block * args.units_x + x, total);
+      write_unit(args, region.unit(block, x), total);
     }
   }
 }
@@ -178,7 +182,7 @@ int64_t busy_permille(const MainPlan& p, int64_t length, int64_t width, double l
 // 2 reduce), grid, threads per block, items (reduce: units), teams per block
 // (reduce: units per block), the most items a block takes, busy lane slots
 // per mille (reduce: 1000), and independent lanes (grid * threads; reduce:
-// units * lanes per unit).
+// independent chains of adds).
 std::vector<int64_t> acon_c_launch_plan(
     const at::Tensor& x,
     const at::Tensor& beta,
@@ -218,7 +222,11 @@ std::vector<int64_t> acon_c_launch_plan(
       k.runs ? 0 : 1, p_main.grid, kThreads, p_main.items, p_main.teams_per_block, most, busy, p_main.grid * kThreads};
   if (backward) {
     const ReducePlan r = plan_reduce(l, p_main.chunks, beta.numel());
-    const std::vector<int64_t> reduce = {2, r.grid, kThreads, r.units, r.units_x, r.units_x, 1000, r.units * r.lanes_y};
+    const int64_t units = r.g.end_unit;
+    // Independent chains of adds: an (A, B) lane has two.
+    const int64_t lanes = 2 * l.channels * r.ab.lanes_y + (units - l.channels) * r.g.lanes_y;
+    const int64_t most = std::max(r.ab.units_x, r.g.units_x);
+    const std::vector<int64_t> reduce = {2, r.grid, kThreads, units, most, most, 1000, lanes};
     plan.insert(plan.end(), reduce.begin(), reduce.end());
   }
   return plan;

@@ -129,19 +129,26 @@ ACON_HD T acon_c_value(T x, T d, T p2, T bd) {
   return x * fma_of(d, s, p2);
 }
 
-// dx, and this element's terms of the three parameter sums.
+// dx; adds this element's terms to the three parameter sums when `in`
+// (select, not branch: the zero-filled lanes of a partial window compute
+// too, and a zero x with an infinite beta would add NaN). The fused
+// multiply-adds are written out: the kernels are built with -fmad=false, so
+// the GPU rounds as the host does.
 template <bool kFast, typename T>
-ACON_HD T acon_c_grad(T x, T dy, T d, T p2, T bd, T& term_a, T& term_b, T& term_g) {
+ACON_HD T acon_c_grad(T x, T dy, T d, T p2, T bd, bool in, T& a, T& b, T& g) {
   const T u = bd * x;
   T s, s_neg;
   sigmoid_pair<kFast>(u, s, s_neg);
   const T h = s * fma_of(u, s_neg, T(1));
   const T dyx = dy * x;
   const T dxd = d * x;
-  term_a = dyx * h;
-  term_b = dyx;
+  const T a_next = fma_of(dyx, h, a);
+  const T b_next = b + dyx;
   // (d*x) * ((d*x)*S*(1-S)): no (d*x)^2 that could overflow on its own.
-  term_g = (dy * dxd) * (dxd * (s * s_neg));
+  const T g_next = fma_of(dy * dxd, dxd * (s * s_neg), g);
+  a = in ? a_next : a;
+  b = in ? b_next : b;
+  g = in ? g_next : g;
   return dy * fma_of(d, h, p2);
 }
 
@@ -150,6 +157,11 @@ template <typename T, int kWidth>
 struct alignas(sizeof(T) * kWidth) Pack {
   T v[kWidth];
 };
+
+// Packs a thread loads before it computes: independent loads in flight. 4
+// of the 16-bit backward's 8-byte packs spill at its 80 registers.
+template <typename T, int kWidth>
+constexpr int kUnrollPacks = kWidth > 1 ? 2 : 4;
 
 template <typename T, int kWidth>
 ACON_HD Pack<T, kWidth> load_pack(const T* p) {
@@ -220,7 +232,7 @@ ACON_HD Item locate(int64_t item, int64_t chunks, int64_t minor_count) {
 // (kUnroll loads in flight), the lanes outside [lo, hi) as zeros. A pack
 // with work computes every lane the same way, so that a warp holding partial
 // windows does not diverge: only the stores are masked, and the sums by a
-// select (a zero x with a NaN parameter would add NaN); a pack without work
+// select (acon_c_grad); a pack without work
 // is skipped. A pack holds one channel (kChannels = 1: runs) or kWidth
 // channels (kChannels = kWidth: columns); lane j uses channel j % kChannels's
 // parameters and sums.
@@ -270,12 +282,8 @@ ACON_HD void compute_packs(
       const int k = j % kChannels;
       if constexpr (kBackward) {
         const opmath_t dy = static_cast<opmath_t>(dys[i].v[j]);
-        opmath_t ta, tb, tg;
-        out.v[j] = static_cast<scalar_t>(acon_c_grad<kFast>(xv, dy, d[k], p2[k], bd[k], ta, tb, tg));
         const bool in = lo[i] <= j && j < hi[i];
-        a[k] += in ? ta : opmath_t(0);
-        b[k] += in ? tb : opmath_t(0);
-        gs[k] += in ? tg : opmath_t(0);
+        out.v[j] = static_cast<scalar_t>(acon_c_grad<kFast>(xv, dy, d[k], p2[k], bd[k], in, a[k], b[k], gs[k]));
       } else {
         out.v[j] = static_cast<scalar_t>(acon_c_value<kFast>(xv, d[k], p2[k], bd[k]));
       }
@@ -304,7 +312,7 @@ ACON_HD void compute_packs(
 template <typename scalar_t, int kWidth, bool kBackward, bool kRagged>
 ACON_HD void runs_lane(const KernelArgs<scalar_t>& args, const Item& it, int lane, double (&sums)[3]) {
   using opmath_t = at::opmath_type<scalar_t>;
-  constexpr int kUnroll = kWidth > 1 ? 2 : 4; // independent loads in flight
+  constexpr int kUnroll = kUnrollPacks<scalar_t, kWidth>;
   const int64_t C = args.channels;
   const int64_t c = it.minor;
   const int64_t row_stride = C * args.inner;
@@ -375,7 +383,7 @@ ACON_HD void columns_thread(
     at::opmath_type<scalar_t> (&b)[kWidth],
     at::opmath_type<scalar_t> (&gs)[kWidth]) {
   using opmath_t = at::opmath_type<scalar_t>;
-  constexpr int kUnroll = kWidth > 1 ? 2 : 4;
+  constexpr int kUnroll = kUnrollPacks<scalar_t, kWidth>;
   const int64_t C = args.channels;
   const int tx = thread % args.tile_vectors;
   const int ty = thread / args.tile_vectors;
@@ -447,19 +455,35 @@ ACON_HD void columns_block_sum(
 // parameter gradients dp1 = A, dp2 = B - A, dbeta = G (ACON_MATH.md) in each
 // parameter's dtype (x's, or float32).
 
+// A part of the reduce's grid: units [first_unit, end_unit) (the (A, B)
+// units, or the G units), units_x of them a block, lanes_y lanes each, from
+// block first_block on. Each part has its own shape: an (A, B) unit adds
+// every group's chunks, a G unit only its group's.
+struct ReduceRegion {
+  int64_t first_unit, end_unit, first_block;
+  int units_x, lanes_y;
+
+  // The unit of lane column x in `block`, or -1 past the region's end.
+  ACON_HD int64_t unit(int64_t block, int x) const {
+    const int64_t u = first_unit + (block - first_block) * units_x + x;
+    return u < end_unit ? u : -1;
+  }
+};
+
 template <typename scalar_t>
 struct ReduceArgs {
   const double* partials;
   int64_t groups, chunks, channels;
   // Units: C (A, B) units, then beta's G units (C, or groups * C).
-  int64_t units;
-  // A block is units_x units by lanes_y lanes; lane y adds rows y, y +
-  // lanes_y, ... of its unit into two alternating accumulators.
-  int units_x, lanes_y;
+  ReduceRegion ab, g;
   void* grad_p1;
   void* grad_p2;
   void* grad_beta;
   bool p1_float, p2_float, beta_float; // float32, else x's dtype
+
+  ACON_HD const ReduceRegion& region(int64_t block) const {
+    return block < g.first_block ? ab : g;
+  }
 
   ACON_HD void write(void* to, bool as_float, int64_t i, double v) const {
     if (as_float) {
@@ -470,8 +494,8 @@ struct ReduceArgs {
   }
 };
 
-// Where unit u's rows are: the first of sum s, the row count, the stride
-// (channels); an (A, B) unit adds every group's chunks, a G unit its group's.
+// Where sum s of unit u lies: its first row and the row count; rows are
+// `channels` apart.
 template <typename scalar_t>
 ACON_HD const double* unit_rows(const ReduceArgs<scalar_t>& args, int64_t u, int s, int64_t& rows) {
   const int64_t C = args.channels;
@@ -489,13 +513,13 @@ ACON_HD const double* unit_rows(const ReduceArgs<scalar_t>& args, int64_t u, int
 // lanes_y, ... in two alternating accumulators (two loads in flight per chain
 // of adds).
 template <typename scalar_t>
-ACON_HD double reduce_lane_sum(const ReduceArgs<scalar_t>& args, int64_t u, int s, int y) {
+ACON_HD double reduce_lane_sum(const ReduceArgs<scalar_t>& args, int lanes_y, int64_t u, int s, int y) {
   int64_t rows;
   const double* p = unit_rows(args, u, s, rows);
-  const int64_t step = args.lanes_y * args.channels;
+  const int64_t step = lanes_y * args.channels;
   double even = 0.0, odd = 0.0;
   int64_t r = y;
-  for (; r + args.lanes_y < rows; r += 2 * args.lanes_y) {
+  for (; r + lanes_y < rows; r += 2 * lanes_y) {
     even += p[r * args.channels];
     odd += p[r * args.channels + step];
   }
@@ -505,18 +529,19 @@ ACON_HD double reduce_lane_sum(const ReduceArgs<scalar_t>& args, int64_t u, int 
   return even + odd;
 }
 
-// Lane y's share of unit u: A and B for an (A, B) unit, G and 0 for a G unit.
+// Lane y's share of unit u (-1: none): A and B for an (A, B) unit, G and 0
+// for a G unit.
 template <typename scalar_t>
-ACON_HD void reduce_lane(const ReduceArgs<scalar_t>& args, int64_t u, int y, double (&sums)[2]) {
-  const bool ab = u < args.channels;
-  sums[0] = u < args.units ? reduce_lane_sum(args, u, ab ? 0 : 2, y) : 0.0;
-  sums[1] = ab ? reduce_lane_sum(args, u, 1, y) : 0.0;
+ACON_HD void reduce_lane(const ReduceArgs<scalar_t>& args, int lanes_y, int64_t u, int y, double (&sums)[2]) {
+  const bool ab = 0 <= u && u < args.channels;
+  sums[0] = u >= 0 ? reduce_lane_sum(args, lanes_y, u, ab ? 0 : 2, y) : 0.0;
+  sums[1] = ab ? reduce_lane_sum(args, lanes_y, u, 1, y) : 0.0;
 }
 
-// Writes unit u's gradients from its totals.
+// Writes unit u's gradients (-1: none) from its totals.
 template <typename scalar_t>
 ACON_HD void write_unit(const ReduceArgs<scalar_t>& args, int64_t u, const double (&total)[2]) {
-  if (u >= args.units) {
+  if (u < 0) {
     return;
   }
   if (u < args.channels) {

@@ -139,21 +139,32 @@ inline MainPlan plan_main(const ChannelLayout& layout, const KernelChoice& kerne
   return p;
 }
 
-// reduce_channel_sums's shape: lanes_y lanes per unit, so that no lane adds
-// more than ~16 rows where it can be helped.
+// reduce_channel_sums's shape: per region, lanes enough that no lane adds
+// more than ~16 rows, up to 64 lanes a unit (then 4 units a block: their
+// rows are 32-byte sectors).
 struct ReducePlan {
-  int64_t units, grid;
-  int units_x, lanes_y;
+  ReduceRegion ab, g;
+  int64_t grid;
 };
 
-inline ReducePlan plan_reduce(const ChannelLayout& layout, int64_t chunks, int64_t beta_numel) {
-  ReducePlan r{};
-  r.units = layout.channels + beta_numel;
-  const int64_t rows = layout.groups * chunks;
-  r.lanes_y = static_cast<int>(std::min<int64_t>(kThreads, std::max<int64_t>(8, pow2_at_least(ceil_div(rows, 16)))));
+inline ReduceRegion reduce_region(int64_t first_unit, int64_t units, int64_t rows, int64_t first_block) {
+  ReduceRegion r{};
+  r.first_unit = first_unit;
+  r.end_unit = first_unit + units;
+  r.first_block = first_block;
+  r.lanes_y = static_cast<int>(std::min<int64_t>(64, pow2_at_least(ceil_div(rows, 16))));
   r.units_x = kThreads / r.lanes_y;
-  r.grid = ceil_div(r.units, r.units_x);
   return r;
+}
+
+inline ReducePlan plan_reduce(const ChannelLayout& layout, int64_t chunks, int64_t beta_numel) {
+  ReducePlan p{};
+  const int64_t C = layout.channels;
+  p.ab = reduce_region(0, C, layout.groups * chunks, 0);
+  const int64_t ab_blocks = ceil_div(C, p.ab.units_x);
+  p.g = reduce_region(C, beta_numel, chunks, ab_blocks);
+  p.grid = ab_blocks + ceil_div(beta_numel, p.g.units_x);
+  return p;
 }
 
 template <int kWidth, bool kRuns, bool kRagged>
@@ -264,9 +275,8 @@ void run_acon_c(
           r.groups = args.groups;
           r.chunks = args.chunks;
           r.channels = args.channels;
-          r.units = rp.units;
-          r.units_x = rp.units_x;
-          r.lanes_y = rp.lanes_y;
+          r.ab = rp.ab;
+          r.g = rp.g;
           r.grad_p1 = param_grads[0].data_ptr();
           r.grad_p2 = param_grads[1].data_ptr();
           r.grad_beta = param_grads[2].data_ptr();
