@@ -1,10 +1,13 @@
 #!/usr/bin/env bash
 # On a GPU machine, from the repository root: build the extension against the
 # torch installed there (no network needed), run the whole test suite with
-# the CUDA tests enabled, then benchmark on the GPU. Each step has its own
-# time limit so that the whole script ends within 8 minutes; a failing step
-# does not stop the later ones, and the script's exit status says whether
-# all passed. Results go to benchmarks/results/gpu/ (and to $OUT if set).
+# the CUDA tests enabled (launches per call, CUDA graph capture included),
+# run compute-sanitizer's memcheck, racecheck and synccheck on shapes with
+# more work items than blocks (where the machine has it), time each kernel
+# with torch.profiler, then benchmark on the GPU. Each step has its own time
+# limit so that the whole script ends within 8 minutes; a failing step does
+# not stop the later ones, and the script's exit status says whether all
+# passed. Results go to benchmarks/results/gpu/ (and to $OUT if set).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -28,8 +31,18 @@ $PY -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cu
 step build 150 $PY -m pip install --no-build-isolation --no-deps -e . || { echo "build failed"; exit 1; }
 $PY -c "import torch, acon_cuda; assert torch._C._dispatch_has_kernel_for_dispatch_key('acon::acon_c_forward', 'CUDA'), 'no CUDA kernels were built'" || exit 1
 mkdir -p benchmarks/results/gpu
-step tests 170 $PY -m pytest tests -q -p no:cacheprovider -rs --junitxml=benchmarks/results/gpu/tests.xml
-step bench 140 $PY -m benchmarks --device cuda --dtype float32,bfloat16 \
+step tests 130 $PY -m pytest tests -q -p no:cacheprovider -rs --junitxml=benchmarks/results/gpu/tests.xml
+SANITIZER=$(command -v compute-sanitizer || ls /usr/local/cuda/bin/compute-sanitizer 2>/dev/null || true)
+if [ -n "$SANITIZER" ]; then
+    for tool in memcheck racecheck synccheck; do
+        step "sanitizer $tool" 25 "$SANITIZER" --tool "$tool" --error-exitcode 3 \
+            $PY -m benchmarks.gpu_probe --sanitize
+    done
+else
+    echo "=== no compute-sanitizer here"
+fi
+step kernels 40 $PY -m benchmarks.gpu_probe --profile benchmarks/results/gpu
+step bench 70 $PY -m benchmarks --device cuda --dtype float32,bfloat16 \
     --sizes large,small --no-train --out benchmarks/results/gpu
 if [ -n "${OUT:-}" ]; then
     cp -r benchmarks/results/gpu "$OUT"/ 2>/dev/null || true

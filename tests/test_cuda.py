@@ -125,3 +125,64 @@ def test_more_than_2_31_elements(shape, channel_dim, dim):
     truth = chunked_reference_grads(x, p1, p2, beta, grad, channel_dim, dim, 32)
     for got, want in zip((dp1, dp2, dbeta), truth):
         torch.testing.assert_close(got.double(), want, rtol=1e-3, atol=1e-2 * want.abs().max().item())
+
+
+def cuda_kernels_in(fn):
+    """The names of the CUDA kernels one call of fn launches (torch.profiler)."""
+    fn()  # warm-up: occupancy queries, allocator blocks
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    return [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+
+
+@needs_gpu
+@pytest.mark.parametrize("per_sample", [False, True])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_one_kernel_forward_two_backward(dtype, layout, per_sample):
+    """float32 parameters (the usual case) need no conversion kernels: the
+    forward is one kernel, the backward the main kernel and the reduce."""
+    x = torch.randn(8, 64, 14, 14, device="cuda", dtype=dtype)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    p1, p2, beta = make_params(x, 1, per_sample, torch.float32)
+    grad = torch.randn_like(x)
+    forward = cuda_kernels_in(lambda: torch.ops.acon.acon_c_forward(x, p1, p2, beta, 1))
+    backward = cuda_kernels_in(lambda: torch.ops.acon.acon_c_backward(grad, x, p1, p2, beta, 1, [True, True]))
+    assert len(forward) == 1 and "acon_c_" in forward[0], forward
+    assert len(backward) == 2 and "reduce_channel_sums" in backward[1], backward
+    no_params = cuda_kernels_in(lambda: torch.ops.acon.acon_c_backward(grad, x, p1, p2, beta, 1, [True, False]))
+    assert len(no_params) == 1, no_params
+
+
+@needs_gpu
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_cuda_graph_capture_and_replay(layout):
+    """Forward and backward captured in a CUDA graph (after a warm-up call,
+    as torch.cuda.graphs asks) give the eager results on new data."""
+    x = torch.randn(4, 32, 9, 9, device="cuda")
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    p1, p2, beta = make_params(x, 1, True, torch.float32)
+    grad = torch.randn_like(x)
+
+    def step():
+        y = torch.ops.acon.acon_c_forward(x, p1, p2, beta, 1)
+        return (y,) + tuple(torch.ops.acon.acon_c_backward(grad, x, p1, p2, beta, 1, [True, True]))
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = step()
+    x.copy_(torch.randn_like(x))
+    grad.copy_(torch.randn_like(grad))
+    graph.replay()
+    torch.cuda.synchronize()
+    for got, want in zip(captured, step()):
+        assert torch.equal(got, want)
