@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # On a GPU machine, from the repository root: build the extension against the
-# torch installed there (no network needed), run the whole test suite with
-# the CUDA tests enabled (launches per call, CUDA graph capture included),
+# torch installed there (no network needed), run the test suite's CUDA cases
+# (launches per call and CUDA graph capture included),
 # run compute-sanitizer's memcheck, racecheck and synccheck on shapes with
 # more work items than blocks (where the machine has it), time each kernel
 # with torch.profiler, then benchmark on the GPU. Each step has its own time
