@@ -208,23 +208,12 @@ WorkTensors make_work_tensors(
   return w;
 }
 
-at::Tensor masked_out_grad(const at::Tensor& t) {
-  return at::empty({0}, t.options());
+at::Tensor values_in(const at::Tensor& t, at::ScalarType dtype) {
+  return t.scalar_type() == dtype && t.is_contiguous() ? t : t.reshape(-1).to(dtype).contiguous();
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> parameter_grads_from_sums(
-    const at::Tensor& sums,
-    const at::Tensor& p1,
-    const at::Tensor& p2,
-    const at::Tensor& beta) {
-  const int64_t C = p1.numel();
-  const at::Tensor a = sums.narrow(0, 0, C);
-  const at::Tensor b = sums.narrow(0, C, C);
-  const at::Tensor g = sums.narrow(0, 2 * C, beta.numel());
-  const auto as_grad_of = [](const at::Tensor& sum, const at::Tensor& param) {
-    return sum.to(param.scalar_type(), /*non_blocking=*/false, /*copy=*/true).reshape(param.sizes());
-  };
-  return {as_grad_of(a, p1), as_grad_of(b - a, p2), as_grad_of(g, beta)};
+at::Tensor masked_out_grad(const at::Tensor& t) {
+  return at::empty({0}, t.options());
 }
 
 } // namespace acon_cuda

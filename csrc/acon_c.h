@@ -47,18 +47,13 @@ WorkTensors make_work_tensors(
     int64_t channel_dim,
     const at::Tensor& grad_y = at::Tensor());
 
+// t's values, contiguous, in `dtype` (the kernels read parameters as flat
+// arrays): t itself in the usual case (float32 parameters, or float64 for
+// float64 x), so no tensor op runs per call.
+at::Tensor values_in(const at::Tensor& t, at::ScalarType dtype);
+
 // What acon_c_backward returns for an output its output_mask leaves out:
 // an empty tensor (0 elements) of t's dtype and device.
 at::Tensor masked_out_grad(const at::Tensor& t);
-
-// The parameter gradients from the backward's double sums, laid out as
-// [A (C values), B (C values), G (beta.numel() values)] (ACON_MATH.md):
-// dp1 = A, dp2 = B - A, dbeta = G, each in its parameter's dtype and shape
-// and with storage of its own (never a view of `sums`).
-std::tuple<at::Tensor, at::Tensor, at::Tensor> parameter_grads_from_sums(
-    const at::Tensor& sums,
-    const at::Tensor& p1,
-    const at::Tensor& p2,
-    const at::Tensor& beta);
 
 } // namespace acon_cuda

@@ -49,12 +49,6 @@ std::string kernel_isa_name() {
 // Scratch slot of this file (the kernels use the others): the double sums.
 constexpr int kSumsSlot = kScratchSlots - 1;
 
-// t's values, contiguous, in `dtype`: t itself in the usual case (float32
-// parameters, or float64 for float64 x), so no tensor op runs per call.
-at::Tensor values_in(const at::Tensor& t, at::ScalarType dtype) {
-  return t.scalar_type() == dtype && t.is_contiguous() ? t : t.reshape(-1).to(dtype).contiguous();
-}
-
 // Runs `kernel` with x (and grad_y) in the layout of `out` and `out`
 // written in place; `out` undefined: a backward without grad_x (the layout of
 // x then decides).

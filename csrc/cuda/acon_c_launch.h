@@ -216,10 +216,9 @@ void apply_plan(KernelArgs<scalar_t>& args, const MainPlan& p) {
   args.tile_vectors = p.tile_vectors;
 }
 
-// Parameters in opmath_t (float; double for float64 x), contiguous: no copy
-// for the usual float32 parameters (float64 for float64 x).
+// Parameters in opmath_t: float, double for float64 x.
 inline at::Tensor as_opmath(const at::Tensor& p, const at::Tensor& x) {
-  return p.reshape(-1).to(x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat).contiguous();
+  return values_in(p, x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat);
 }
 
 // Runs the main kernel (forward when grad_y is undefined), and for the
