@@ -27,7 +27,7 @@ def run_emulated(gpu):
     def run(x, p1, p2, beta, channel_dim, grad):
         x, p1, p2, beta = leaves(x, p1, p2, beta)
         y = torch.ops.acon._acon_c_forward_cuda_emulated(x, p1, p2, beta, channel_dim, *gpu)
-        grads = torch.ops.acon._acon_c_backward_cuda_emulated(grad, x, p1, p2, beta, channel_dim, *gpu)
+        grads = torch.ops.acon._acon_c_backward_cuda_emulated(grad, x, p1, p2, beta, channel_dim, *gpu, [True, True])
         return y, grads
 
     return run
@@ -92,6 +92,24 @@ def test_unaligned_views(dtype, shape, channel_dim, offset):
     p1, p2, beta = make_params(x, channel_dim, True, dtype)
     for gpu in [(132, 3), (1, 1)]:
         check_against_truth(x, p1, p2, beta, channel_dim, run=run_emulated(gpu))
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_output_mask(layout):
+    """Without parameter gradients no sums are taken (no workspace, no
+    reduce); grad_x is the same as with them. Without grad_x, empty."""
+    x, channel_dim = make_x((4, 24, 9, 9), layout, torch.float32, "cpu")
+    p1, p2, beta = make_params(x, channel_dim, True, torch.float32)
+    grad = torch.randn_like(x)
+    hook = torch.ops.acon._acon_c_backward_cuda_emulated
+    full = hook(grad, x, p1, p2, beta, channel_dim, 132, 3, [True, True])
+    no_params = hook(grad, x, p1, p2, beta, channel_dim, 132, 3, [True, False])
+    assert torch.equal(no_params[0], full[0])
+    assert [t.numel() for t in no_params[1:]] == [0, 0, 0]
+    no_x = hook(grad, x, p1, p2, beta, channel_dim, 132, 3, [False, True])
+    assert no_x[0].numel() == 0
+    for got, want in zip(no_x[1:], full[1:]):
+        assert torch.equal(got, want)
 
 
 def test_parameter_gradients_do_not_depend_on_the_run():

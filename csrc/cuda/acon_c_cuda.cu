@@ -53,7 +53,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks<scalar_t>) acon_c_runs_ke
     if (item < args.items) {
       runs_lane<scalar_t, kWidth, kBackward, kRagged>(args, it, lane, sums);
     }
-    if constexpr (kBackward) {
+    if (kBackward && args.partials != nullptr) {
       team_sum3(sums, team);
       if (lane == 0 && item < args.items) {
         for (int s = 0; s < 3; ++s) {
@@ -77,7 +77,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks<scalar_t>)
     const Item it = locate(item, args.chunks, args.tiles);
     opmath_t a[kWidth], b[kWidth], gs[kWidth];
     columns_thread<scalar_t, kWidth, kBackward>(args, it, threadIdx.x, a, b, gs);
-    if constexpr (kBackward) {
+    if (kBackward && args.partials != nullptr) {
 #pragma unroll
       for (int j = 0; j < kWidth; ++j) {
         column_sums[j * kThreads + threadIdx.x] = a[j];

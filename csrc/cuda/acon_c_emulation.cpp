@@ -46,7 +46,7 @@ void emulate_runs(const KernelArgs<scalar_t>& args, int64_t grid) {
           runs_lane<scalar_t, kWidth, kBackward, kRagged>(args, it, lane, sums);
           lanes[lane] = {sums[0], sums[1], sums[2]};
         }
-        if (kBackward) {
+        if (kBackward && args.partials != nullptr) {
           tree_sum(lanes, team);
           for (int s = 0; s < 3; ++s) {
             *args.partial(s, it.g, it.chunk, it.minor) = lanes[0][s];
@@ -75,7 +75,7 @@ void emulate_columns(const KernelArgs<scalar_t>& args, int64_t grid) {
           column_sums[(2 * kWidth + j) * kThreads + thread] = gs[j];
         }
       }
-      if (kBackward) {
+      if (kBackward && args.partials != nullptr) {
         for (int o = 0; o < outputs; ++o) {
           columns_block_sum<scalar_t, kWidth>(args, it, column_sums.data(), o);
         }
@@ -163,10 +163,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> acon_c_backward_emula
     const at::Tensor& beta,
     int64_t channel_dim,
     int64_t multiprocessors,
-    int64_t blocks_per_multiprocessor) {
+    int64_t blocks_per_multiprocessor,
+    std::array<bool, 2> output_mask) {
   const int64_t cdim = check_acon_c_args(x, p1, p2, beta, channel_dim, grad_y);
   EmulatedRunner runner = emulated_runner(multiprocessors, blocks_per_multiprocessor);
-  return acon_c_backward_on(runner, grad_y, x, p1, p2, beta, cdim, {true, true});
+  return acon_c_backward_on(runner, grad_y, x, p1, p2, beta, cdim, output_mask);
 }
 
 // Fraction (per mille) of the main kernel's lane slots that hold work: per
@@ -241,7 +242,8 @@ TORCH_LIBRARY_FRAGMENT(acon, m) {
       "int multiprocessors, int blocks_per_multiprocessor) -> Tensor");
   m.def(
       "_acon_c_backward_cuda_emulated(Tensor grad_y, Tensor x, Tensor p1, Tensor p2, Tensor beta, "
-      "int channel_dim, int multiprocessors, int blocks_per_multiprocessor) -> (Tensor, Tensor, Tensor, Tensor)");
+      "int channel_dim, int multiprocessors, int blocks_per_multiprocessor, bool[2] output_mask) -> "
+      "(Tensor, Tensor, Tensor, Tensor)");
   m.def(
       "_acon_c_cuda_launch_plan(Tensor x, Tensor beta, int channel_dim, bool backward, int multiprocessors, "
       "int blocks_per_multiprocessor) -> int[]");

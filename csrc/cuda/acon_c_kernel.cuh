@@ -203,7 +203,8 @@ struct KernelArgs {
   int64_t tiles;
   int tile_vectors;
   // Backward: partials[((s * groups + g) * chunks + chunk) * channels + c]
-  // holds sum s (0: a, 1: b, 2: g) of one work item, channel c.
+  // holds sum s (0: a, 1: b, 2: g) of one work item, channel c; null: no
+  // parameter gradients asked for, no sums.
   double* partials;
 
   ACON_HD double* partial(int s, int64_t g, int64_t chunk, int64_t c) const {

@@ -261,8 +261,10 @@ void run_acon_c(
         using Kind = decltype(kind);
         const MainPlan plan = plan_main(w.layout, choice, runner.template resident_blocks<scalar_t, Kind, kBackward>());
         apply_plan(args, plan);
+        // The workspace, where parameter gradients are asked for (the
+        // kernels skip their sums without it).
         at::Tensor partials;
-        if constexpr (kBackward) {
+        if (kBackward && !param_grads.empty()) {
           partials = at::empty({3 * args.groups * args.chunks * args.channels}, x.options().dtype(at::kDouble));
           args.partials = partials.mutable_data_ptr<double>();
         }
