@@ -182,8 +182,8 @@ int64_t busy_permille(const MainPlan& p, int64_t length, int64_t width, double l
 // The kernels one call launches, 8 numbers each: kind (0 runs, 1 columns,
 // 2 reduce), grid, threads per block, items (reduce: units), teams per block
 // (reduce: units per block), the most items a block takes, busy lane slots
-// per mille (reduce: 1000), and independent lanes (grid * threads; reduce:
-// independent chains of adds).
+// per mille (reduce: the most partial sums one lane adds), and independent
+// lanes (grid * threads; reduce: independent chains of adds).
 std::vector<int64_t> acon_c_launch_plan(
     const at::Tensor& x,
     const at::Tensor& beta,
@@ -227,7 +227,10 @@ std::vector<int64_t> acon_c_launch_plan(
     // Independent chains of adds: an (A, B) lane has two.
     const int64_t lanes = 2 * l.channels * r.ab.lanes_y + (units - l.channels) * r.g.lanes_y;
     const int64_t most = std::max(r.ab.units_x, r.g.units_x);
-    const std::vector<int64_t> reduce = {2, r.grid, kThreads, units, most, most, 1000, lanes};
+    // The longest lane: the most partial sums one lane adds.
+    const int64_t longest = std::max(
+        ceil_div(l.groups * p_main.chunks, r.ab.lanes_y), beta.numel() > 0 ? ceil_div(p_main.chunks, r.g.lanes_y) : 0);
+    const std::vector<int64_t> reduce = {2, r.grid, kThreads, units, most, most, longest, lanes};
     plan.insert(plan.end(), reduce.begin(), reduce.end());
   }
   return plan;

@@ -330,6 +330,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> acon_c_backward_on(
     const at::Tensor& beta,
     int64_t cdim,
     std::array<bool, 2> output_mask) {
+  if (!output_mask[0] && !output_mask[1]) {
+    return {masked_out_grad(x), masked_out_grad(p1), masked_out_grad(p2), masked_out_grad(beta)};
+  }
   at::Tensor grad_x = at::empty_like(x);
   std::vector<at::Tensor> grads;
   for (const at::Tensor* p : {&p1, &p2, &beta}) {
