@@ -133,3 +133,15 @@ def test_bad_plan_arguments():
         torch.ops.acon._acon_c_cuda_launch_plan(torch.empty(0, 3), torch.ones(3), 1, False, 132, 3)
     with pytest.raises(ValueError, match="must be positive"):
         torch.ops.acon._acon_c_cuda_launch_plan(torch.empty(2, 3), torch.ones(3), 1, False, 0, 3)
+
+
+def test_plan_table_script():
+    """benchmarks/cuda_plan.py (the closing notes' table) runs and prints a row per case and dtype."""
+    import subprocess
+    import sys
+
+    root = __file__.rsplit("/tests/", 1)[0]
+    out = subprocess.run(
+        [sys.executable, "-m", "benchmarks.cuda_plan"], cwd=root, capture_output=True, text=True, check=True
+    ).stdout
+    assert len([line for line in out.splitlines() if line.startswith("| ") and "x" in line.split("|")[1]]) == 16

@@ -374,7 +374,7 @@ ACON_HD void runs_lane(const KernelArgs<scalar_t>& args, const Item& it, int lan
 // owns kWidth channels of the tile, keeps their parameters in registers and
 // walks rows ty, ty + kThreads / tile_vectors, ... of the chunk. The
 // backward's terms go to a, b, gs per channel, in opmath_t: the plan bounds
-// a thread's rows to kFlushIterations iterations.
+// a thread's rows to kFlushIterations.
 template <typename scalar_t, int kWidth, bool kBackward>
 ACON_HD void columns_thread(
     const KernelArgs<scalar_t>& args,

@@ -113,7 +113,6 @@ inline MainPlan plan_main(const ChannelLayout& layout, const KernelChoice& kerne
     // Chunks of at least 8 windows a lane.
     const int64_t max_chunks = std::max<int64_t>(1, length / (8 * p.team));
     p.chunks = balanced_chunks(units, resident_blocks * p.teams_per_block, 1, max_chunks);
-    p.chunk_len = ceil_div(length, p.chunks);
     p.step_rows = p.team / p.row_vectors;
     p.step_vectors = p.team % p.row_vectors;
   } else {

@@ -1,0 +1,66 @@
+"""The CUDA launch plan for the review's cases on an H200-sized GPU, without
+a GPU (CUDA builds only): python -m benchmarks.cuda_plan [blocks_per_sm]
+
+Prints, per case and dtype, the backward's main kernel (grid, work items,
+teams per block, turns, busy lanes) and its reduce (grid, the most partial
+sums one lane adds), from torch.ops.acon._acon_c_cuda_launch_plan.
+"""
+
+import math
+import sys
+
+import torch
+
+import acon_cuda  # noqa: F401  (registers the ops)
+
+H200_MULTIPROCESSORS = 132
+FIELDS = ["kind", "grid", "threads", "items", "teams_per_block", "most_items", "busy_or_longest", "lanes"]
+CASES = [
+    ((32, 256, 56, 56), "contiguous", False),
+    ((32, 256, 56, 56), "channels_last", False),
+    ((16, 2048, 7, 7), "contiguous", True),
+    ((16, 2048, 7, 7), "channels_last", True),
+    ((64, 64, 7, 7), "contiguous", True),
+    ((1, 64, 512, 512), "contiguous", False),
+    ((256, 4, 16), "features_last", True),
+    ((256, 4096), "contiguous", True),
+]
+
+
+def plan(x, channel_dim, per_sample, blocks_per_sm):
+    c = x.shape[channel_dim]
+    beta = torch.ones((x.shape[0], c) if per_sample else (c,), dtype=x.dtype)
+    flat = torch.ops.acon._acon_c_cuda_launch_plan(x, beta, channel_dim, True, H200_MULTIPROCESSORS, blocks_per_sm)
+    return [dict(zip(FIELDS, flat[i : i + len(FIELDS)])) for i in range(0, len(flat), len(FIELDS))]
+
+
+def main():
+    if not hasattr(torch.ops.acon, "_acon_c_cuda_launch_plan"):
+        sys.exit("this build has no CUDA kernels")
+    blocks_per_sm = int(sys.argv[1]) if len(sys.argv) > 1 else 3
+    print(f"H200: {H200_MULTIPROCESSORS} multiprocessors x {blocks_per_sm} blocks of 256 threads; backward")
+    print(
+        "| case | dtype | main kernel | grid | items | teams/block | turns | busy lanes | reduce grid | longest lane |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for shape, layout, per_sample in CASES:
+        for dtype in [torch.float32, torch.bfloat16]:
+            if layout == "features_last":
+                x, cdim = torch.empty(shape[0], *shape[2:], shape[1], dtype=dtype), -1
+            else:
+                x, cdim = torch.empty(shape, dtype=dtype), 1
+                if layout == "channels_last":
+                    x = x.contiguous(memory_format=torch.channels_last)
+            main_kernel, reduce = plan(x, cdim, per_sample, blocks_per_sm)
+            turns = math.ceil(main_kernel["items"] / (main_kernel["grid"] * main_kernel["teams_per_block"]))
+            kind = "runs" if main_kernel["kind"] == 0 else "columns"
+            print(
+                f"| {'x'.join(map(str, shape))} {layout}{' per-sample β' if per_sample else ''} "
+                f"| {str(dtype).replace('torch.', '')} | {kind} | {main_kernel['grid']} | {main_kernel['items']} "
+                f"| {main_kernel['teams_per_block']} | {turns} | {main_kernel['busy_or_longest'] / 10:.1f}% "
+                f"| {reduce['grid']} | {reduce['busy_or_longest']} |"
+            )
+
+
+if __name__ == "__main__":
+    main()
