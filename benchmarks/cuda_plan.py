@@ -1,9 +1,9 @@
 """The CUDA launch plan for the review's cases on an H200-sized GPU, without
-a GPU (CUDA builds only): python -m benchmarks.cuda_plan [blocks_per_sm]
+a GPU (CUDA builds only): python -m benchmarks.cuda_plan [forward] [blocks_per_sm]
 
-Prints, per case and dtype, the backward's main kernel (grid, work items,
+Prints, per case and dtype, the backward's (or forward's) main kernel (grid, work items,
 teams per block, turns, busy lanes) and its reduce (grid, the most partial
-sums one lane adds), from torch.ops.acon._acon_c_cuda_launch_plan.
+sums one lane adds; backward only), from torch.ops.acon._acon_c_cuda_launch_plan.
 """
 
 import math
@@ -27,18 +27,22 @@ CASES = [
 ]
 
 
-def plan(x, channel_dim, per_sample, blocks_per_sm):
+def plan(x, channel_dim, per_sample, backward, blocks_per_sm):
     c = x.shape[channel_dim]
     beta = torch.ones((x.shape[0], c) if per_sample else (c,), dtype=x.dtype)
-    flat = torch.ops.acon._acon_c_cuda_launch_plan(x, beta, channel_dim, True, H200_MULTIPROCESSORS, blocks_per_sm)
+    flat = torch.ops.acon._acon_c_cuda_launch_plan(x, beta, channel_dim, backward, H200_MULTIPROCESSORS, blocks_per_sm)
     return [dict(zip(FIELDS, flat[i : i + len(FIELDS)])) for i in range(0, len(flat), len(FIELDS))]
 
 
 def main():
     if not hasattr(torch.ops.acon, "_acon_c_cuda_launch_plan"):
         sys.exit("this build has no CUDA kernels")
-    blocks_per_sm = int(sys.argv[1]) if len(sys.argv) > 1 else 3
-    print(f"H200: {H200_MULTIPROCESSORS} multiprocessors x {blocks_per_sm} blocks of 256 threads; backward")
+    args = sys.argv[1:]
+    backward = "forward" not in args
+    numbers = [a for a in args if a != "forward"]
+    blocks_per_sm = int(numbers[0]) if numbers else 3
+    direction = "backward" if backward else "forward"
+    print(f"H200: {H200_MULTIPROCESSORS} multiprocessors x {blocks_per_sm} blocks of 256 threads; {direction}")
     print(
         "| case | dtype | main kernel | grid | items | teams/block | turns | busy lanes | reduce grid | longest lane |"
     )
@@ -51,7 +55,8 @@ def main():
                 x, cdim = torch.empty(shape, dtype=dtype), 1
                 if layout == "channels_last":
                     x = x.contiguous(memory_format=torch.channels_last)
-            main_kernel, reduce = plan(x, cdim, per_sample, blocks_per_sm)
+            main_kernel, *reduce = plan(x, cdim, per_sample, backward, blocks_per_sm)
+            reduce = reduce[0] if reduce else {"grid": "-", "busy_or_longest": "-"}
             turns = math.ceil(main_kernel["items"] / (main_kernel["grid"] * main_kernel["teams_per_block"]))
             kind = "runs" if main_kernel["kind"] == 0 else "columns"
             print(

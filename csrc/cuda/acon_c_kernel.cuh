@@ -38,7 +38,6 @@ namespace acon_cuda::cuda {
 
 constexpr int kThreads = 256;
 constexpr int kWarpSize = 32;
-constexpr int kWarps = kThreads / kWarpSize;
 // A thread adds at most this many loop iterations of terms in opmath
 // precision before they move to double: bounds float32 accumulation error.
 constexpr int kFlushIterations = 16;
@@ -177,8 +176,25 @@ ACON_HD void store_pack(T* p, const Pack<T, kWidth>& v) {
 // What every main kernel gets: the tensors, the layout and the work split
 // of the launch plan (acon_c_launch.h).
 
+// The work split, as the plan makes it and the kernels read it.
+struct WorkSplit {
+  // Work items: groups x chunks x (channels for runs, column tiles for
+  // columns), numbered with the last fastest.
+  int64_t chunks, items;
+  // runs: a line (one group's runs of one channel) is outer * row_vectors
+  // windows; a chunk is chunk_len of them. A team of `team` lanes moves
+  // step_rows rows and step_vectors windows per step.
+  // columns: a chunk is chunk_len rows; team is the whole block.
+  int64_t chunk_len, row_vectors, step_rows, step_vectors;
+  int team;
+  // columns: column tiles of tile_vectors vectors (a power of two <=
+  // kThreads).
+  int64_t tiles;
+  int tile_vectors;
+};
+
 template <typename scalar_t>
-struct KernelArgs {
+struct KernelArgs : WorkSplit {
   using opmath_t = at::opmath_type<scalar_t>;
   const scalar_t* x;
   const scalar_t* grad_y; // backward only
@@ -190,18 +206,6 @@ struct KernelArgs {
   const opmath_t* beta;
   int64_t groups, outer, channels, inner;
   bool per_sample_beta;
-  // Work items: groups x chunks x (channels for runs, column tiles for
-  // columns), numbered with the last fastest.
-  int64_t chunks, items;
-  // runs: a line (one group's runs of one channel) is outer * row_vectors
-  // windows; a chunk is chunk_len of them. A team of `team` lanes moves
-  // step_rows rows and step_vectors windows per step.
-  int64_t chunk_len, row_vectors, step_rows, step_vectors;
-  int team;
-  // columns: a chunk is chunk_len rows; column tiles of tile_vectors vectors
-  // (a power of two <= kThreads).
-  int64_t tiles;
-  int tile_vectors;
   // Backward: partials[((s * groups + g) * chunks + chunk) * channels + c]
   // holds sum s (0: a, 1: b, 2: g) of one work item, channel c; null: no
   // parameter gradients asked for, no sums.

@@ -81,13 +81,9 @@ inline int choose_tile_vectors(int64_t channel_vectors) {
 // per turn. The grid is the fewest blocks that take the items in `turns`
 // turns, turns being what the resident blocks need: every block but the
 // last does the same number of items, with no half-empty last wave.
-struct MainPlan {
-  KernelChoice kernel;
-  int team, teams_per_block;
-  int64_t chunks, chunk_len, items, turns, grid;
-  int64_t row_vectors, step_rows, step_vectors; // runs
-  int64_t tiles;                                // columns
-  int tile_vectors;
+struct MainPlan : WorkSplit {
+  int teams_per_block;
+  int64_t turns, grid;
 };
 
 // Chunks per unit (a line or a column tile): as many as make about two
@@ -100,7 +96,6 @@ inline int64_t balanced_chunks(int64_t units, int64_t slots, int64_t min_chunks,
 
 inline MainPlan plan_main(const ChannelLayout& layout, const KernelChoice& kernel, int64_t resident_blocks) {
   MainPlan p{};
-  p.kernel = kernel;
   const int w = kernel.width;
   int64_t units, length; // length: windows per line (runs), rows (columns)
   if (kernel.runs) {
@@ -202,19 +197,6 @@ bool args_aligned(const KernelArgs<scalar_t>& args, int64_t bytes) {
       (args.grad_y == nullptr || is_aligned(args.grad_y, bytes));
 }
 
-template <typename scalar_t>
-void apply_plan(KernelArgs<scalar_t>& args, const MainPlan& p) {
-  args.team = p.team;
-  args.chunks = p.chunks;
-  args.chunk_len = p.chunk_len;
-  args.items = p.items;
-  args.row_vectors = p.row_vectors;
-  args.step_rows = p.step_rows;
-  args.step_vectors = p.step_vectors;
-  args.tiles = p.tiles;
-  args.tile_vectors = p.tile_vectors;
-}
-
 // Parameters in opmath_t: float, double for float64 x.
 inline at::Tensor as_opmath(const at::Tensor& p, const at::Tensor& x) {
   return values_in(p, x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat);
@@ -259,7 +241,7 @@ void run_acon_c(
       with_kernel_kind<scalar_t, kBackward>(choice, [&](auto kind) {
         using Kind = decltype(kind);
         const MainPlan plan = plan_main(w.layout, choice, runner.template resident_blocks<scalar_t, Kind, kBackward>());
-        apply_plan(args, plan);
+        static_cast<WorkSplit&>(args) = plan;
         // The workspace, where parameter gradients are asked for (the
         // kernels skip their sums without it).
         at::Tensor partials;
