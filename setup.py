@@ -49,7 +49,9 @@ ISA_FLAGS = {
         "-DCPU_CAPABILITY_AVX512",
     ],
 }
-CPU_SOURCES = rel("csrc/*.cpp", "csrc/cpu/acon_c_cpu.cpp", "csrc/cpu/acon_c_kernel_default.cpp")
+CPU_SOURCES = rel(
+    "csrc/*.cpp", "csrc/cpu/acon_c_cpu.cpp", "csrc/cpu/meta_acon_c_cpu.cpp", "csrc/cpu/acon_c_kernel_default.cpp"
+)
 if X86_64:
     CPU_SOURCES += list(ISA_FLAGS)
 CUDA_SOURCES = rel("csrc/cuda/*.cpp", "csrc/cuda/*.cu")

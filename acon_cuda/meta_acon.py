@@ -40,10 +40,8 @@ __all__ = [
     "uses_batch_statistics",
 ]
 
-_forward_op = torch.ops.acon.acon_c_forward.default
-_backward_op = torch.ops.acon.acon_c_backward.default
-_sigmoid_backward = torch.ops.aten.sigmoid_backward.default
-_batch_norm_backward = torch.ops.aten.native_batch_norm_backward.default
+_meta_forward_op = torch.ops.acon._meta_acon_c_forward.default
+_meta_backward_op = torch.ops.acon._meta_acon_c_backward.default
 
 
 def _reduced_axes(x: Tensor, cdim: int) -> List[int]:
@@ -171,22 +169,15 @@ def meta_acon_c_modules(module, x: Tensor, cdim: int, acon_c) -> Tensor:
     return _activation(module, x, cdim, torch.sigmoid(h).flatten(1), acon_c)
 
 
-def _batch_norm_forward(bn, h):
-    """BatchNorm of (N, .) values, updating bn's running statistics as its
-    forward does; returns the output and what its backward needs."""
-    running_mean, running_var, use_batch, momentum = batch_norm_mode(bn)
-    weight, bias = bn._parameters["weight"], bn._parameters["bias"]
-    out, save_mean, save_invstd = torch.native_batch_norm(
-        h, weight, bias, running_mean, running_var, use_batch, momentum, bn.eps
-    )
-    return out, (h, running_mean, running_var, save_mean, save_invstd, use_batch, bn.eps)
-
-
 class MetaAconCFunction(torch.autograd.Function):
     """Meta-ACON as one autograd node (classic form: cheap to apply).
 
     Inputs: the MetaAconC module, x, the channel axis, p1, p2, then the
-    generator's parameters (see ``_generator_params``). Under
+    generator's parameters (see ``_generator_params``). Forward and backward
+    are one C++ op each (``csrc/meta_acon_c.cpp``): the generator's ATen
+    calls around the fused acon ops, the mean's gradient added into the acon
+    op's dx in place. Only the BatchNorms' mode is resolved here, as
+    nn.BatchNorm2d.forward does (``batch_norm_mode``). Under
     ``create_graph=True`` the backward recomputes everything in ordinary
     differentiable ops, with the normalisation the forward used and the
     running statistics left alone, so the gradients are differentiable.
@@ -194,80 +185,68 @@ class MetaAconCFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, module, x, cdim, p1, p2, w1, b1, w2, b2, *bn_params):
-        total, count = _sum_and_count(x, cdim)
-        a1 = torch.addmm(b1, total, w1.flatten(1).t(), alpha=1.0 / count)
-        steps = (None, None)
         if module.norm:
-            a1, step1 = _batch_norm_forward(module.bn1, a1)
-        h = torch.addmm(b2, a1, w2.flatten(1).t())
-        if module.norm:
-            h, step2 = _batch_norm_forward(module.bn2, h)
-            steps = (step1, step2)
-        beta = torch.sigmoid(h)
-        ctx.cdim, ctx.count, ctx.norm, ctx.steps = cdim, count, module.norm, steps
-        ctx.save_for_backward(x, p1, p2, w1, b1, w2, b2, *bn_params, total, a1, beta)
-        return _forward_op(x, p1, p2, beta, cdim)
+            g1, c1, g2, c2 = bn_params
+            bn1, bn2 = module.bn1, module.bn2
+            rm1, rv1, use1, momentum1 = batch_norm_mode(bn1)
+            rm2, rv2, use2, momentum2 = batch_norm_mode(bn2)
+            bn = (rm1, rv1, rm2, rv2, [use1, use2], [bn1.eps, bn2.eps])
+            momentum = [momentum1, momentum2]
+        else:
+            g1 = c1 = g2 = c2 = None
+            bn = (None, None, None, None, [False, False], [0.0, 0.0])
+            momentum = [0.0, 0.0]
+        rm1, rv1, rm2, rv2, use, eps = bn
+        y, *saved = _meta_forward_op(
+            x, p1, p2, w1, b1, w2, b2, g1, c1, rm1, rv1, g2, c2, rm2, rv2, module.norm, use, momentum, eps, cdim
+        )
+        ctx.cdim, ctx.norm, ctx.bn = cdim, module.norm, bn
+        ctx.save_for_backward(x, p1, p2, w1, b1, w2, b2, *bn_params, *saved)
+        return y
 
     @staticmethod
     def backward(ctx, grad_y):
         saved = ctx.saved_tensors
-        x, p1, p2, w1, b1, w2, b2 = saved[:7]
-        bn_params = saved[7:-3]
-        total, a1, beta = saved[-3:]
+        params = saved[: len(saved) - _SAVED_BY_FORWARD]
         if torch.is_grad_enabled():
-            return _differentiable_grads(ctx, grad_y, x, p1, p2, w1, b1, w2, b2, *bn_params)
+            return _differentiable_grads(ctx, grad_y, *params)
+        x, p1, p2, w1, _, w2 = params[:6]
+        g1, _, g2, _ = params[7:] if ctx.norm else (None,) * 4
         needs = ctx.needs_input_grad
-        want_x = needs[1]
-        want_generator = want_x or any(needs[5:])
-        dx, dp1, dp2, dbeta = _backward_op(
-            grad_y, x, p1, p2, beta, ctx.cdim, [want_x, needs[3] or needs[4] or want_generator]
+        mask = [needs[1], *needs[3:9], *(needs[9:] if ctx.norm else (False,) * 4)]
+        rm1, rv1, rm2, rv2, use, eps = ctx.bn
+        grads = _meta_backward_op(
+            grad_y,
+            x,
+            p1,
+            p2,
+            w1,
+            w2,
+            g1,
+            rm1,
+            rv1,
+            g2,
+            rm2,
+            rv2,
+            saved[len(params) :],
+            ctx.norm,
+            use,
+            eps,
+            ctx.cdim,
+            mask,
         )
-        grads = [None] * len(needs)
-        grads[3], grads[4] = (dp1, dp2) if needs[3] or needs[4] else (None, None)
-        if not want_generator:
-            grads[1] = dx if want_x else None
-            return tuple(grads)
-        step1, step2 = ctx.steps
-        grad = _sigmoid_backward(dbeta.view(beta.shape), beta)
-        if step2 is not None:
-            grad = _batch_norm_grads(grad, step2, bn_params[2], needs, 11, grads)
-        if needs[7]:
-            grads[7] = grad.t().mm(a1).view(w2.shape)
-        if needs[8]:
-            grads[8] = grad.sum(0)
-        grad = grad.mm(w2.flatten(1))
-        if step1 is not None:
-            grad = _batch_norm_grads(grad, step1, bn_params[0], needs, 9, grads)
-        if needs[6]:
-            grads[6] = grad.sum(0)
-        grad = grad * (1.0 / ctx.count)  # the mean's 1/count, applied once at (N, hidden)
-        if needs[5]:
-            # (total^T grad)^T: the product with the narrow output; grad^T
-            # total (a wide output) ran 3x slower on 2 threads here.
-            grads[5] = total.t().mm(grad).t().view(w1.shape)
-        if want_x:
-            # The mean's gradient, constant along the reduced axes, added in
-            # place into the acon op's dx by one broadcasting pass.
-            shape = [1] * x.dim()
-            shape[0], shape[ctx.cdim] = x.shape[0], x.shape[ctx.cdim]
-            grads[1] = dx.add_(grad.mm(w1.flatten(1)).view(shape))
-        return tuple(grads)
+        grads = [g if need else None for g, need in zip(grads, mask)]
+        return (None, grads[0], None, *grads[1:7], *(grads[7:] if ctx.norm else ()))
 
 
-def _batch_norm_grads(grad, step, weight, needs, first, grads):
-    """One BatchNorm's backward: its input's gradient, returned, and its
-    weight's and bias's, put in grads[first] and grads[first + 1] where
-    wanted (a BatchNorm with affine=False has neither)."""
-    want = [True, needs[first], needs[first + 1]]
-    grad, grads[first], grads[first + 1] = _batch_norm_backward(grad, step[0], weight, *step[1:], want)
-    return grad
+# meta_acon_c_forward's results after y, which the backward takes.
+_SAVED_BY_FORWARD = 9
 
 
 def _differentiable_grads(ctx, grad_y, x, p1, p2, w1, b1, w2, b2, *bn_params):
     """The gradients as differentiable tensors (double backward)."""
 
-    def norm(step, weight, bias):
-        _, running_mean, running_var, _, _, use_batch, eps = step
+    def norm(running_mean, running_var, use_batch, eps, weight, bias):
         if use_batch:
             return lambda h: F.batch_norm(h, None, None, weight, bias, True, 0.0, eps)
         return lambda h: F.batch_norm(h, running_mean, running_var, weight, bias, False, 0.0, eps)
@@ -275,7 +254,8 @@ def _differentiable_grads(ctx, grad_y, x, p1, p2, w1, b1, w2, b2, *bn_params):
     norms = (None, None)
     if ctx.norm:
         g1, c1, g2, c2 = bn_params
-        norms = (norm(ctx.steps[0], g1, c1), norm(ctx.steps[1], g2, c2))
+        rm1, rv1, rm2, rv2, use, eps = ctx.bn
+        norms = (norm(rm1, rv1, use[0], eps[0], g1, c1), norm(rm2, rv2, use[1], eps[1], g2, c2))
     inputs = [None, x, None, p1, p2, w1, b1, w2, b2, *bn_params]
     wanted = [t for t, need in zip(inputs, ctx.needs_input_grad) if need]
     y = reference.acon_c(x, p1, p2, _beta(x, ctx.cdim, w1, b1, w2, b2, *norms), ctx.cdim)

@@ -157,6 +157,44 @@ bool is_contiguous_in_order(const at::Tensor& t, const std::vector<int64_t>& per
 
 } // namespace
 
+namespace {
+
+// t's dimensions in memory order, outermost first (by stride; a per-sample
+// beta keeps the batch outermost, so that a group is one contiguous block).
+std::vector<int64_t> memory_order(const at::Tensor& t, bool per_sample_beta) {
+  std::vector<int64_t> perm(t.dim());
+  std::iota(perm.begin(), perm.end(), 0);
+  std::stable_sort(perm.begin() + (per_sample_beta ? 1 : 0), perm.end(), [&](int64_t a, int64_t b) {
+    return t.stride(a) > t.stride(b);
+  });
+  return perm;
+}
+
+ChannelLayout layout_in_order(
+    const at::Tensor& t,
+    const std::vector<int64_t>& perm,
+    int64_t channel_dim,
+    bool per_sample_beta) {
+  ChannelLayout layout;
+  layout.channels = t.size(channel_dim);
+  layout.per_sample_beta = per_sample_beta;
+  const int64_t pos = std::find(perm.begin(), perm.end(), channel_dim) - perm.begin();
+  for (int64_t i = 0; i < t.dim(); ++i) {
+    if (i < pos) {
+      layout.outer *= t.size(perm[i]);
+    } else if (i > pos) {
+      layout.inner *= t.size(perm[i]);
+    }
+  }
+  if (per_sample_beta && t.size(0) > 0) {
+    layout.groups = t.size(0);
+    layout.outer /= layout.groups;
+  }
+  return layout;
+}
+
+} // namespace
+
 WorkTensors make_work_tensors(
     const at::Tensor& out,
     const at::Tensor& x,
@@ -164,19 +202,8 @@ WorkTensors make_work_tensors(
     int64_t channel_dim,
     const at::Tensor& grad_y) {
   WorkTensors w;
-  ChannelLayout& layout = w.layout;
-  layout.channels = x.size(channel_dim);
-  layout.per_sample_beta = beta.numel() != layout.channels;
-
-  // Dimensions in the memory order of `out`, outermost first. A per-sample
-  // beta needs the batch outermost so that a group is one contiguous block.
-  const int64_t ndim = x.dim();
-  std::vector<int64_t> perm(ndim);
-  std::iota(perm.begin(), perm.end(), 0);
-  std::stable_sort(perm.begin() + (layout.per_sample_beta ? 1 : 0), perm.end(), [&](int64_t a, int64_t b) {
-    return out.stride(a) > out.stride(b);
-  });
-
+  const bool per_sample_beta = beta.numel() != x.size(channel_dim);
+  std::vector<int64_t> perm = memory_order(out, per_sample_beta);
   w.out = out;
   if (!is_contiguous_in_order(out, perm)) {
     // Only reachable with a per-sample beta on a layout whose batch axis is
@@ -192,20 +219,16 @@ WorkTensors make_work_tensors(
   if (grad_y.defined()) {
     w.grad_y = in_layout(grad_y);
   }
-
-  const int64_t pos = std::find(perm.begin(), perm.end(), channel_dim) - perm.begin();
-  for (int64_t i = 0; i < ndim; ++i) {
-    if (i < pos) {
-      layout.outer *= x.size(perm[i]);
-    } else if (i > pos) {
-      layout.inner *= x.size(perm[i]);
-    }
-  }
-  if (layout.per_sample_beta && x.size(0) > 0) {
-    layout.groups = x.size(0);
-    layout.outer /= layout.groups;
-  }
+  w.layout = layout_in_order(x, perm, channel_dim, per_sample_beta);
   return w;
+}
+
+std::optional<ChannelLayout> sample_channel_layout(const at::Tensor& t, int64_t channel_dim) {
+  const std::vector<int64_t> perm = memory_order(t, true);
+  if (!is_contiguous_in_order(t, perm)) {
+    return std::nullopt;
+  }
+  return layout_in_order(t, perm, channel_dim, true);
 }
 
 at::Tensor values_in(const at::Tensor& t, at::ScalarType dtype) {

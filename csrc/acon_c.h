@@ -4,6 +4,8 @@
 
 #include <ATen/ATen.h>
 
+#include <optional>
+
 namespace acon_cuda {
 
 // The kernels see x as a contiguous [groups, outer, channels, inner] block:
@@ -46,6 +48,11 @@ WorkTensors make_work_tensors(
     const at::Tensor& beta,
     int64_t channel_dim,
     const at::Tensor& grad_y = at::Tensor());
+
+// t's layout as groups = N samples of [outer, channels, inner], where t is
+// dense with its batch axis outermost (what empty_like gives for a dense x);
+// nullopt otherwise. Meta-ACON's per-sample means and gradient use it.
+std::optional<ChannelLayout> sample_channel_layout(const at::Tensor& t, int64_t channel_dim);
 
 // t's values, contiguous, in `dtype` (the kernels read parameters as flat
 // arrays): t itself in the usual case (float32 parameters, or float64 for

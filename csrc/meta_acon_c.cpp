@@ -1,0 +1,307 @@
+// Meta-ACON's eager forward and backward (the generator around the fused
+// acon ops) as two C++ ops for acon_cuda.meta_acon.MetaAconCFunction: the
+// same ATen calls that the Python Function made, without ~30 Python-level
+// calls per step (on small maps they cost more than every kernel together).
+//
+// beta = sigmoid(bn2(fc2(bn1(fc1(mean(x)))))) on (N, C) matrices: the 1x1
+// convolutions as matrix products on views of their weights, the BatchNorms
+// on (N, hidden) and (N, C) values. The Python side resolves each
+// BatchNorm's mode (running statistics, momentum, num_batches_tracked) as
+// nn.BatchNorm2d.forward does and passes the result.
+#include "acon_c.h"
+#include "cpu/meta_acon_c_cpu.h"
+
+#include <ATen/Parallel.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <vector>
+
+namespace acon_cuda {
+namespace {
+
+at::Tensor call_acon_c_forward(
+    const at::Tensor& x,
+    const at::Tensor& p1,
+    const at::Tensor& p2,
+    const at::Tensor& beta,
+    int64_t channel_dim) {
+  static const auto op =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("acon::acon_c_forward", "")
+          .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t)>();
+  return op.call(x, p1, p2, beta, channel_dim);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> call_acon_c_backward(
+    const at::Tensor& grad_y,
+    const at::Tensor& x,
+    const at::Tensor& p1,
+    const at::Tensor& p2,
+    const at::Tensor& beta,
+    int64_t channel_dim,
+    std::array<bool, 2> output_mask) {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("acon::acon_c_backward", "")
+                             .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
+                                 const at::Tensor&,
+                                 const at::Tensor&,
+                                 const at::Tensor&,
+                                 const at::Tensor&,
+                                 const at::Tensor&,
+                                 int64_t,
+                                 std::array<bool, 2>)>();
+  return op.call(grad_y, x, p1, p2, beta, channel_dim, output_mask);
+}
+
+// bias + alpha * a @ b (bias undefined: none). On the CPU the output is cut
+// into one block of rows or columns per thread, each an ordinary BLAS call:
+// BLAS libraries hardly parallelise these short products (N rows, N the
+// batch), which made them the generator's largest cost on 2 cores. Each
+// output element is still computed by one call, so results do not depend on
+// timing.
+at::Tensor product(const at::Tensor& a, const at::Tensor& b, const at::Tensor& bias = {}, double alpha = 1.0) {
+  const int64_t rows = a.size(0);
+  const int64_t cols = b.size(1);
+  const int64_t threads = a.is_cpu() ? at::get_num_threads() : 1;
+  // Below ~1 MFLOP the threads' start-up costs more than they save.
+  if (threads < 2 || rows * cols * a.size(1) < (int64_t{1} << 19)) {
+    if (bias.defined()) {
+      return at::addmm(bias, a, b, 1.0, alpha);
+    }
+    at::Tensor out = at::mm(a, b);
+    return alpha == 1.0 ? out : out.mul_(alpha);
+  }
+  at::Tensor out = at::empty({rows, cols}, a.options());
+  const bool by_rows = rows >= cols;
+  const int64_t length = by_rows ? rows : cols;
+  const int64_t parts = std::min(threads, length);
+  at::parallel_for(0, parts, 1, [&](int64_t begin, int64_t end) {
+    // Grad mode is per thread and on by default in the pool's threads.
+    const at::NoGradGuard no_grad;
+    for (int64_t part = begin; part < end; ++part) {
+      const int64_t start = length * part / parts;
+      const int64_t size = length * (part + 1) / parts - start;
+      const at::Tensor a_part = by_rows ? a.narrow(0, start, size) : a;
+      const at::Tensor b_part = by_rows ? b : b.narrow(1, start, size);
+      at::Tensor out_part = out.narrow(by_rows ? 0 : 1, start, size);
+      if (bias.defined()) {
+        at::addmm_out(out_part, by_rows ? bias : bias.narrow(0, start, size), a_part, b_part, 1.0, alpha);
+      } else {
+        at::mm_out(out_part, a_part, b_part);
+        if (alpha != 1.0) {
+          out_part.mul_(alpha);
+        }
+      }
+    }
+  });
+  return out;
+}
+
+// The mean of x over every axis but batch and channel, (N, C), in x's dtype.
+// 16-bit x is summed in float32 (a float16 sum of a large map overflows).
+at::Tensor sample_channel_means(const at::Tensor& x, int64_t cdim) {
+  if (x.is_cpu()) {
+    return cpu::sample_channel_means(x, cdim);
+  }
+  std::vector<int64_t> axes;
+  for (int64_t i = 1; i < x.dim(); ++i) {
+    if (i != cdim) {
+      axes.push_back(i);
+    }
+  }
+  if (axes.empty()) {
+    return x;
+  }
+  const at::ScalarType opmath = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  return at::mean(x, axes, false, opmath).to(x.scalar_type());
+}
+
+// grad_x[n, ..., c, ...] += scale * term[n, c], in place.
+void add_sample_channel_(const at::Tensor& grad_x, const at::Tensor& term, int64_t cdim, double scale) {
+  if (grad_x.is_cpu() && cpu::add_sample_channel_(grad_x, term, cdim, scale)) {
+    return;
+  }
+  std::vector<int64_t> shape(grad_x.dim(), 1);
+  shape[0] = grad_x.size(0);
+  shape[cdim] = grad_x.size(cdim);
+  grad_x.add_(term.view(shape), scale);
+}
+
+at::Tensor opt(const std::optional<at::Tensor>& t) {
+  return t.value_or(at::Tensor());
+}
+
+} // namespace
+
+// Returns [y, beta, mean, fc1's output, bn1's output, fc2's output,
+// bn1's save_mean, save_invstd, bn2's save_mean, save_invstd] (the last six
+// empty without norm): what meta_acon_c_backward takes as `saved`.
+std::vector<at::Tensor> meta_acon_c_forward(
+    const at::Tensor& x,
+    const at::Tensor& p1,
+    const at::Tensor& p2,
+    const at::Tensor& w1,
+    const std::optional<at::Tensor>& b1,
+    const at::Tensor& w2,
+    const std::optional<at::Tensor>& b2,
+    const std::optional<at::Tensor>& bn1_weight,
+    const std::optional<at::Tensor>& bn1_bias,
+    const std::optional<at::Tensor>& bn1_running_mean,
+    const std::optional<at::Tensor>& bn1_running_var,
+    const std::optional<at::Tensor>& bn2_weight,
+    const std::optional<at::Tensor>& bn2_bias,
+    const std::optional<at::Tensor>& bn2_running_mean,
+    const std::optional<at::Tensor>& bn2_running_var,
+    bool norm,
+    std::array<bool, 2> batch_stats,
+    at::ArrayRef<double> momentum,
+    at::ArrayRef<double> eps,
+    int64_t channel_dim) {
+  TORCH_CHECK_TYPE(
+      x.scalar_type() == w1.scalar_type(),
+      "MetaAconC: x is ",
+      x.scalar_type(),
+      " but the generator's parameters are ",
+      w1.scalar_type(),
+      "; convert the module (module.to(dtype)) or run under autocast");
+  const int64_t cdim = at::maybe_wrap_dim(channel_dim, x.dim());
+  const at::Tensor mean = sample_channel_means(x, cdim);
+  const at::Tensor fc1 = product(mean, w1.flatten(1).t(), opt(b1));
+  at::Tensor h = fc1;
+  at::Tensor stats1[2], stats2[2], fc2_out;
+  if (norm) {
+    std::tie(h, stats1[0], stats1[1]) = at::native_batch_norm(
+        fc1, opt(bn1_weight), opt(bn1_bias), opt(bn1_running_mean), opt(bn1_running_var), batch_stats[0],
+        momentum[0], eps[0]);
+  }
+  fc2_out = product(h, w2.flatten(1).t(), opt(b2));
+  at::Tensor g = fc2_out;
+  if (norm) {
+    std::tie(g, stats2[0], stats2[1]) = at::native_batch_norm(
+        fc2_out, opt(bn2_weight), opt(bn2_bias), opt(bn2_running_mean), opt(bn2_running_var), batch_stats[1],
+        momentum[1], eps[1]);
+  }
+  const at::Tensor beta = g.sigmoid_();
+  const at::Tensor empty = at::empty({0}, x.options());
+  const auto or_empty = [&](const at::Tensor& t) { return t.defined() ? t : empty; };
+  return {
+      call_acon_c_forward(x, p1, p2, beta, cdim),
+      beta,
+      mean,
+      fc1,
+      norm ? h : empty,
+      norm ? fc2_out : empty,
+      or_empty(stats1[0]),
+      or_empty(stats1[1]),
+      or_empty(stats2[0]),
+      or_empty(stats2[1])};
+}
+
+// Gradients of [x, p1, p2, fc1 weight, fc1 bias, fc2 weight, fc2 bias,
+// bn1 weight, bn1 bias, bn2 weight, bn2 bias]; an entry that output_mask
+// leaves out is an empty tensor. `saved` is meta_acon_c_forward's result
+// from beta on.
+std::vector<at::Tensor> meta_acon_c_backward(
+    const at::Tensor& grad_y,
+    const at::Tensor& x,
+    const at::Tensor& p1,
+    const at::Tensor& p2,
+    const at::Tensor& w1,
+    const at::Tensor& w2,
+    const std::optional<at::Tensor>& bn1_weight,
+    const std::optional<at::Tensor>& bn1_running_mean,
+    const std::optional<at::Tensor>& bn1_running_var,
+    const std::optional<at::Tensor>& bn2_weight,
+    const std::optional<at::Tensor>& bn2_running_mean,
+    const std::optional<at::Tensor>& bn2_running_var,
+    at::TensorList saved,
+    bool norm,
+    std::array<bool, 2> batch_stats,
+    at::ArrayRef<double> eps,
+    int64_t channel_dim,
+    std::array<bool, 11> output_mask) {
+  TORCH_CHECK(saved.size() == 9, "meta_acon_c_backward: saved must hold meta_acon_c_forward's 9 tensors");
+  const int64_t cdim = at::maybe_wrap_dim(channel_dim, x.dim());
+  const at::Tensor &beta = saved[0], &mean = saved[1], &fc1 = saved[2], &bn1_out = saved[3], &fc2_out = saved[4];
+  const at::Tensor& fc2_in = norm ? bn1_out : fc1;
+  const bool want_x = output_mask[0];
+  bool want_generator = want_x;
+  for (size_t i = 3; i < output_mask.size(); ++i) {
+    want_generator = want_generator || output_mask[i];
+  }
+  const bool want_p = output_mask[1] || output_mask[2];
+  std::vector<at::Tensor> grads(11);
+  auto [dx, dp1, dp2, dbeta] =
+      call_acon_c_backward(grad_y, x, p1, p2, beta, cdim, {want_x, want_p || want_generator});
+  grads[0] = dx;
+  grads[1] = dp1;
+  grads[2] = dp2;
+  if (want_generator) {
+    at::Tensor grad = at::sigmoid_backward(dbeta.view(beta.sizes()), beta);
+    if (norm) {
+      std::tie(grad, grads[9], grads[10]) = at::native_batch_norm_backward(
+          grad, fc2_out, opt(bn2_weight), opt(bn2_running_mean), opt(bn2_running_var), saved[7], saved[8],
+          batch_stats[1], eps[1], {true, output_mask[9], output_mask[10]});
+    }
+    if (output_mask[5]) {
+      grads[5] = product(grad.t(), fc2_in).view(w2.sizes());
+    }
+    if (output_mask[6]) {
+      grads[6] = grad.sum(0);
+    }
+    grad = product(grad, w2.flatten(1));
+    if (norm) {
+      std::tie(grad, grads[7], grads[8]) = at::native_batch_norm_backward(
+          grad, fc1, opt(bn1_weight), opt(bn1_running_mean), opt(bn1_running_var), saved[5], saved[6],
+          batch_stats[0], eps[0], {true, output_mask[7], output_mask[8]});
+    }
+    if (output_mask[4]) {
+      grads[4] = grad.sum(0);
+    }
+    if (output_mask[3]) {
+      // (mean^T grad)^T: the product with the narrow (hidden-wide) output;
+      // grad^T mean (a wide output) ran 3x slower on 2 threads here.
+      grads[3] = product(mean.t(), grad).t().view(w1.sizes());
+    }
+    if (want_x) {
+      // The mean's gradient, the same along the reduced axes: added into the
+      // acon op's dx in place, by one broadcasting pass.
+      const double count = static_cast<double>(x.numel() / (x.size(0) * x.size(cdim)));
+      add_sample_channel_(dx, product(grad, w1.flatten(1)), cdim, 1.0 / count);
+    }
+  }
+  const at::Tensor empty = at::empty({0}, x.options());
+  for (size_t i = 0; i < grads.size(); ++i) {
+    if (!output_mask[i] || !grads[i].defined()) {
+      grads[i] = empty;
+    }
+  }
+  return grads;
+}
+
+} // namespace acon_cuda
+
+TORCH_LIBRARY_FRAGMENT(acon, m) {
+  // Internal, eager only: the body of acon_cuda.meta_acon.MetaAconCFunction.
+  // Traced and compiled code runs meta_acon_c_plain's ordinary ops instead.
+  m.def(
+      "_meta_acon_c_forward(Tensor x, Tensor p1, Tensor p2, Tensor w1, Tensor? b1, Tensor w2, Tensor? b2, "
+      "Tensor? bn1_weight, Tensor? bn1_bias, Tensor(a!)? bn1_running_mean, Tensor(b!)? bn1_running_var, "
+      "Tensor? bn2_weight, Tensor? bn2_bias, Tensor(c!)? bn2_running_mean, Tensor(d!)? bn2_running_var, "
+      "bool norm, bool[2] batch_stats, float[] momentum, float[] eps, int channel_dim) -> Tensor[]");
+  m.def(
+      "_meta_acon_c_backward(Tensor grad_y, Tensor x, Tensor p1, Tensor p2, Tensor w1, Tensor w2, "
+      "Tensor? bn1_weight, Tensor? bn1_running_mean, Tensor? bn1_running_var, "
+      "Tensor? bn2_weight, Tensor? bn2_running_mean, Tensor? bn2_running_var, Tensor[] saved, bool norm, "
+      "bool[2] batch_stats, float[] eps, int channel_dim, bool[11] output_mask) -> Tensor[]");
+}
+
+// CompositeImplicitAutograd: the ops inside run through the dispatcher as
+// if called one by one (a TorchDispatchMode sees them), and the call costs
+// no redispatch. Both are called with grad mode off.
+TORCH_LIBRARY_IMPL(acon, CompositeImplicitAutograd, m) {
+  m.impl("_meta_acon_c_forward", &acon_cuda::meta_acon_c_forward);
+  m.impl("_meta_acon_c_backward", &acon_cuda::meta_acon_c_backward);
+}
