@@ -32,7 +32,6 @@ from torch.autograd import forward_ad
 from . import ops, reference
 
 __all__ = [
-    "MetaAconCFunction",
     "has_plain_submodules",
     "meta_acon_c",
     "meta_acon_c_modules",
@@ -40,8 +39,7 @@ __all__ = [
     "uses_batch_statistics",
 ]
 
-_meta_forward_op = torch.ops.acon._meta_acon_c_forward.default
-_meta_backward_op = torch.ops.acon._meta_acon_c_backward.default
+_meta_op = torch.ops.acon._meta_acon_c.default
 
 
 def _reduced_axes(x: Tensor, cdim: int) -> List[int]:
@@ -169,100 +167,6 @@ def meta_acon_c_modules(module, x: Tensor, cdim: int, acon_c) -> Tensor:
     return _activation(module, x, cdim, torch.sigmoid(h).flatten(1), acon_c)
 
 
-class MetaAconCFunction(torch.autograd.Function):
-    """Meta-ACON as one autograd node (classic form: cheap to apply).
-
-    Inputs: the MetaAconC module, x, the channel axis, p1, p2, then the
-    generator's parameters (see ``_generator_params``). Forward and backward
-    are one C++ op each (``csrc/meta_acon_c.cpp``): the generator's ATen
-    calls around the fused acon ops, the mean's gradient added into the acon
-    op's dx in place. Only the BatchNorms' mode is resolved here, as
-    nn.BatchNorm2d.forward does (``batch_norm_mode``). Under
-    ``create_graph=True`` the backward recomputes everything in ordinary
-    differentiable ops, with the normalisation the forward used and the
-    running statistics left alone, so the gradients are differentiable.
-    """
-
-    @staticmethod
-    def forward(ctx, module, x, cdim, p1, p2, w1, b1, w2, b2, *bn_params):
-        if module.norm:
-            g1, c1, g2, c2 = bn_params
-            bn1, bn2 = module.bn1, module.bn2
-            rm1, rv1, use1, momentum1 = batch_norm_mode(bn1)
-            rm2, rv2, use2, momentum2 = batch_norm_mode(bn2)
-            bn = (rm1, rv1, rm2, rv2, [use1, use2], [bn1.eps, bn2.eps])
-            momentum = [momentum1, momentum2]
-        else:
-            g1 = c1 = g2 = c2 = None
-            bn = (None, None, None, None, [False, False], [0.0, 0.0])
-            momentum = [0.0, 0.0]
-        rm1, rv1, rm2, rv2, use, eps = bn
-        y, *saved = _meta_forward_op(
-            x, p1, p2, w1, b1, w2, b2, g1, c1, rm1, rv1, g2, c2, rm2, rv2, module.norm, use, momentum, eps, cdim
-        )
-        ctx.cdim, ctx.norm, ctx.bn = cdim, module.norm, bn
-        ctx.save_for_backward(x, p1, p2, w1, b1, w2, b2, *bn_params, *saved)
-        return y
-
-    @staticmethod
-    def backward(ctx, grad_y):
-        saved = ctx.saved_tensors
-        params = saved[: len(saved) - _SAVED_BY_FORWARD]
-        if torch.is_grad_enabled():
-            return _differentiable_grads(ctx, grad_y, *params)
-        x, p1, p2, w1, _, w2 = params[:6]
-        g1, _, g2, _ = params[7:] if ctx.norm else (None,) * 4
-        needs = ctx.needs_input_grad
-        mask = [needs[1], *needs[3:9], *(needs[9:] if ctx.norm else (False,) * 4)]
-        rm1, rv1, rm2, rv2, use, eps = ctx.bn
-        grads = _meta_backward_op(
-            grad_y,
-            x,
-            p1,
-            p2,
-            w1,
-            w2,
-            g1,
-            rm1,
-            rv1,
-            g2,
-            rm2,
-            rv2,
-            saved[len(params) :],
-            ctx.norm,
-            use,
-            eps,
-            ctx.cdim,
-            mask,
-        )
-        grads = [g if need else None for g, need in zip(grads, mask)]
-        return (None, grads[0], None, *grads[1:7], *(grads[7:] if ctx.norm else ()))
-
-
-# meta_acon_c_forward's results after y, which the backward takes.
-_SAVED_BY_FORWARD = 9
-
-
-def _differentiable_grads(ctx, grad_y, x, p1, p2, w1, b1, w2, b2, *bn_params):
-    """The gradients as differentiable tensors (double backward)."""
-
-    def norm(running_mean, running_var, use_batch, eps, weight, bias):
-        if use_batch:
-            return lambda h: F.batch_norm(h, None, None, weight, bias, True, 0.0, eps)
-        return lambda h: F.batch_norm(h, running_mean, running_var, weight, bias, False, 0.0, eps)
-
-    norms = (None, None)
-    if ctx.norm:
-        g1, c1, g2, c2 = bn_params
-        rm1, rv1, rm2, rv2, use, eps = ctx.bn
-        norms = (norm(rm1, rv1, use[0], eps[0], g1, c1), norm(rm2, rv2, use[1], eps[1], g2, c2))
-    inputs = [None, x, None, p1, p2, w1, b1, w2, b2, *bn_params]
-    wanted = [t for t, need in zip(inputs, ctx.needs_input_grad) if need]
-    y = reference.acon_c(x, p1, p2, _beta(x, ctx.cdim, w1, b1, w2, b2, *norms), ctx.cdim)
-    grads = iter(torch.autograd.grad(y, wanted, grad_y, create_graph=True, allow_unused=True))
-    return tuple(next(grads) if need else None for need in ctx.needs_input_grad)
-
-
 def meta_acon_c(module, x: Tensor, cdim: int) -> Tensor:
     """The fused Meta-ACON of ``module`` (a MetaAconC) on x."""
     if (
@@ -277,4 +181,19 @@ def meta_acon_c(module, x: Tensor, cdim: int) -> Tensor:
         # Tracing, transforms, export, forward-mode AD and autocast need
         # ordinary ops; so do empty inputs (BatchNorm of an empty batch).
         return meta_acon_c_plain(module, x, cdim, ops.acon_c)
-    return MetaAconCFunction.apply(module, x, cdim, module.p1, module.p2, *_generator_params(module))
+    # One op, whose C++ autograd node (csrc/meta_acon_c.cpp) runs the
+    # generator's ATen calls around the fused acon ops.
+    if module.norm:
+        bn1, bn2 = module.bn1, module.bn2
+        rm1, rv1, use1, momentum1 = batch_norm_mode(bn1)
+        rm2, rv2, use2, momentum2 = batch_norm_mode(bn2)
+        w1, b1, w2, b2, g1, c1, g2, c2 = _generator_params(module)
+        return _meta_op(
+            x, module.p1, module.p2, w1, b1, w2, b2, g1, c1, rm1, rv1, g2, c2, rm2, rv2, True,
+            [use1, use2], [momentum1, momentum2], [bn1.eps, bn2.eps], cdim,
+        )  # fmt: skip
+    w1, b1, w2, b2 = _generator_params(module)
+    return _meta_op(
+        x, module.p1, module.p2, w1, b1, w2, b2, None, None, None, None, None, None, None, None, False,
+        [False, False], [0.0, 0.0], [0.0, 0.0], cdim,
+    )  # fmt: skip

@@ -13,6 +13,7 @@
 
 #include <ATen/Parallel.h>
 #include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/autograd.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -281,27 +282,211 @@ std::vector<at::Tensor> meta_acon_c_backward(
   return grads;
 }
 
+namespace {
+
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+// The generator and activation in ordinary differentiable ATen ops (acon_c
+// as acon_cuda.reference computes it): the backward under create_graph=True
+// differentiates this, so that the gradients are differentiable.
+at::Tensor differentiable_meta_acon_c(
+    const variable_list& p, // x, p1, p2, w1, b1, w2, b2, bn1 weight, bias, bn2 weight, bias
+    const at::Tensor running[4],
+    bool norm,
+    std::array<bool, 2> batch_stats,
+    const std::vector<double>& eps,
+    int64_t cdim) {
+  const at::Tensor& x = p[0];
+  std::vector<int64_t> axes;
+  for (int64_t i = 1; i < x.dim(); ++i) {
+    if (i != cdim) {
+      axes.push_back(i);
+    }
+  }
+  const at::ScalarType opmath = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  at::Tensor h = axes.empty() ? x : at::mean(x, axes, false, opmath).to(x.scalar_type());
+  const auto batch_norm = [&](const at::Tensor& v, int i) {
+    const bool use_batch = batch_stats[i];
+    return at::batch_norm(
+        v, p[7 + 2 * i], p[8 + 2 * i], use_batch ? at::Tensor() : running[2 * i],
+        use_batch ? at::Tensor() : running[2 * i + 1], use_batch, 0.0, eps[i], false);
+  };
+  h = at::linear(h, p[3].flatten(1), p[4]);
+  if (norm) {
+    h = batch_norm(h, 0);
+  }
+  h = at::linear(h, p[5].flatten(1), p[6]);
+  if (norm) {
+    h = batch_norm(h, 1);
+  }
+  std::vector<int64_t> shape(x.dim(), 1);
+  shape[cdim] = x.size(cdim);
+  const at::Tensor xo = x.to(opmath);
+  const at::Tensor p2 = p[2].reshape(shape).to(opmath);
+  const at::Tensor d = p[1].reshape(shape).to(opmath) - p2;
+  shape[0] = x.size(0);
+  const at::Tensor bd = h.sigmoid().reshape(shape).to(opmath) * d;
+  return (xo * (d * at::sigmoid(bd * xo) + p2)).to(x.scalar_type());
+}
+
+// Meta-ACON as one autograd node, in C++: an eager call costs one op call
+// from Python, and the backward no Python at all.
+class MetaAconCNode : public torch::autograd::Function<MetaAconCNode> {
+ public:
+  // Inputs 0-14 are tensors (undefined where the module has none), in the
+  // order of the _meta_acon_c schema.
+  static constexpr size_t kInputs = 20;
+  static constexpr const char* kRunning[4] = {"bn1_running_mean", "bn1_running_var", "bn2_running_mean", "bn2_running_var"};
+
+  static at::Tensor forward(
+      AutogradContext* ctx,
+      const at::Tensor& x,
+      const at::Tensor& p1,
+      const at::Tensor& p2,
+      const at::Tensor& w1,
+      const std::optional<at::Tensor>& b1,
+      const at::Tensor& w2,
+      const std::optional<at::Tensor>& b2,
+      const std::optional<at::Tensor>& bn1_weight,
+      const std::optional<at::Tensor>& bn1_bias,
+      const std::optional<at::Tensor>& bn1_running_mean,
+      const std::optional<at::Tensor>& bn1_running_var,
+      const std::optional<at::Tensor>& bn2_weight,
+      const std::optional<at::Tensor>& bn2_bias,
+      const std::optional<at::Tensor>& bn2_running_mean,
+      const std::optional<at::Tensor>& bn2_running_var,
+      bool norm,
+      std::array<bool, 2> batch_stats,
+      const std::vector<double>& momentum,
+      const std::vector<double>& eps,
+      int64_t cdim) {
+    std::vector<at::Tensor> out = meta_acon_c_forward(
+        x, p1, p2, w1, b1, w2, b2, bn1_weight, bn1_bias, bn1_running_mean, bn1_running_var, bn2_weight, bn2_bias,
+        bn2_running_mean, bn2_running_var, norm, batch_stats, momentum, eps, cdim);
+    variable_list saved = {x, p1, p2, w1, opt(b1), w2, opt(b2), opt(bn1_weight), opt(bn1_bias), opt(bn2_weight), opt(bn2_bias)};
+    saved.insert(saved.end(), out.begin() + 1, out.end());
+    ctx->save_for_backward(saved);
+    // Absent (None) inputs have no edge: needs_input_grad counts only the
+    // tensors given, so record each tensor input's edge (-1: none).
+    const std::optional<at::Tensor>* optional_inputs[10] = {&b1,          &b2,         &bn1_weight,       &bn1_bias,
+                                                            &bn1_running_mean, &bn1_running_var, &bn2_weight,
+                                                            &bn2_bias,    &bn2_running_mean, &bn2_running_var};
+    constexpr int kOptionalInput[10] = {4, 6, 7, 8, 9, 10, 11, 12, 13, 14};
+    std::vector<int64_t> edges(15, 0);
+    for (int i = 0; i < 10; ++i) {
+      edges[kOptionalInput[i]] = optional_inputs[i]->has_value() && (*optional_inputs[i])->defined() ? 0 : -1;
+    }
+    int64_t next = 0;
+    for (int64_t& edge : edges) {
+      edge = edge < 0 ? -1 : next++;
+    }
+    ctx->saved_data["edges"] = edges;
+    // The running statistics are buffers that later forwards update in
+    // place: kept as plain references, as nn.BatchNorm2d's own node does.
+    const at::Tensor running[4] = {opt(bn1_running_mean), opt(bn1_running_var), opt(bn2_running_mean), opt(bn2_running_var)};
+    for (int i = 0; i < 4; ++i) {
+      ctx->saved_data[kRunning[i]] = running[i].defined() ? c10::IValue(running[i]) : c10::IValue();
+    }
+    ctx->saved_data["norm"] = norm;
+    ctx->saved_data["batch_stats"] = std::vector<bool>{batch_stats[0], batch_stats[1]};
+    ctx->saved_data["eps"] = eps;
+    ctx->saved_data["cdim"] = at::maybe_wrap_dim(cdim, x.dim());
+    return out[0];
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
+    const variable_list saved = ctx->get_saved_variables();
+    at::Tensor running[4];
+    for (int i = 0; i < 4; ++i) {
+      const c10::IValue& value = ctx->saved_data[kRunning[i]];
+      running[i] = value.isNone() ? at::Tensor() : value.toTensor();
+    }
+    const bool norm = ctx->saved_data["norm"].toBool();
+    const c10::List<bool> stats = ctx->saved_data["batch_stats"].toBoolList();
+    const std::array<bool, 2> batch_stats = {stats[0], stats[1]};
+    const std::vector<double> eps = ctx->saved_data["eps"].toDoubleVector();
+    const int64_t cdim = ctx->saved_data["cdim"].toInt();
+    const std::vector<int64_t> edges = ctx->saved_data["edges"].toIntVector();
+    const auto needs_grad = [&](size_t input) { return edges[input] >= 0 && ctx->needs_input_grad(edges[input]); };
+    // Input index of each gradient meta_acon_c_backward computes.
+    constexpr std::array<size_t, 11> kInput = {0, 1, 2, 3, 4, 5, 6, 7, 8, 11, 12};
+    variable_list grads(kInputs);
+    if (at::GradMode::is_enabled()) {
+      // create_graph=True: differentiate the recomputation.
+      const variable_list params(saved.begin(), saved.begin() + 11);
+      const at::Tensor y = differentiable_meta_acon_c(params, running, norm, batch_stats, eps, cdim);
+      variable_list wanted;
+      std::vector<size_t> where;
+      for (size_t i = 0; i < kInput.size(); ++i) {
+        if (needs_grad(kInput[i])) {
+          wanted.push_back(params[i]);
+          where.push_back(kInput[i]);
+        }
+      }
+      const variable_list got = torch::autograd::grad({y}, wanted, {grad_outputs[0]}, true, true, true);
+      for (size_t i = 0; i < where.size(); ++i) {
+        grads[where[i]] = got[i];
+      }
+      return grads;
+    }
+    std::array<bool, 11> mask{};
+    for (size_t i = 0; i < kInput.size(); ++i) {
+      mask[i] = needs_grad(kInput[i]);
+    }
+    const std::vector<at::Tensor> got = meta_acon_c_backward(
+        grad_outputs[0], saved[0], saved[1], saved[2], saved[3], saved[5], saved[7], running[0], running[1],
+        saved[9], running[2], running[3], at::TensorList(saved).slice(11), norm, batch_stats, eps, cdim, mask);
+    for (size_t i = 0; i < kInput.size(); ++i) {
+      if (mask[i]) {
+        grads[kInput[i]] = got[i];
+      }
+    }
+    return grads;
+  }
+};
+
+at::Tensor meta_acon_c_autograd(
+    const at::Tensor& x,
+    const at::Tensor& p1,
+    const at::Tensor& p2,
+    const at::Tensor& w1,
+    const std::optional<at::Tensor>& b1,
+    const at::Tensor& w2,
+    const std::optional<at::Tensor>& b2,
+    const std::optional<at::Tensor>& bn1_weight,
+    const std::optional<at::Tensor>& bn1_bias,
+    const std::optional<at::Tensor>& bn1_running_mean,
+    const std::optional<at::Tensor>& bn1_running_var,
+    const std::optional<at::Tensor>& bn2_weight,
+    const std::optional<at::Tensor>& bn2_bias,
+    const std::optional<at::Tensor>& bn2_running_mean,
+    const std::optional<at::Tensor>& bn2_running_var,
+    bool norm,
+    std::array<bool, 2> batch_stats,
+    at::ArrayRef<double> momentum,
+    at::ArrayRef<double> eps,
+    int64_t channel_dim) {
+  return MetaAconCNode::apply(
+      x, p1, p2, w1, b1, w2, b2, bn1_weight, bn1_bias, bn1_running_mean, bn1_running_var, bn2_weight, bn2_bias,
+      bn2_running_mean, bn2_running_var, norm, batch_stats, momentum.vec(), eps.vec(), channel_dim);
+}
+
+} // namespace
 } // namespace acon_cuda
 
 TORCH_LIBRARY_FRAGMENT(acon, m) {
-  // Internal, eager only: the body of acon_cuda.meta_acon.MetaAconCFunction.
-  // Traced and compiled code runs meta_acon_c_plain's ordinary ops instead.
+  // Internal, eager only: MetaAconC's forward (acon_cuda/meta_acon.py) with
+  // each BatchNorm's mode resolved by the caller as nn.BatchNorm2d.forward
+  // does; updates the running statistics given. Traced and compiled code runs
+  // meta_acon_c_plain's ordinary ops instead.
   m.def(
-      "_meta_acon_c_forward(Tensor x, Tensor p1, Tensor p2, Tensor w1, Tensor? b1, Tensor w2, Tensor? b2, "
+      "_meta_acon_c(Tensor x, Tensor p1, Tensor p2, Tensor w1, Tensor? b1, Tensor w2, Tensor? b2, "
       "Tensor? bn1_weight, Tensor? bn1_bias, Tensor(a!)? bn1_running_mean, Tensor(b!)? bn1_running_var, "
       "Tensor? bn2_weight, Tensor? bn2_bias, Tensor(c!)? bn2_running_mean, Tensor(d!)? bn2_running_var, "
-      "bool norm, bool[2] batch_stats, float[] momentum, float[] eps, int channel_dim) -> Tensor[]");
-  m.def(
-      "_meta_acon_c_backward(Tensor grad_y, Tensor x, Tensor p1, Tensor p2, Tensor w1, Tensor w2, "
-      "Tensor? bn1_weight, Tensor? bn1_running_mean, Tensor? bn1_running_var, "
-      "Tensor? bn2_weight, Tensor? bn2_running_mean, Tensor? bn2_running_var, Tensor[] saved, bool norm, "
-      "bool[2] batch_stats, float[] eps, int channel_dim, bool[11] output_mask) -> Tensor[]");
+      "bool norm, bool[2] batch_stats, float[] momentum, float[] eps, int channel_dim) -> Tensor");
 }
 
-// CompositeImplicitAutograd: the ops inside run through the dispatcher as
-// if called one by one (a TorchDispatchMode sees them), and the call costs
-// no redispatch. Both are called with grad mode off.
-TORCH_LIBRARY_IMPL(acon, CompositeImplicitAutograd, m) {
-  m.impl("_meta_acon_c_forward", &acon_cuda::meta_acon_c_forward);
-  m.impl("_meta_acon_c_backward", &acon_cuda::meta_acon_c_backward);
+TORCH_LIBRARY_IMPL(acon, Autograd, m) {
+  m.impl("_meta_acon_c", &acon_cuda::meta_acon_c_autograd);
 }

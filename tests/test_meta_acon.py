@@ -235,8 +235,13 @@ def test_no_x_sized_tensor_but_the_acon_ops(fmt):
 
 def test_eager_calls_make_one_autograd_node():
     module = MetaAconC(8)
-    y = module(torch.randn(2, 8, 3, 3, requires_grad=True))
-    assert type(y.grad_fn).__name__ == "MetaAconCFunctionBackward"
+    x = torch.randn(2, 8, 3, 3, requires_grad=True)
+    y = module(x)
+    assert "MetaAconCNode" in y.grad_fn.name()
+    # Its inputs are the leaves themselves: x and every parameter, no node between.
+    leaves = [f.variable for f, _ in y.grad_fn.next_functions if f is not None]
+    assert len(leaves) == 1 + len(list(module.parameters()))
+    assert leaves[0] is x and all(any(p is leaf for leaf in leaves) for p in module.parameters())
 
 
 def test_counts_batches_as_batchnorm_does():
