@@ -134,6 +134,42 @@ at::Tensor opt(const std::optional<at::Tensor>& t) {
   return t.value_or(at::Tensor());
 }
 
+// at::native_batch_norm on (N, F) values; on the CPU its own loops (ATen's
+// set-up costs more than the arithmetic at these sizes).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm(
+    const at::Tensor& input,
+    const at::Tensor& weight,
+    const at::Tensor& bias,
+    const at::Tensor& running_mean,
+    const at::Tensor& running_var,
+    bool use_batch_stats,
+    double momentum,
+    double eps) {
+  if (input.is_cpu()) {
+    return cpu::batch_norm_rows(input, weight, bias, running_mean, running_var, use_batch_stats, momentum, eps);
+  }
+  return at::native_batch_norm(input, weight, bias, running_mean, running_var, use_batch_stats, momentum, eps);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_backward(
+    const at::Tensor& grad_out,
+    const at::Tensor& input,
+    const at::Tensor& weight,
+    const at::Tensor& running_mean,
+    const at::Tensor& running_var,
+    const at::Tensor& save_mean,
+    const at::Tensor& save_invstd,
+    bool use_batch_stats,
+    double eps,
+    std::array<bool, 3> output_mask) {
+  if (input.is_cpu()) {
+    return cpu::batch_norm_rows_backward(
+        grad_out, input, weight, running_mean, running_var, save_mean, save_invstd, use_batch_stats, eps, output_mask);
+  }
+  return at::native_batch_norm_backward(
+      grad_out, input, weight, running_mean, running_var, save_mean, save_invstd, use_batch_stats, eps, output_mask);
+}
+
 } // namespace
 
 // Returns [y, beta, mean, fc1's output, bn1's output, fc2's output,
@@ -173,14 +209,14 @@ std::vector<at::Tensor> meta_acon_c_forward(
   at::Tensor h = fc1;
   at::Tensor stats1[2], stats2[2], fc2_out;
   if (norm) {
-    std::tie(h, stats1[0], stats1[1]) = at::native_batch_norm(
+    std::tie(h, stats1[0], stats1[1]) = batch_norm(
         fc1, opt(bn1_weight), opt(bn1_bias), opt(bn1_running_mean), opt(bn1_running_var), batch_stats[0],
         momentum[0], eps[0]);
   }
   fc2_out = product(h, w2.flatten(1).t(), opt(b2));
   at::Tensor g = fc2_out;
   if (norm) {
-    std::tie(g, stats2[0], stats2[1]) = at::native_batch_norm(
+    std::tie(g, stats2[0], stats2[1]) = batch_norm(
         fc2_out, opt(bn2_weight), opt(bn2_bias), opt(bn2_running_mean), opt(bn2_running_var), batch_stats[1],
         momentum[1], eps[1]);
   }
@@ -242,7 +278,7 @@ std::vector<at::Tensor> meta_acon_c_backward(
   if (want_generator) {
     at::Tensor grad = at::sigmoid_backward(dbeta.view(beta.sizes()), beta);
     if (norm) {
-      std::tie(grad, grads[9], grads[10]) = at::native_batch_norm_backward(
+      std::tie(grad, grads[9], grads[10]) = batch_norm_backward(
           grad, fc2_out, opt(bn2_weight), opt(bn2_running_mean), opt(bn2_running_var), saved[7], saved[8],
           batch_stats[1], eps[1], {true, output_mask[9], output_mask[10]});
     }
@@ -254,7 +290,7 @@ std::vector<at::Tensor> meta_acon_c_backward(
     }
     grad = product(grad, w2.flatten(1));
     if (norm) {
-      std::tie(grad, grads[7], grads[8]) = at::native_batch_norm_backward(
+      std::tie(grad, grads[7], grads[8]) = batch_norm_backward(
           grad, fc1, opt(bn1_weight), opt(bn1_running_mean), opt(bn1_running_var), saved[5], saved[6],
           batch_stats[0], eps[0], {true, output_mask[7], output_mask[8]});
     }

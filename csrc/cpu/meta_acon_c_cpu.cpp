@@ -3,10 +3,12 @@
 #include "../acon_c.h"
 
 #include <ATen/Dispatch.h>
+#include <ATen/AccumulateType.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <cmath>
 #include <limits>
 #include <vector>
 
@@ -17,6 +19,9 @@ namespace {
 // short float sums keep float32's rounding error small, and the eight
 // independent lanes let the compiler vectorise.
 constexpr int64_t kBlock = 256;
+
+// Values per parallel task, at least.
+constexpr int64_t kGrainValues = int64_t{1} << 15;
 
 template <typename scalar_t>
 double run_sum(const scalar_t* v, int64_t n) {
@@ -92,7 +97,9 @@ at::Tensor sample_channel_means(const at::Tensor& x, int64_t channel_dim) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "sample_channel_means", [&] {
     const scalar_t* data = xs.const_data_ptr<scalar_t>();
     scalar_t* means = out.mutable_data_ptr<scalar_t>();
-    at::parallel_for(0, N, 1, [&](int64_t begin, int64_t end) {
+    // Samples per task: ~32K values (waking the pool for less costs more).
+    const int64_t grain = std::max<int64_t>(1, kGrainValues / (count * C));
+    at::parallel_for(0, N, grain, [&](int64_t begin, int64_t end) {
       std::vector<double> total(C);
       std::vector<at::opmath_type<scalar_t>> block(C);
       for (int64_t n = begin; n < end; ++n) {
@@ -120,7 +127,7 @@ bool add_sample_channel_(const at::Tensor& grad_x, const at::Tensor& term, int64
     scalar_t* dx = grad_x.mutable_data_ptr<scalar_t>();
     const scalar_t* t = terms.const_data_ptr<scalar_t>();
     const acc_t alpha = static_cast<acc_t>(scale);
-    const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 15) / (C * lay.inner));
+    const int64_t grain = std::max<int64_t>(1, kGrainValues / (C * lay.inner));
     at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
       for (int64_t row = begin; row < end; ++row) {
         const scalar_t* t_row = t + row / lay.outer * C;
@@ -142,6 +149,180 @@ bool add_sample_channel_(const at::Tensor& grad_x, const at::Tensor& term, int64
     });
   });
   return true;
+}
+
+} // namespace acon_cuda::cpu
+
+namespace acon_cuda::cpu {
+namespace {
+
+// A per-feature vector's values in opmath (fallback where undefined).
+template <typename opmath_t>
+std::vector<opmath_t> feature_values(const at::Tensor& t, int64_t F, opmath_t fallback) {
+  std::vector<opmath_t> values(F, fallback);
+  if (t.defined()) {
+    const at::Tensor v = t.to(c10::CppTypeToScalarType<opmath_t>::value).contiguous();
+    std::copy(v.const_data_ptr<opmath_t>(), v.const_data_ptr<opmath_t>() + F, values.begin());
+  }
+  return values;
+}
+
+template <typename opmath_t>
+at::Tensor feature_tensor(const std::vector<opmath_t>& values, const at::TensorOptions& options) {
+  at::Tensor t = at::empty({static_cast<int64_t>(values.size())}, options);
+  std::copy(values.begin(), values.end(), t.mutable_data_ptr<opmath_t>());
+  return t;
+}
+
+} // namespace
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_rows(
+    const at::Tensor& input,
+    const at::Tensor& weight,
+    const at::Tensor& bias,
+    const at::Tensor& running_mean,
+    const at::Tensor& running_var,
+    bool use_batch_stats,
+    double momentum,
+    double eps) {
+  const at::Tensor in = input.contiguous();
+  const int64_t N = in.size(0);
+  const int64_t F = in.size(1);
+  at::Tensor out = at::empty_like(in);
+  at::Tensor save_mean, save_invstd;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in.scalar_type(), "batch_norm_rows", [&] {
+    using opmath_t = at::acc_type<scalar_t, false>;
+    const at::TensorOptions stat_options = in.options().dtype(c10::CppTypeToScalarType<opmath_t>::value);
+    const scalar_t* x = in.const_data_ptr<scalar_t>();
+    std::vector<opmath_t> mean(F, 0), invstd(F, 0);
+    if (use_batch_stats) {
+      std::vector<opmath_t> var_sum(F, 0);
+      for (int64_t n = 0; n < N; ++n) {
+        for (int64_t f = 0; f < F; ++f) {
+          mean[f] += static_cast<opmath_t>(x[n * F + f]);
+        }
+      }
+      for (int64_t f = 0; f < F; ++f) {
+        mean[f] /= static_cast<opmath_t>(N);
+      }
+      for (int64_t n = 0; n < N; ++n) {
+        for (int64_t f = 0; f < F; ++f) {
+          const opmath_t d = static_cast<opmath_t>(x[n * F + f]) - mean[f];
+          var_sum[f] += d * d;
+        }
+      }
+      for (int64_t f = 0; f < F; ++f) {
+        invstd[f] = opmath_t(1) / std::sqrt(var_sum[f] / static_cast<opmath_t>(N) + static_cast<opmath_t>(eps));
+      }
+      if (running_mean.defined() && running_var.defined()) {
+        // In place, in the buffers' own dtype, as native_batch_norm does.
+        std::vector<opmath_t> rm = feature_values<opmath_t>(running_mean, F, 0);
+        std::vector<opmath_t> rv = feature_values<opmath_t>(running_var, F, 1);
+        const auto m = static_cast<opmath_t>(momentum);
+        for (int64_t f = 0; f < F; ++f) {
+          rm[f] = m * mean[f] + (1 - m) * rm[f];
+          rv[f] = m * var_sum[f] / static_cast<opmath_t>(N - 1) + (1 - m) * rv[f];
+        }
+        running_mean.copy_(feature_tensor(rm, stat_options));
+        running_var.copy_(feature_tensor(rv, stat_options));
+      }
+      save_mean = feature_tensor(mean, stat_options);
+      save_invstd = feature_tensor(invstd, stat_options);
+    } else {
+      mean = feature_values<opmath_t>(running_mean, F, 0);
+      invstd = feature_values<opmath_t>(running_var, F, 1);
+      for (int64_t f = 0; f < F; ++f) {
+        invstd[f] = opmath_t(1) / std::sqrt(invstd[f] + static_cast<opmath_t>(eps));
+      }
+      save_mean = at::empty({0}, stat_options);
+      save_invstd = at::empty({0}, stat_options);
+    }
+    // out = x * scale + shift, per feature.
+    const std::vector<opmath_t> w = feature_values<opmath_t>(weight, F, 1);
+    const std::vector<opmath_t> b = feature_values<opmath_t>(bias, F, 0);
+    std::vector<opmath_t> scale(F), shift(F);
+    for (int64_t f = 0; f < F; ++f) {
+      scale[f] = invstd[f] * w[f];
+      shift[f] = b[f] - mean[f] * scale[f];
+    }
+    scalar_t* y = out.mutable_data_ptr<scalar_t>();
+    for (int64_t n = 0; n < N; ++n) {
+      for (int64_t f = 0; f < F; ++f) {
+        y[n * F + f] = static_cast<scalar_t>(static_cast<opmath_t>(x[n * F + f]) * scale[f] + shift[f]);
+      }
+    }
+  });
+  return {out, save_mean, save_invstd};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_rows_backward(
+    const at::Tensor& grad_out,
+    const at::Tensor& input,
+    const at::Tensor& weight,
+    const at::Tensor& running_mean,
+    const at::Tensor& running_var,
+    const at::Tensor& save_mean,
+    const at::Tensor& save_invstd,
+    bool use_batch_stats,
+    double eps,
+    std::array<bool, 3> output_mask) {
+  const at::Tensor in = input.contiguous();
+  const at::Tensor dy = grad_out.contiguous();
+  const int64_t N = in.size(0);
+  const int64_t F = in.size(1);
+  at::Tensor grad_in = output_mask[0] ? at::empty_like(in) : at::Tensor();
+  at::Tensor grad_weight, grad_bias;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in.scalar_type(), "batch_norm_rows_backward", [&] {
+    using opmath_t = at::acc_type<scalar_t, false>;
+    std::vector<opmath_t> mean, invstd;
+    if (use_batch_stats) {
+      mean = feature_values<opmath_t>(save_mean, F, 0);
+      invstd = feature_values<opmath_t>(save_invstd, F, 0);
+    } else {
+      mean = feature_values<opmath_t>(running_mean, F, 0);
+      invstd = feature_values<opmath_t>(running_var, F, 1);
+      for (int64_t f = 0; f < F; ++f) {
+        invstd[f] = opmath_t(1) / std::sqrt(invstd[f] + static_cast<opmath_t>(eps));
+      }
+    }
+    const scalar_t* x = in.const_data_ptr<scalar_t>();
+    const scalar_t* g = dy.const_data_ptr<scalar_t>();
+    // sum_dy and sum_dy_xhat per feature.
+    std::vector<opmath_t> sum_dy(F, 0), sum_dy_xhat(F, 0);
+    for (int64_t n = 0; n < N; ++n) {
+      for (int64_t f = 0; f < F; ++f) {
+        const opmath_t d = static_cast<opmath_t>(g[n * F + f]);
+        sum_dy[f] += d;
+        sum_dy_xhat[f] += d * (static_cast<opmath_t>(x[n * F + f]) - mean[f]) * invstd[f];
+      }
+    }
+    const std::vector<opmath_t> w = feature_values<opmath_t>(weight, F, 1);
+    if (grad_in.defined()) {
+      scalar_t* gi = grad_in.mutable_data_ptr<scalar_t>();
+      const auto inv_n = opmath_t(1) / static_cast<opmath_t>(N);
+      for (int64_t n = 0; n < N; ++n) {
+        for (int64_t f = 0; f < F; ++f) {
+          const opmath_t d = static_cast<opmath_t>(g[n * F + f]);
+          if (use_batch_stats) {
+            const opmath_t xhat = (static_cast<opmath_t>(x[n * F + f]) - mean[f]) * invstd[f];
+            gi[n * F + f] =
+                static_cast<scalar_t>(w[f] * invstd[f] * (d - sum_dy[f] * inv_n - xhat * sum_dy_xhat[f] * inv_n));
+          } else {
+            gi[n * F + f] = static_cast<scalar_t>(d * w[f] * invstd[f]);
+          }
+        }
+      }
+    }
+    const at::TensorOptions sums = in.options().dtype(c10::CppTypeToScalarType<opmath_t>::value);
+    const at::ScalarType param_type = weight.defined() ? weight.scalar_type() : in.scalar_type();
+    if (output_mask[1]) {
+      grad_weight = feature_tensor(sum_dy_xhat, sums).to(param_type);
+    }
+    if (output_mask[2]) {
+      grad_bias = feature_tensor(sum_dy, sums).to(param_type);
+    }
+  });
+  return {grad_in, grad_weight, grad_bias};
 }
 
 } // namespace acon_cuda::cpu

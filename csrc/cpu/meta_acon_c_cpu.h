@@ -17,3 +17,37 @@ at::Tensor sample_channel_means(const at::Tensor& x, int64_t channel_dim);
 bool add_sample_channel_(const at::Tensor& grad_x, const at::Tensor& term, int64_t channel_dim, double scale);
 
 } // namespace acon_cuda::cpu
+
+namespace acon_cuda::cpu {
+
+// nn.BatchNorm's forward on (N, F) values, as at::native_batch_norm computes
+// it (training: batch statistics, running statistics updated with momentum
+// and the unbiased variance; otherwise the running statistics), in one
+// call without ATen's per-call set-up, which costs more than these small
+// tensors' arithmetic. Returns (out, save_mean, save_invstd), the last two in
+// opmath precision (empty without batch statistics).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_rows(
+    const at::Tensor& input,
+    const at::Tensor& weight,
+    const at::Tensor& bias,
+    const at::Tensor& running_mean,
+    const at::Tensor& running_var,
+    bool use_batch_stats,
+    double momentum,
+    double eps);
+
+// Its backward: (grad_input, grad_weight, grad_bias), the last two undefined
+// unless asked for.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_rows_backward(
+    const at::Tensor& grad_out,
+    const at::Tensor& input,
+    const at::Tensor& weight,
+    const at::Tensor& running_mean,
+    const at::Tensor& running_var,
+    const at::Tensor& save_mean,
+    const at::Tensor& save_invstd,
+    bool use_batch_stats,
+    double eps,
+    std::array<bool, 3> output_mask);
+
+} // namespace acon_cuda::cpu
