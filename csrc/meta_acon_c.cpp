@@ -145,6 +145,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm(
     bool use_batch_stats,
     double momentum,
     double eps) {
+  // native_batch_norm does not check these (a wrong size reads and writes
+  // out of bounds); nn.BatchNorm2d's forward would raise.
+  const int64_t features = input.size(1);
+  for (const at::Tensor* t : {&weight, &bias, &running_mean, &running_var}) {
+    TORCH_CHECK_VALUE(
+        !t->defined() || (t->dim() == 1 && t->size(0) == features),
+        "MetaAconC: a BatchNorm of the generator has parameters or running statistics of shape ",
+        t->sizes(),
+        " but normalises ",
+        features,
+        " features");
+  }
   if (input.is_cpu()) {
     return cpu::batch_norm_rows(input, weight, bias, running_mean, running_var, use_batch_stats, momentum, eps);
   }

@@ -156,22 +156,39 @@ bool add_sample_channel_(const at::Tensor& grad_x, const at::Tensor& term, int64
 namespace acon_cuda::cpu {
 namespace {
 
-// A per-feature vector's values in opmath (fallback where undefined).
+// A per-feature vector's values in opmath (fallback where undefined), read
+// in place: no tensor op for these few values.
 template <typename opmath_t>
 std::vector<opmath_t> feature_values(const at::Tensor& t, int64_t F, opmath_t fallback) {
   std::vector<opmath_t> values(F, fallback);
   if (t.defined()) {
-    const at::Tensor v = t.to(c10::CppTypeToScalarType<opmath_t>::value).contiguous();
-    std::copy(v.const_data_ptr<opmath_t>(), v.const_data_ptr<opmath_t>() + F, values.begin());
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, t.scalar_type(), "feature_values", [&] {
+      const scalar_t* data = t.const_data_ptr<scalar_t>();
+      const int64_t stride = t.stride(0);
+      for (int64_t f = 0; f < F; ++f) {
+        values[f] = static_cast<opmath_t>(data[f * stride]);
+      }
+    });
   }
   return values;
 }
 
+// values written into t (in place) or into a new tensor of `options`.
+template <typename opmath_t>
+at::Tensor write_features(const std::vector<opmath_t>& values, at::Tensor t) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, t.scalar_type(), "write_features", [&] {
+    scalar_t* data = t.mutable_data_ptr<scalar_t>();
+    const int64_t stride = t.stride(0);
+    for (size_t f = 0; f < values.size(); ++f) {
+      data[f * stride] = static_cast<scalar_t>(values[f]);
+    }
+  });
+  return t;
+}
+
 template <typename opmath_t>
 at::Tensor feature_tensor(const std::vector<opmath_t>& values, const at::TensorOptions& options) {
-  at::Tensor t = at::empty({static_cast<int64_t>(values.size())}, options);
-  std::copy(values.begin(), values.end(), t.mutable_data_ptr<opmath_t>());
-  return t;
+  return write_features(values, at::empty({static_cast<int64_t>(values.size())}, options));
 }
 
 } // namespace
@@ -223,8 +240,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_rows(
           rm[f] = m * mean[f] + (1 - m) * rm[f];
           rv[f] = m * var_sum[f] / static_cast<opmath_t>(N - 1) + (1 - m) * rv[f];
         }
-        running_mean.copy_(feature_tensor(rm, stat_options));
-        running_var.copy_(feature_tensor(rv, stat_options));
+        write_features(rm, running_mean);
+        write_features(rv, running_var);
       }
       save_mean = feature_tensor(mean, stat_options);
       save_invstd = feature_tensor(invstd, stat_options);
@@ -313,13 +330,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_rows_backward(
         }
       }
     }
-    const at::TensorOptions sums = in.options().dtype(c10::CppTypeToScalarType<opmath_t>::value);
-    const at::ScalarType param_type = weight.defined() ? weight.scalar_type() : in.scalar_type();
+    const at::TensorOptions params = weight.defined() ? weight.options() : in.options();
     if (output_mask[1]) {
-      grad_weight = feature_tensor(sum_dy_xhat, sums).to(param_type);
+      grad_weight = feature_tensor(sum_dy_xhat, params);
     }
     if (output_mask[2]) {
-      grad_bias = feature_tensor(sum_dy, sums).to(param_type);
+      grad_bias = feature_tensor(sum_dy, params);
     }
   });
   return {grad_in, grad_weight, grad_bias};
