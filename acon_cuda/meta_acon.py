@@ -69,7 +69,8 @@ def _mean(x: Tensor, cdim: int) -> Tensor:
 def batch_norm_mode(bn):
     """(running_mean, running_var, use_batch_statistics, momentum), as
     ``nn.BatchNorm2d.forward`` chooses them, counting the batch in
-    ``num_batches_tracked`` as that forward does.
+    ``num_batches_tracked`` as that forward does. The eager op resolves the
+    same in C++ (``batch_norm_mode`` in csrc/meta_acon_c.cpp).
     Buffers are read from ``bn._buffers``: ``nn.Module.__getattr__`` costs
     about a microsecond per access here."""
     buffers = bn._buffers
@@ -182,18 +183,22 @@ def meta_acon_c(module, x: Tensor, cdim: int) -> Tensor:
         # ordinary ops; so do empty inputs (BatchNorm of an empty batch).
         return meta_acon_c_plain(module, x, cdim, ops.acon_c)
     # One op, whose C++ autograd node (csrc/meta_acon_c.cpp) runs the
-    # generator's ATen calls around the fused acon ops.
+    # generator's ATen calls around the fused acon ops and resolves each
+    # BatchNorm's mode as batch_norm_mode does.
     if module.norm:
-        bn1, bn2 = module.bn1, module.bn2
-        rm1, rv1, use1, momentum1 = batch_norm_mode(bn1)
-        rm2, rv2, use2, momentum2 = batch_norm_mode(bn2)
         w1, b1, w2, b2, g1, c1, g2, c2 = _generator_params(module)
+        bn1, bn2 = module.bn1, module.bn2
+        s1, s2 = bn1._buffers, bn2._buffers
         return _meta_op(
-            x, module.p1, module.p2, w1, b1, w2, b2, g1, c1, rm1, rv1, g2, c2, rm2, rv2, True,
-            [use1, use2], [momentum1, momentum2], [bn1.eps, bn2.eps], cdim,
+            x, module.p1, module.p2, w1, b1, w2, b2,
+            g1, c1, s1.get("running_mean"), s1.get("running_var"), s1.get("num_batches_tracked"),
+            g2, c2, s2.get("running_mean"), s2.get("running_var"), s2.get("num_batches_tracked"),
+            True, [bn1.training, bn1.track_running_stats, bn2.training, bn2.track_running_stats],
+            [math.nan if bn1.momentum is None else bn1.momentum, bn1.eps,
+             math.nan if bn2.momentum is None else bn2.momentum, bn2.eps],
+            cdim,
         )  # fmt: skip
     w1, b1, w2, b2 = _generator_params(module)
     return _meta_op(
-        x, module.p1, module.p2, w1, b1, w2, b2, None, None, None, None, None, None, None, None, False,
-        [False, False], [0.0, 0.0], [0.0, 0.0], cdim,
+        x, module.p1, module.p2, w1, b1, w2, b2, *(None,) * 10, False, [False] * 4, [0.0] * 4, cdim
     )  # fmt: skip

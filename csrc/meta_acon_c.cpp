@@ -17,6 +17,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cmath>
 #include <vector>
 
 namespace acon_cuda {
@@ -494,6 +495,41 @@ class MetaAconCNode : public torch::autograd::Function<MetaAconCNode> {
   }
 };
 
+// What nn.BatchNorm2d.forward passes to F.batch_norm: the running statistics
+// to use and update (none in training without track_running_stats), whether
+// to normalise with batch statistics, and the momentum, counting the batch
+// in num_batches_tracked as that forward does (momentum None, given as NaN:
+// a cumulative average). acon_cuda.meta_acon.batch_norm_mode is its twin for
+// the traced path.
+struct BatchNormMode {
+  std::optional<at::Tensor> running_mean, running_var;
+  bool use_batch_stats;
+  double momentum;
+};
+
+BatchNormMode batch_norm_mode(
+    const std::optional<at::Tensor>& running_mean,
+    const std::optional<at::Tensor>& running_var,
+    const std::optional<at::Tensor>& num_batches_tracked,
+    bool training,
+    bool track_running_stats,
+    double momentum) {
+  const bool cumulative = std::isnan(momentum);
+  BatchNormMode mode{running_mean, running_var, false, cumulative ? 0.0 : momentum};
+  if (training && track_running_stats && num_batches_tracked.has_value() && num_batches_tracked->defined()) {
+    num_batches_tracked->add_(1);
+    if (cumulative) {
+      mode.momentum = 1.0 / num_batches_tracked->item<double>();
+    }
+  }
+  const auto absent = [](const std::optional<at::Tensor>& t) { return !t.has_value() || !t->defined(); };
+  mode.use_batch_stats = training || (absent(running_mean) && absent(running_var));
+  if (training && !track_running_stats) {
+    mode.running_mean = mode.running_var = std::nullopt;
+  }
+  return mode;
+}
+
 at::Tensor meta_acon_c_autograd(
     const at::Tensor& x,
     const at::Tensor& p1,
@@ -506,33 +542,44 @@ at::Tensor meta_acon_c_autograd(
     const std::optional<at::Tensor>& bn1_bias,
     const std::optional<at::Tensor>& bn1_running_mean,
     const std::optional<at::Tensor>& bn1_running_var,
+    const std::optional<at::Tensor>& bn1_num_batches_tracked,
     const std::optional<at::Tensor>& bn2_weight,
     const std::optional<at::Tensor>& bn2_bias,
     const std::optional<at::Tensor>& bn2_running_mean,
     const std::optional<at::Tensor>& bn2_running_var,
+    const std::optional<at::Tensor>& bn2_num_batches_tracked,
     bool norm,
-    std::array<bool, 2> batch_stats,
-    at::ArrayRef<double> momentum,
-    at::ArrayRef<double> eps,
+    std::array<bool, 4> bn_flags,
+    std::array<double, 4> bn_values,
     int64_t channel_dim) {
+  BatchNormMode bn1{}, bn2{};
+  if (norm) {
+    bn1 = batch_norm_mode(
+        bn1_running_mean, bn1_running_var, bn1_num_batches_tracked, bn_flags[0], bn_flags[1], bn_values[0]);
+    bn2 = batch_norm_mode(
+        bn2_running_mean, bn2_running_var, bn2_num_batches_tracked, bn_flags[2], bn_flags[3], bn_values[2]);
+  }
   return MetaAconCNode::apply(
-      x, p1, p2, w1, b1, w2, b2, bn1_weight, bn1_bias, bn1_running_mean, bn1_running_var, bn2_weight, bn2_bias,
-      bn2_running_mean, bn2_running_var, norm, batch_stats, momentum.vec(), eps.vec(), channel_dim);
+      x, p1, p2, w1, b1, w2, b2, bn1_weight, bn1_bias, bn1.running_mean, bn1.running_var, bn2_weight, bn2_bias,
+      bn2.running_mean, bn2.running_var, norm, std::array<bool, 2>{bn1.use_batch_stats, bn2.use_batch_stats},
+      std::vector<double>{bn1.momentum, bn2.momentum}, std::vector<double>{bn_values[1], bn_values[3]}, channel_dim);
 }
 
 } // namespace
 } // namespace acon_cuda
 
 TORCH_LIBRARY_FRAGMENT(acon, m) {
-  // Internal, eager only: MetaAconC's forward (acon_cuda/meta_acon.py) with
-  // each BatchNorm's mode resolved by the caller as nn.BatchNorm2d.forward
-  // does; updates the running statistics given. Traced and compiled code runs
-  // meta_acon_c_plain's ordinary ops instead.
+  // Internal, eager only: MetaAconC's forward (acon_cuda/meta_acon.py), the
+  // BatchNorms given by their parameters, buffers (updated as their forward
+  // updates them), bn_flags = [bn1.training, bn1.track_running_stats, bn2's]
+  // and bn_values = [bn1.momentum (NaN: None), bn1.eps, bn2's]. Traced and
+  // compiled code runs meta_acon_c_plain's ordinary ops instead.
   m.def(
       "_meta_acon_c(Tensor x, Tensor p1, Tensor p2, Tensor w1, Tensor? b1, Tensor w2, Tensor? b2, "
       "Tensor? bn1_weight, Tensor? bn1_bias, Tensor(a!)? bn1_running_mean, Tensor(b!)? bn1_running_var, "
-      "Tensor? bn2_weight, Tensor? bn2_bias, Tensor(c!)? bn2_running_mean, Tensor(d!)? bn2_running_var, "
-      "bool norm, bool[2] batch_stats, float[] momentum, float[] eps, int channel_dim) -> Tensor");
+      "Tensor(c!)? bn1_num_batches_tracked, Tensor? bn2_weight, Tensor? bn2_bias, Tensor(d!)? bn2_running_mean, "
+      "Tensor(e!)? bn2_running_var, Tensor(f!)? bn2_num_batches_tracked, bool norm, bool[4] bn_flags, "
+      "float[4] bn_values, int channel_dim) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(acon, Autograd, m) {
