@@ -111,7 +111,9 @@ def saved_bytes(fn, inputs):
 def median_ms(fn, device, budget_s, once_ms):
     """Median time of one call of fn, in ms; once_ms is a first estimate."""
     if device == "cpu":
-        timer = benchmark.Timer(stmt="fn()", globals={"fn": fn})
+        # Every thread of the pool: Timer's default is one (single-thread
+        # figures), which the report's thread count would misstate.
+        timer = benchmark.Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
         if once_ms > 1e3 * budget_s:  # slow: one call is the measurement
             return timer.timeit(1).median * 1e3
         # Five blocks filling the budget; the median block's time per call.
