@@ -1,6 +1,6 @@
-// CPU kernels of Meta-ACON's x-sized steps outside the acon ops: the
-// per-sample mean that feeds the generator, and the mean's gradient added
-// into dx. csrc/meta_acon_c.cpp calls them for CPU tensors.
+// CPU kernels of Meta-ACON's generator outside the acon ops: the per-sample
+// mean that feeds it and its BatchNorms on (N, F) values.
+// csrc/meta_acon_c.cpp calls them for CPU tensors.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -11,14 +11,6 @@ namespace acon_cuda::cpu {
 // (N, C), in x's dtype; summed in float (double for float64 x), each block
 // of 256 values then in double, in one read of x in its own memory layout.
 at::Tensor sample_channel_means(const at::Tensor& x, int64_t channel_dim);
-
-// grad_x[n, ..., c, ...] += scale * term[n, c] in place, in one pass; false
-// (nothing done) where grad_x is not dense with its batch axis outermost.
-bool add_sample_channel_(const at::Tensor& grad_x, const at::Tensor& term, int64_t channel_dim, double scale);
-
-} // namespace acon_cuda::cpu
-
-namespace acon_cuda::cpu {
 
 // nn.BatchNorm's forward on (N, F) values, as at::native_batch_norm computes
 // it (training: batch statistics, running statistics updated with momentum
