@@ -3,6 +3,7 @@ re-typed here for any rank and channel axis, in float64: outputs, every
 gradient, running statistics over training steps; and what the fast path
 promises about memory (no x-sized tensor but the acon op's)."""
 
+import copy
 from functools import partial
 
 import pytest
@@ -59,8 +60,11 @@ CASES = [
     ((2, 5, 3, 4, 6), 1, None),
     ((2, 5, 3, 4, 6), 1, torch.channels_last_3d),
     ((3, 9, 5), -1, None),
+    # Runs and row blocks longer than the CPU means' 256-value blocks.
+    ((2, 3, 20, 20), 1, None),
+    ((2, 3, 20, 20), 1, torch.channels_last),
 ]
-CASE_IDS = ["NC", "NCL", "NCHW", "NHWC", "7x7-NHWC", "NCDHW", "NDHWC", "BTC"]
+CASE_IDS = ["NC", "NCL", "NCHW", "NHWC", "7x7-NHWC", "NCDHW", "NDHWC", "BTC", "20x20-NCHW", "20x20-NHWC"]
 
 BATCH_NORMS = {
     "default": {},
@@ -160,6 +164,64 @@ def test_matches_the_papers_module_over_training_steps(shape, channel_dim, fmt, 
     assert state.keys() == paper_state.keys()
     for key in paper_state:
         assert_close(state[key], paper_state[key])
+
+
+# Views the fused path must read as they are: not dense, and dense with the
+# batch axis not outermost (the CPU means then take a contiguous copy).
+VIEWS = {
+    "strided": lambda base: base[:, :, ::2, 1:],
+    "batch_inner": lambda base: base.transpose(0, 1).contiguous().transpose(0, 1),
+    "channels_last_slice": lambda base: base.contiguous(memory_format=torch.channels_last)[1:],
+}
+
+
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("view", VIEWS)
+def test_views_match_the_papers_module(view, train):
+    torch.manual_seed(0)
+    x = VIEWS[view](make_x((5, 6, 8, 7), None)).requires_grad_()
+    paper, ours = make_pair(tuple(x.shape), 1, True, "fused", "default")
+    paper.train(train)
+    ours.train(train)
+    assert_matches(paper, ours, x, torch.randn_like(x))
+
+
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("fmt", [None, torch.channels_last], ids=["contiguous", "channels_last"])
+@pytest.mark.parametrize("shape", [(8, 32, 5, 5), (4, 32, 20, 17)], ids=["5x5", "20x17"])
+def test_float32_matches_the_papers_module_in_float64(shape, fmt, train):
+    # The float32 module against the float64 paper-layout module (the
+    # truth), no further from it than the paper-layout module run in float32
+    # (with some slack): the generator's gradients are sums that BatchNorm
+    # makes cancel (fc1's bias gradient is 0 in exact arithmetic), so a
+    # fixed tolerance would say little. The CPU BatchNorm of the generator
+    # accumulates in double as ATen's does.
+    torch.manual_seed(0)
+    paper, ours = make_pair(shape, 1, True, "fused", "default")
+    paper32 = copy.deepcopy(paper).float()
+    x = make_x(shape, fmt)
+    grad = torch.randn_like(x)
+    results = []
+    for module, dtype in ((paper, torch.float64), (paper32, torch.float32), (ours.float(), torch.float32)):
+        module.train(train)
+        xs = x.to(dtype).requires_grad_()
+        out = module(xs)
+        dx, grads = named_grads(module, out, xs, grad.to(dtype))
+        state = {f"state {key}": value for key, value in module.state_dict().items()}
+        results.append({"out": out, "dx": dx, **grads, **state})
+    truths, float32s, actuals = results
+    assert actuals.keys() == truths.keys()
+    for key, truth in truths.items():
+        scale = max(1.0, truth.abs().max().item())
+        bound = 4 * (float32s[key].double() - truth).abs().max().item() + 1e-6 * scale
+        assert (actuals[key].double() - truth).abs().max().item() <= bound, key
+
+
+def test_batchnorm_of_the_wrong_width_raises():
+    module = MetaAconC(32)
+    module.bn2 = nn.BatchNorm2d(16)  # the generator's output is 32 wide
+    with pytest.raises(ValueError, match="BatchNorm of the generator"):
+        module(torch.randn(4, 32, 3, 3))
 
 
 def test_frozen_parts_get_no_gradient_and_the_rest_stays_right():
