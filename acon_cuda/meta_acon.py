@@ -11,14 +11,13 @@ parameters, buffers and rules (momentum, ``momentum=None``,
 - :func:`meta_acon_c_plain`: ordinary differentiable PyTorch ops around the
   fused acon op, for ``torch.compile``, ``torch.export``, ``torch.func``,
   autocast, ONNX export and ``impl="reference"``;
-- :class:`MetaAconCFunction`: generator and activation as one autograd node
-  whose backward runs the fused backward op, then the generator's gradients
-  in a handful of ATen calls, and adds the mean's gradient into the x-sized
-  gradient in place. Plain eager calls use it: on small maps a dozen
-  autograd nodes of small ops would cost more than the activation itself.
+- :func:`meta_acon_c`: plain eager calls, one op (``_meta_acon_c``) whose C++
+  autograd node (``csrc/meta_acon_c.cpp``) runs the generator's ATen calls
+  around the fused acon ops and adds the mean's gradient into the x-sized
+  gradient in place: on small maps a dozen autograd nodes, or a Python
+  Function's per-call costs, would cost more than the activation itself.
 
-Both take the mean as a sum and fold 1/count into the (N, C)-sized work, so
-the mean's gradient never exists at x's size.
+The mean's gradient never exists at x's size.
 """
 
 import math
