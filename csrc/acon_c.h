@@ -4,7 +4,9 @@
 
 #include <ATen/ATen.h>
 
+#include <array>
 #include <optional>
+#include <tuple>
 
 namespace acon_cuda {
 
@@ -58,6 +60,24 @@ std::optional<ChannelLayout> sample_channel_layout(const at::Tensor& t, int64_t 
 // arrays): t itself in the usual case (float32 parameters, or float64 for
 // float64 x), so no tensor op runs per call.
 at::Tensor values_in(const at::Tensor& t, at::ScalarType dtype);
+
+// The acon ops called below autograd (csrc/acon_c_autograd.cpp): for code
+// that does its own autograd, such as Meta-ACON's node.
+using AconCGrads = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+at::Tensor call_acon_c_forward(
+    const at::Tensor& x,
+    const at::Tensor& p1,
+    const at::Tensor& p2,
+    const at::Tensor& beta,
+    int64_t channel_dim);
+AconCGrads call_acon_c_backward(
+    const at::Tensor& grad_y,
+    const at::Tensor& x,
+    const at::Tensor& p1,
+    const at::Tensor& p2,
+    const at::Tensor& beta,
+    int64_t channel_dim,
+    std::array<bool, 2> output_mask);
 
 // What acon_c_backward returns for an output its output_mask leaves out:
 // an empty tensor (0 elements) of t's dtype and device.

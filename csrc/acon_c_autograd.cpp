@@ -14,12 +14,8 @@
 #include <torch/library.h>
 
 namespace acon_cuda {
-namespace {
 
-using torch::autograd::AutogradContext;
-using torch::autograd::variable_list;
-
-at::Tensor call_forward(
+at::Tensor call_acon_c_forward(
     const at::Tensor& x,
     const at::Tensor& p1,
     const at::Tensor& p2,
@@ -33,9 +29,7 @@ at::Tensor call_forward(
   return op.call(x, p1, p2, beta, channel_dim);
 }
 
-using Grads = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
-
-Grads call_backward(
+AconCGrads call_acon_c_backward(
     const at::Tensor& grad_y,
     const at::Tensor& x,
     const at::Tensor& p1,
@@ -45,7 +39,7 @@ Grads call_backward(
     std::array<bool, 2> output_mask) {
   static const auto op = c10::Dispatcher::singleton()
                              .findSchemaOrThrow("acon::acon_c_backward", "")
-                             .typed<Grads(
+                             .typed<AconCGrads(
                                  const at::Tensor&,
                                  const at::Tensor&,
                                  const at::Tensor&,
@@ -56,6 +50,11 @@ Grads call_backward(
   at::AutoDispatchBelowADInplaceOrView below_autograd;
   return op.call(grad_y, x, p1, p2, beta, channel_dim, output_mask);
 }
+
+namespace {
+
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
 
 bool any_requires_grad(std::initializer_list<const at::Tensor*> tensors) {
   if (!at::GradMode::is_enabled()) {
@@ -82,7 +81,7 @@ class AconCBackward : public torch::autograd::Function<AconCBackward> {
       const at::Tensor& beta,
       int64_t channel_dim,
       std::array<bool, 2> output_mask) {
-    auto [gx, gp1, gp2, gbeta] = call_backward(grad_y, x, p1, p2, beta, channel_dim, output_mask);
+    auto [gx, gp1, gp2, gbeta] = call_acon_c_backward(grad_y, x, p1, p2, beta, channel_dim, output_mask);
     return {gx, gp1, gp2, gbeta};
   }
 
@@ -94,7 +93,7 @@ class AconCBackward : public torch::autograd::Function<AconCBackward> {
   }
 };
 
-Grads acon_c_backward_autograd(
+AconCGrads acon_c_backward_autograd(
     const at::Tensor& grad_y,
     const at::Tensor& x,
     const at::Tensor& p1,
@@ -103,7 +102,7 @@ Grads acon_c_backward_autograd(
     int64_t channel_dim,
     std::array<bool, 2> output_mask) {
   if (!any_requires_grad({&grad_y, &x, &p1, &p2, &beta})) {
-    return call_backward(grad_y, x, p1, p2, beta, channel_dim, output_mask);
+    return call_acon_c_backward(grad_y, x, p1, p2, beta, channel_dim, output_mask);
   }
   const variable_list out = AconCBackward::apply(grad_y, x, p1, p2, beta, channel_dim, output_mask);
   return {out[0], out[1], out[2], out[3]};
@@ -120,7 +119,7 @@ class AconCForward : public torch::autograd::Function<AconCForward> {
       int64_t channel_dim) {
     ctx->save_for_backward({x, p1, p2, beta});
     ctx->saved_data["channel_dim"] = channel_dim;
-    return call_forward(x, p1, p2, beta, channel_dim);
+    return call_acon_c_forward(x, p1, p2, beta, channel_dim);
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
@@ -144,7 +143,7 @@ at::Tensor acon_c_forward_autograd(
     const at::Tensor& beta,
     int64_t channel_dim) {
   if (!any_requires_grad({&x, &p1, &p2, &beta})) {
-    return call_forward(x, p1, p2, beta, channel_dim);
+    return call_acon_c_forward(x, p1, p2, beta, channel_dim);
   }
   return AconCForward::apply(x, p1, p2, beta, channel_dim);
 }

@@ -1,13 +1,13 @@
-// Meta-ACON's eager forward and backward (the generator around the fused
-// acon ops) as two C++ ops for acon_cuda.meta_acon.MetaAconCFunction: the
-// same ATen calls that the Python Function made, without ~30 Python-level
-// calls per step (on small maps they cost more than every kernel together).
+// Meta-ACON in eager code: one op, acon::_meta_acon_c, whose autograd node is
+// C++ (MetaAconCNode below), so that a training step costs one op call from
+// Python and no Python in the backward: on small maps ~30 Python-level calls
+// per step cost more than every kernel together.
 //
 // beta = sigmoid(bn2(fc2(bn1(fc1(mean(x)))))) on (N, C) matrices: the 1x1
 // convolutions as matrix products on views of their weights, the BatchNorms
-// on (N, hidden) and (N, C) values. The Python side resolves each
-// BatchNorm's mode (running statistics, momentum, num_batches_tracked) as
-// nn.BatchNorm2d.forward does and passes the result.
+// on (N, hidden) and (N, C) values, each BatchNorm's mode resolved here as
+// nn.BatchNorm2d.forward does. The traced path (meta_acon_c_plain in
+// acon_cuda/meta_acon.py) computes the same in ordinary ops.
 #include "acon_c.h"
 #include "cpu/meta_acon_c_cpu.h"
 
@@ -23,57 +23,19 @@
 namespace acon_cuda {
 namespace {
 
-at::Tensor call_acon_c_forward(
-    const at::Tensor& x,
-    const at::Tensor& p1,
-    const at::Tensor& p2,
-    const at::Tensor& beta,
-    int64_t channel_dim) {
-  static const auto op =
-      c10::Dispatcher::singleton()
-          .findSchemaOrThrow("acon::acon_c_forward", "")
-          .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t)>();
-  return op.call(x, p1, p2, beta, channel_dim);
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> call_acon_c_backward(
-    const at::Tensor& grad_y,
-    const at::Tensor& x,
-    const at::Tensor& p1,
-    const at::Tensor& p2,
-    const at::Tensor& beta,
-    int64_t channel_dim,
-    std::array<bool, 2> output_mask) {
-  static const auto op = c10::Dispatcher::singleton()
-                             .findSchemaOrThrow("acon::acon_c_backward", "")
-                             .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
-                                 const at::Tensor&,
-                                 const at::Tensor&,
-                                 const at::Tensor&,
-                                 const at::Tensor&,
-                                 const at::Tensor&,
-                                 int64_t,
-                                 std::array<bool, 2>)>();
-  return op.call(grad_y, x, p1, p2, beta, channel_dim, output_mask);
-}
-
-// bias + alpha * a @ b (bias undefined: none). On the CPU the output is cut
+// bias + a @ b (bias undefined: none). On the CPU the output is cut
 // into one block of rows or columns per thread, each an ordinary BLAS call:
 // BLAS libraries hardly parallelise these short products (N rows, N the
 // batch), which made them the generator's largest cost on 2 cores. Each
 // output element is still computed by one call, so results do not depend on
 // timing.
-at::Tensor product(const at::Tensor& a, const at::Tensor& b, const at::Tensor& bias = {}, double alpha = 1.0) {
+at::Tensor product(const at::Tensor& a, const at::Tensor& b, const at::Tensor& bias = {}) {
   const int64_t rows = a.size(0);
   const int64_t cols = b.size(1);
   const int64_t threads = a.is_cpu() ? at::get_num_threads() : 1;
   // Below ~1 MFLOP the threads' start-up costs more than they save.
   if (threads < 2 || rows * cols * a.size(1) < (int64_t{1} << 19)) {
-    if (bias.defined()) {
-      return at::addmm(bias, a, b, 1.0, alpha);
-    }
-    at::Tensor out = at::mm(a, b);
-    return alpha == 1.0 ? out : out.mul_(alpha);
+    return bias.defined() ? at::addmm(bias, a, b) : at::mm(a, b);
   }
   at::Tensor out = at::empty({rows, cols}, a.options());
   const bool by_rows = rows >= cols;
@@ -89,12 +51,9 @@ at::Tensor product(const at::Tensor& a, const at::Tensor& b, const at::Tensor& b
       const at::Tensor b_part = by_rows ? b : b.narrow(1, start, size);
       at::Tensor out_part = out.narrow(by_rows ? 0 : 1, start, size);
       if (bias.defined()) {
-        at::addmm_out(out_part, by_rows ? bias : bias.narrow(0, start, size), a_part, b_part, 1.0, alpha);
+        at::addmm_out(out_part, by_rows ? bias : bias.narrow(0, start, size), a_part, b_part);
       } else {
         at::mm_out(out_part, a_part, b_part);
-        if (alpha != 1.0) {
-          out_part.mul_(alpha);
-        }
       }
     }
   });
@@ -181,8 +140,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_backward(
       grad_out, input, weight, running_mean, running_var, save_mean, save_invstd, use_batch_stats, eps, output_mask);
 }
 
-} // namespace
-
 // Returns [y, beta, mean, fc1's output, bn1's output, fc2's output,
 // bn1's save_mean, save_invstd, bn2's save_mean, save_invstd] (the last six
 // empty without norm): what meta_acon_c_backward takes as `saved`.
@@ -248,9 +205,9 @@ std::vector<at::Tensor> meta_acon_c_forward(
 }
 
 // Gradients of [x, p1, p2, fc1 weight, fc1 bias, fc2 weight, fc2 bias,
-// bn1 weight, bn1 bias, bn2 weight, bn2 bias]; an entry that output_mask
-// leaves out is an empty tensor. `saved` is meta_acon_c_forward's result
-// from beta on.
+// bn1 weight, bn1 bias, bn2 weight, bn2 bias], each defined where
+// output_mask asks for it (others may be too). `saved` is
+// meta_acon_c_forward's result from beta on.
 std::vector<at::Tensor> meta_acon_c_backward(
     const at::Tensor& grad_y,
     const at::Tensor& x,
@@ -270,7 +227,7 @@ std::vector<at::Tensor> meta_acon_c_backward(
     at::ArrayRef<double> eps,
     int64_t channel_dim,
     std::array<bool, 11> output_mask) {
-  TORCH_CHECK(saved.size() == 9, "meta_acon_c_backward: saved must hold meta_acon_c_forward's 9 tensors");
+  TORCH_INTERNAL_ASSERT(saved.size() == 9, "meta_acon_c_backward: saved must hold meta_acon_c_forward's 9 tensors");
   const int64_t cdim = at::maybe_wrap_dim(channel_dim, x.dim());
   const at::Tensor &beta = saved[0], &mean = saved[1], &fc1 = saved[2], &bn1_out = saved[3], &fc2_out = saved[4];
   const at::Tensor& fc2_in = norm ? bn1_out : fc1;
@@ -320,16 +277,9 @@ std::vector<at::Tensor> meta_acon_c_backward(
       add_sample_channel_(dx, product(grad, w1.flatten(1)), cdim, 1.0 / count);
     }
   }
-  const at::Tensor empty = at::empty({0}, x.options());
-  for (size_t i = 0; i < grads.size(); ++i) {
-    if (!output_mask[i] || !grads[i].defined()) {
-      grads[i] = empty;
-    }
-  }
   return grads;
 }
 
-namespace {
 
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
