@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.autograd import forward_ad
 
-from . import ops, reference
+from . import ops
 
 __all__ = [
     "has_plain_submodules",

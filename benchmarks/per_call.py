@@ -20,7 +20,8 @@ from acon_cuda import ops
 
 
 def median_us(stmt, seconds, **names):
-    return Timer(stmt, globals=names, num_threads=torch.get_num_threads()).blocked_autorange(min_run_time=seconds).median * 1e6
+    timer = Timer(stmt, globals=names, num_threads=torch.get_num_threads())
+    return timer.blocked_autorange(min_run_time=seconds).median * 1e6
 
 
 def measure(shape, seconds):

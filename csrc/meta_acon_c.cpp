@@ -140,74 +140,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_backward(
       grad_out, input, weight, running_mean, running_var, save_mean, save_invstd, use_batch_stats, eps, output_mask);
 }
 
-// Returns [y, beta, mean, fc1's output, bn1's output, fc2's output,
-// bn1's save_mean, save_invstd, bn2's save_mean, save_invstd] (the last six
-// empty without norm): what meta_acon_c_backward takes as `saved`.
-std::vector<at::Tensor> meta_acon_c_forward(
-    const at::Tensor& x,
-    const at::Tensor& p1,
-    const at::Tensor& p2,
-    const at::Tensor& w1,
-    const std::optional<at::Tensor>& b1,
-    const at::Tensor& w2,
-    const std::optional<at::Tensor>& b2,
-    const std::optional<at::Tensor>& bn1_weight,
-    const std::optional<at::Tensor>& bn1_bias,
-    const std::optional<at::Tensor>& bn1_running_mean,
-    const std::optional<at::Tensor>& bn1_running_var,
-    const std::optional<at::Tensor>& bn2_weight,
-    const std::optional<at::Tensor>& bn2_bias,
-    const std::optional<at::Tensor>& bn2_running_mean,
-    const std::optional<at::Tensor>& bn2_running_var,
-    bool norm,
-    std::array<bool, 2> batch_stats,
-    at::ArrayRef<double> momentum,
-    at::ArrayRef<double> eps,
-    int64_t channel_dim) {
-  TORCH_CHECK_TYPE(
-      x.scalar_type() == w1.scalar_type(),
-      "MetaAconC: x is ",
-      x.scalar_type(),
-      " but the generator's parameters are ",
-      w1.scalar_type(),
-      "; convert the module (module.to(dtype)) or run under autocast");
-  const int64_t cdim = at::maybe_wrap_dim(channel_dim, x.dim());
-  const at::Tensor mean = sample_channel_means(x, cdim);
-  const at::Tensor fc1 = product(mean, w1.flatten(1).t(), opt(b1));
-  at::Tensor h = fc1;
-  at::Tensor stats1[2], stats2[2], fc2_out;
-  if (norm) {
-    std::tie(h, stats1[0], stats1[1]) = batch_norm(
-        fc1, opt(bn1_weight), opt(bn1_bias), opt(bn1_running_mean), opt(bn1_running_var), batch_stats[0],
-        momentum[0], eps[0]);
-  }
-  fc2_out = product(h, w2.flatten(1).t(), opt(b2));
-  at::Tensor g = fc2_out;
-  if (norm) {
-    std::tie(g, stats2[0], stats2[1]) = batch_norm(
-        fc2_out, opt(bn2_weight), opt(bn2_bias), opt(bn2_running_mean), opt(bn2_running_var), batch_stats[1],
-        momentum[1], eps[1]);
-  }
-  const at::Tensor beta = g.sigmoid_();
-  const at::Tensor empty = at::empty({0}, x.options());
-  const auto or_empty = [&](const at::Tensor& t) { return t.defined() ? t : empty; };
-  return {
-      call_acon_c_forward(x, p1, p2, beta, cdim),
-      beta,
-      mean,
-      fc1,
-      norm ? h : empty,
-      norm ? fc2_out : empty,
-      or_empty(stats1[0]),
-      or_empty(stats1[1]),
-      or_empty(stats2[0]),
-      or_empty(stats2[1])};
-}
-
 // Gradients of [x, p1, p2, fc1 weight, fc1 bias, fc2 weight, fc2 bias,
 // bn1 weight, bn1 bias, bn2 weight, bn2 bias], each defined where
-// output_mask asks for it (others may be too). `saved` is
-// meta_acon_c_forward's result from beta on.
+// output_mask asks for it (others may be too). `saved`: beta, the mean, fc1's
+// output, bn1's output, fc2's output, bn1's save_mean and save_invstd, bn2's
+// (the last six empty without norm), as MetaAconCNode::forward saves them.
 std::vector<at::Tensor> meta_acon_c_backward(
     const at::Tensor& grad_y,
     const at::Tensor& x,
@@ -227,7 +164,7 @@ std::vector<at::Tensor> meta_acon_c_backward(
     at::ArrayRef<double> eps,
     int64_t channel_dim,
     std::array<bool, 11> output_mask) {
-  TORCH_INTERNAL_ASSERT(saved.size() == 9, "meta_acon_c_backward: saved must hold meta_acon_c_forward's 9 tensors");
+  TORCH_INTERNAL_ASSERT(saved.size() == 9, "meta_acon_c_backward: saved must hold the forward's 9 tensors");
   const int64_t cdim = at::maybe_wrap_dim(channel_dim, x.dim());
   const at::Tensor &beta = saved[0], &mean = saved[1], &fc1 = saved[2], &bn1_out = saved[3], &fc2_out = saved[4];
   const at::Tensor& fc2_in = norm ? bn1_out : fc1;
@@ -238,8 +175,7 @@ std::vector<at::Tensor> meta_acon_c_backward(
   }
   const bool want_p = output_mask[1] || output_mask[2];
   std::vector<at::Tensor> grads(11);
-  auto [dx, dp1, dp2, dbeta] =
-      call_acon_c_backward(grad_y, x, p1, p2, beta, cdim, {want_x, want_p || want_generator});
+  auto [dx, dp1, dp2, dbeta] = call_acon_c_backward(grad_y, x, p1, p2, beta, cdim, {want_x, want_p || want_generator});
   grads[0] = dx;
   grads[1] = dp1;
   grads[2] = dp2;
@@ -247,8 +183,16 @@ std::vector<at::Tensor> meta_acon_c_backward(
     at::Tensor grad = at::sigmoid_backward(dbeta.view(beta.sizes()), beta);
     if (norm) {
       std::tie(grad, grads[9], grads[10]) = batch_norm_backward(
-          grad, fc2_out, opt(bn2_weight), opt(bn2_running_mean), opt(bn2_running_var), saved[7], saved[8],
-          batch_stats[1], eps[1], {true, output_mask[9], output_mask[10]});
+          grad,
+          fc2_out,
+          opt(bn2_weight),
+          opt(bn2_running_mean),
+          opt(bn2_running_var),
+          saved[7],
+          saved[8],
+          batch_stats[1],
+          eps[1],
+          {true, output_mask[9], output_mask[10]});
     }
     if (output_mask[5]) {
       grads[5] = product(grad.t(), fc2_in).view(w2.sizes());
@@ -259,8 +203,16 @@ std::vector<at::Tensor> meta_acon_c_backward(
     grad = product(grad, w2.flatten(1));
     if (norm) {
       std::tie(grad, grads[7], grads[8]) = batch_norm_backward(
-          grad, fc1, opt(bn1_weight), opt(bn1_running_mean), opt(bn1_running_var), saved[5], saved[6],
-          batch_stats[0], eps[0], {true, output_mask[7], output_mask[8]});
+          grad,
+          fc1,
+          opt(bn1_weight),
+          opt(bn1_running_mean),
+          opt(bn1_running_var),
+          saved[5],
+          saved[6],
+          batch_stats[0],
+          eps[0],
+          {true, output_mask[7], output_mask[8]});
     }
     if (output_mask[4]) {
       grads[4] = grad.sum(0);
@@ -279,7 +231,6 @@ std::vector<at::Tensor> meta_acon_c_backward(
   }
   return grads;
 }
-
 
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
@@ -306,8 +257,15 @@ at::Tensor differentiable_meta_acon_c(
   const auto batch_norm = [&](const at::Tensor& v, int i) {
     const bool use_batch = batch_stats[i];
     return at::batch_norm(
-        v, p[7 + 2 * i], p[8 + 2 * i], use_batch ? at::Tensor() : running[2 * i],
-        use_batch ? at::Tensor() : running[2 * i + 1], use_batch, 0.0, eps[i], false);
+        v,
+        p[7 + 2 * i],
+        p[8 + 2 * i],
+        use_batch ? at::Tensor() : running[2 * i],
+        use_batch ? at::Tensor() : running[2 * i + 1],
+        use_batch,
+        0.0,
+        eps[i],
+        false);
   };
   h = at::linear(h, p[3].flatten(1), p[4]);
   if (norm) {
@@ -334,7 +292,11 @@ class MetaAconCNode : public torch::autograd::Function<MetaAconCNode> {
   // Inputs 0-14 are tensors (undefined where the module has none), in the
   // order of the _meta_acon_c schema.
   static constexpr size_t kInputs = 20;
-  static constexpr const char* kRunning[4] = {"bn1_running_mean", "bn1_running_var", "bn2_running_mean", "bn2_running_var"};
+  static constexpr const char* kRunning[4] = {
+      "bn1_running_mean",
+      "bn1_running_var",
+      "bn2_running_mean",
+      "bn2_running_var"};
 
   static at::Tensor forward(
       AutogradContext* ctx,
@@ -357,18 +319,81 @@ class MetaAconCNode : public torch::autograd::Function<MetaAconCNode> {
       std::array<bool, 2> batch_stats,
       const std::vector<double>& momentum,
       const std::vector<double>& eps,
-      int64_t cdim) {
-    std::vector<at::Tensor> out = meta_acon_c_forward(
-        x, p1, p2, w1, b1, w2, b2, bn1_weight, bn1_bias, bn1_running_mean, bn1_running_var, bn2_weight, bn2_bias,
-        bn2_running_mean, bn2_running_var, norm, batch_stats, momentum, eps, cdim);
-    variable_list saved = {x, p1, p2, w1, opt(b1), w2, opt(b2), opt(bn1_weight), opt(bn1_bias), opt(bn2_weight), opt(bn2_bias)};
-    saved.insert(saved.end(), out.begin() + 1, out.end());
-    ctx->save_for_backward(saved);
+      int64_t channel_dim) {
+    const int64_t cdim = at::maybe_wrap_dim(channel_dim, x.dim());
+    TORCH_CHECK_TYPE(
+        x.scalar_type() == w1.scalar_type(),
+        "MetaAconC: x is ",
+        x.scalar_type(),
+        " but the generator's parameters are ",
+        w1.scalar_type(),
+        "; convert the module (module.to(dtype)) or run under autocast");
+    const at::Tensor mean = sample_channel_means(x, cdim);
+    const at::Tensor fc1 = product(mean, w1.flatten(1).t(), opt(b1));
+    at::Tensor h = fc1;
+    at::Tensor stats1[2], stats2[2], fc2_out;
+    if (norm) {
+      std::tie(h, stats1[0], stats1[1]) = batch_norm(
+          fc1,
+          opt(bn1_weight),
+          opt(bn1_bias),
+          opt(bn1_running_mean),
+          opt(bn1_running_var),
+          batch_stats[0],
+          momentum[0],
+          eps[0]);
+    }
+    fc2_out = product(h, w2.flatten(1).t(), opt(b2));
+    at::Tensor g = fc2_out;
+    if (norm) {
+      std::tie(g, stats2[0], stats2[1]) = batch_norm(
+          fc2_out,
+          opt(bn2_weight),
+          opt(bn2_bias),
+          opt(bn2_running_mean),
+          opt(bn2_running_var),
+          batch_stats[1],
+          momentum[1],
+          eps[1]);
+    }
+    const at::Tensor beta = g.sigmoid_();
+    // What meta_acon_c_backward takes, after the parameters: see its `saved`.
+    const at::Tensor empty = at::empty({0}, x.options());
+    const auto or_empty = [&](const at::Tensor& t) { return t.defined() ? t : empty; };
+    ctx->save_for_backward(
+        {x,
+         p1,
+         p2,
+         w1,
+         opt(b1),
+         w2,
+         opt(b2),
+         opt(bn1_weight),
+         opt(bn1_bias),
+         opt(bn2_weight),
+         opt(bn2_bias),
+         beta,
+         mean,
+         fc1,
+         norm ? h : empty,
+         norm ? fc2_out : empty,
+         or_empty(stats1[0]),
+         or_empty(stats1[1]),
+         or_empty(stats2[0]),
+         or_empty(stats2[1])});
     // Absent (None) inputs have no edge: needs_input_grad counts only the
     // tensors given, so record each tensor input's edge (-1: none).
-    const std::optional<at::Tensor>* optional_inputs[10] = {&b1,          &b2,         &bn1_weight,       &bn1_bias,
-                                                            &bn1_running_mean, &bn1_running_var, &bn2_weight,
-                                                            &bn2_bias,    &bn2_running_mean, &bn2_running_var};
+    const std::optional<at::Tensor>* optional_inputs[10] = {
+        &b1,
+        &b2,
+        &bn1_weight,
+        &bn1_bias,
+        &bn1_running_mean,
+        &bn1_running_var,
+        &bn2_weight,
+        &bn2_bias,
+        &bn2_running_mean,
+        &bn2_running_var};
     constexpr int kOptionalInput[10] = {4, 6, 7, 8, 9, 10, 11, 12, 13, 14};
     std::vector<int64_t> edges(15, 0);
     for (int i = 0; i < 10; ++i) {
@@ -381,15 +406,16 @@ class MetaAconCNode : public torch::autograd::Function<MetaAconCNode> {
     ctx->saved_data["edges"] = edges;
     // The running statistics are buffers that later forwards update in
     // place: kept as plain references, as nn.BatchNorm2d's own node does.
-    const at::Tensor running[4] = {opt(bn1_running_mean), opt(bn1_running_var), opt(bn2_running_mean), opt(bn2_running_var)};
+    const at::Tensor running[4] = {
+        opt(bn1_running_mean), opt(bn1_running_var), opt(bn2_running_mean), opt(bn2_running_var)};
     for (int i = 0; i < 4; ++i) {
       ctx->saved_data[kRunning[i]] = running[i].defined() ? c10::IValue(running[i]) : c10::IValue();
     }
     ctx->saved_data["norm"] = norm;
     ctx->saved_data["batch_stats"] = std::vector<bool>{batch_stats[0], batch_stats[1]};
     ctx->saved_data["eps"] = eps;
-    ctx->saved_data["cdim"] = at::maybe_wrap_dim(cdim, x.dim());
-    return out[0];
+    ctx->saved_data["cdim"] = cdim;
+    return call_acon_c_forward(x, p1, p2, beta, cdim);
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
@@ -432,8 +458,24 @@ class MetaAconCNode : public torch::autograd::Function<MetaAconCNode> {
       mask[i] = needs_grad(kInput[i]);
     }
     const std::vector<at::Tensor> got = meta_acon_c_backward(
-        grad_outputs[0], saved[0], saved[1], saved[2], saved[3], saved[5], saved[7], running[0], running[1],
-        saved[9], running[2], running[3], at::TensorList(saved).slice(11), norm, batch_stats, eps, cdim, mask);
+        grad_outputs[0],
+        saved[0],
+        saved[1],
+        saved[2],
+        saved[3],
+        saved[5],
+        saved[7],
+        running[0],
+        running[1],
+        saved[9],
+        running[2],
+        running[3],
+        at::TensorList(saved).slice(11),
+        norm,
+        batch_stats,
+        eps,
+        cdim,
+        mask);
     for (size_t i = 0; i < kInput.size(); ++i) {
       if (mask[i]) {
         grads[kInput[i]] = got[i];
@@ -508,9 +550,26 @@ at::Tensor meta_acon_c_autograd(
         bn2_running_mean, bn2_running_var, bn2_num_batches_tracked, bn_flags[2], bn_flags[3], bn_values[2]);
   }
   return MetaAconCNode::apply(
-      x, p1, p2, w1, b1, w2, b2, bn1_weight, bn1_bias, bn1.running_mean, bn1.running_var, bn2_weight, bn2_bias,
-      bn2.running_mean, bn2.running_var, norm, std::array<bool, 2>{bn1.use_batch_stats, bn2.use_batch_stats},
-      std::vector<double>{bn1.momentum, bn2.momentum}, std::vector<double>{bn_values[1], bn_values[3]}, channel_dim);
+      x,
+      p1,
+      p2,
+      w1,
+      b1,
+      w2,
+      b2,
+      bn1_weight,
+      bn1_bias,
+      bn1.running_mean,
+      bn1.running_var,
+      bn2_weight,
+      bn2_bias,
+      bn2.running_mean,
+      bn2.running_var,
+      norm,
+      std::array<bool, 2>{bn1.use_batch_stats, bn2.use_batch_stats},
+      std::vector<double>{bn1.momentum, bn2.momentum},
+      std::vector<double>{bn_values[1], bn_values[3]},
+      channel_dim);
 }
 
 } // namespace

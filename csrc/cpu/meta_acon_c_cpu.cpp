@@ -2,8 +2,8 @@
 
 #include "../acon_c.h"
 
-#include <ATen/Dispatch.h>
 #include <ATen/AccumulateType.h>
+#include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 
@@ -41,8 +41,8 @@ double run_sum(const scalar_t* v, int64_t n) {
     for (; i < i1; ++i) {
       rest += static_cast<acc_t>(v[i]);
     }
-    total += static_cast<double>(((lanes[0] + lanes[1]) + (lanes[2] + lanes[3])) +
-                                 ((lanes[4] + lanes[5]) + (lanes[6] + lanes[7])) + rest);
+    total += static_cast<double>(
+        ((lanes[0] + lanes[1]) + (lanes[2] + lanes[3])) + ((lanes[4] + lanes[5]) + (lanes[6] + lanes[7])) + rest);
   }
   return total;
 }
