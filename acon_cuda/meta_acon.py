@@ -176,10 +176,13 @@ def meta_acon_c(module, x: Tensor, cdim: int) -> Tensor:
         or torch.jit.is_tracing()
         or forward_ad._current_level >= 0
         or torch.is_autocast_enabled(x.device.type)
+        or torch.is_inference_mode_enabled()
         or x.numel() == 0
     ):
         # Tracing, transforms, export, forward-mode AD and autocast need
-        # ordinary ops; so do empty inputs (BatchNorm of an empty batch).
+        # ordinary ops; so do inference mode (the eager op's one kernel is
+        # its autograd kernel, which inference mode skips) and empty inputs
+        # (BatchNorm of an empty batch).
         return meta_acon_c_plain(module, x, cdim, ops.acon_c)
     # One op, whose C++ autograd node (csrc/meta_acon_c.cpp) runs the
     # generator's ATen calls around the fused acon ops and resolves each

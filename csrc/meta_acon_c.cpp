@@ -12,7 +12,7 @@
 #include "cpu/meta_acon_c_cpu.h"
 
 #include <ATen/Parallel.h>
-#include <ATen/core/dispatch/Dispatcher.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
 #include <torch/autograd.h>
 #include <torch/library.h>
 
@@ -32,7 +32,10 @@ namespace {
 at::Tensor product(const at::Tensor& a, const at::Tensor& b, const at::Tensor& bias = {}) {
   const int64_t rows = a.size(0);
   const int64_t cols = b.size(1);
-  const int64_t threads = a.is_cpu() ? at::get_num_threads() : 1;
+  // Not under a TorchDispatchMode (a Python key in the thread's dispatch
+  // set): the pool's threads do not carry it, and the mode must see every op.
+  const bool plain_dispatch = c10::impl::tls_local_dispatch_key_set().included_.empty();
+  const int64_t threads = a.is_cpu() && plain_dispatch ? at::get_num_threads() : 1;
   // Below ~1 MFLOP the threads' start-up costs more than they save.
   if (threads < 2 || rows * cols * a.size(1) < (int64_t{1} << 19)) {
     return bias.defined() ? at::addmm(bias, a, b) : at::mm(a, b);
@@ -42,7 +45,8 @@ at::Tensor product(const at::Tensor& a, const at::Tensor& b, const at::Tensor& b
   const int64_t length = by_rows ? rows : cols;
   const int64_t parts = std::min(threads, length);
   at::parallel_for(0, parts, 1, [&](int64_t begin, int64_t end) {
-    // Grad mode is per thread and on by default in the pool's threads.
+    // Grad mode is per thread and on by default in the pool's threads (the
+    // caller's is off: a node's forward or backward).
     const at::NoGradGuard no_grad;
     for (int64_t part = begin; part < end; ++part) {
       const int64_t start = length * part / parts;
@@ -114,6 +118,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm(
         " but normalises ",
         features,
         " features");
+    TORCH_CHECK(
+        !t->defined() || t->device() == input.device(),
+        "MetaAconC: a BatchNorm of the generator is on ",
+        t->device(),
+        " but x is on ",
+        input.device(),
+        "; move the whole module");
   }
   if (input.is_cpu()) {
     return cpu::batch_norm_rows(input, weight, bias, running_mean, running_var, use_batch_stats, momentum, eps);
@@ -292,11 +303,6 @@ class MetaAconCNode : public torch::autograd::Function<MetaAconCNode> {
   // Inputs 0-14 are tensors (undefined where the module has none), in the
   // order of the _meta_acon_c schema.
   static constexpr size_t kInputs = 20;
-  static constexpr const char* kRunning[4] = {
-      "bn1_running_mean",
-      "bn1_running_var",
-      "bn2_running_mean",
-      "bn2_running_var"};
 
   static at::Tensor forward(
       AutogradContext* ctx,
@@ -380,7 +386,15 @@ class MetaAconCNode : public torch::autograd::Function<MetaAconCNode> {
          or_empty(stats1[0]),
          or_empty(stats1[1]),
          or_empty(stats2[0]),
-         or_empty(stats2[1])});
+         or_empty(stats2[1]),
+         // The running statistics where the backward uses them (a BatchNorm
+         // without batch statistics), saved with their version, so that a
+         // later forward updating them in place makes this backward raise
+         // instead of using the new values.
+         batch_stats[0] ? at::Tensor() : opt(bn1_running_mean),
+         batch_stats[0] ? at::Tensor() : opt(bn1_running_var),
+         batch_stats[1] ? at::Tensor() : opt(bn2_running_mean),
+         batch_stats[1] ? at::Tensor() : opt(bn2_running_var)});
     // Absent (None) inputs have no edge: needs_input_grad counts only the
     // tensors given, so record each tensor input's edge (-1: none).
     const std::optional<at::Tensor>* optional_inputs[10] = {
@@ -404,13 +418,6 @@ class MetaAconCNode : public torch::autograd::Function<MetaAconCNode> {
       edge = edge < 0 ? -1 : next++;
     }
     ctx->saved_data["edges"] = edges;
-    // The running statistics are buffers that later forwards update in
-    // place: kept as plain references, as nn.BatchNorm2d's own node does.
-    const at::Tensor running[4] = {
-        opt(bn1_running_mean), opt(bn1_running_var), opt(bn2_running_mean), opt(bn2_running_var)};
-    for (int i = 0; i < 4; ++i) {
-      ctx->saved_data[kRunning[i]] = running[i].defined() ? c10::IValue(running[i]) : c10::IValue();
-    }
     ctx->saved_data["norm"] = norm;
     ctx->saved_data["batch_stats"] = std::vector<bool>{batch_stats[0], batch_stats[1]};
     ctx->saved_data["eps"] = eps;
@@ -420,11 +427,7 @@ class MetaAconCNode : public torch::autograd::Function<MetaAconCNode> {
 
   static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
     const variable_list saved = ctx->get_saved_variables();
-    at::Tensor running[4];
-    for (int i = 0; i < 4; ++i) {
-      const c10::IValue& value = ctx->saved_data[kRunning[i]];
-      running[i] = value.isNone() ? at::Tensor() : value.toTensor();
-    }
+    const at::Tensor running[4] = {saved[20], saved[21], saved[22], saved[23]};
     const bool norm = ctx->saved_data["norm"].toBool();
     const c10::List<bool> stats = ctx->saved_data["batch_stats"].toBoolList();
     const std::array<bool, 2> batch_stats = {stats[0], stats[1]};
@@ -470,7 +473,7 @@ class MetaAconCNode : public torch::autograd::Function<MetaAconCNode> {
         saved[9],
         running[2],
         running[3],
-        at::TensorList(saved).slice(11),
+        at::TensorList(saved).slice(11, 9),
         norm,
         batch_stats,
         eps,
@@ -542,6 +545,17 @@ at::Tensor meta_acon_c_autograd(
     std::array<bool, 4> bn_flags,
     std::array<double, 4> bn_values,
     int64_t channel_dim) {
+  // What MetaAconC.forward checks, again before any buffer is updated, for
+  // direct calls of the op.
+  TORCH_CHECK_VALUE(x.dim() >= 2 && x.numel() > 0, "_meta_acon_c: x must be a non-empty tensor of rank >= 2");
+  const int64_t cdim = at::maybe_wrap_dim(channel_dim, x.dim());
+  TORCH_CHECK_VALUE(cdim != 0, "_meta_acon_c: channel_dim must not be the batch axis 0");
+  const auto absent = [](const std::optional<at::Tensor>& t) { return !t.has_value() || !t->defined(); };
+  const bool batch_stats1 = bn_flags[0] || (absent(bn1_running_mean) && absent(bn1_running_var));
+  const bool batch_stats2 = bn_flags[2] || (absent(bn2_running_mean) && absent(bn2_running_var));
+  TORCH_CHECK_VALUE(
+      !norm || x.size(0) > 1 || !(batch_stats1 || batch_stats2),
+      "_meta_acon_c: a BatchNorm with batch statistics cannot normalise a batch of 1");
   BatchNormMode bn1{}, bn2{};
   if (norm) {
     bn1 = batch_norm_mode(

@@ -217,6 +217,70 @@ def test_float32_matches_the_papers_module_in_float64(shape, fmt, train):
         assert (actuals[key].double() - truth).abs().max().item() <= bound, key
 
 
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+def test_inference_mode_matches_no_grad(train):
+    torch.manual_seed(0)
+    module = MetaAconC(16).train(train)
+    x = torch.randn(4, 16, 5, 5)
+    state = {k: v.clone() for k, v in module.state_dict().items()}
+    with torch.no_grad():
+        expected = module(x)
+    module.load_state_dict(state)
+    with torch.inference_mode():
+        actual = module(x)
+    torch.testing.assert_close(actual, expected)
+
+
+def test_running_statistics_updated_after_an_eval_forward_raise_in_its_backward():
+    module = MetaAconC(16)
+    x = torch.randn(4, 16, 5, 5, requires_grad=True)
+    y = module.eval()(x)  # its backward uses the running statistics
+    module.train()(x)  # updates them in place
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        y.sum().backward()
+
+
+def test_a_module_called_twice_in_training_backpropagates_both_calls():
+    # Training BatchNorms do not use the running statistics in the backward,
+    # so the second call's update must not make the first call's raise.
+    torch.manual_seed(0)
+    paper, ours = make_pair((4, 6, 5, 5), 1, True, "fused", "default")
+    x = make_x((4, 6, 5, 5), None).requires_grad_()
+    expected = torch.autograd.grad(paper(paper(x)).sum(), [x, *paper.parameters()])
+    actual = torch.autograd.grad(ours(ours(x)).sum(), [x, *ours.parameters()])
+    assert_close(actual[0], expected[0])
+    names = [n for n, _ in paper.named_parameters()]
+    ours_grads = dict(zip([n for n, _ in ours.named_parameters()], actual[1:]))
+    for name, grad in zip(names, expected[1:]):
+        assert_close(ours_grads[name], grad)
+
+
+def test_direct_op_calls_are_checked_before_any_buffer_changes():
+    module = MetaAconC(8)
+    bn = module.bn1
+    args = lambda x, cdim: (  # noqa: E731
+        x, module.p1, module.p2, module.fc1.weight, module.fc1.bias, module.fc2.weight, module.fc2.bias,
+        bn.weight, bn.bias, bn.running_mean, bn.running_var, bn.num_batches_tracked,
+        module.bn2.weight, module.bn2.bias, module.bn2.running_mean, module.bn2.running_var,
+        module.bn2.num_batches_tracked, True, [True, True, True, True], [0.1, 1e-5, 0.1, 1e-5], cdim,
+    )  # fmt: skip
+    for x, cdim, match in (
+        (torch.randn(4, 8, 3), 0, "batch axis"),
+        (torch.randn(1, 8, 3), 1, "batch of 1"),
+        (torch.randn(0, 8, 3), 1, "non-empty"),
+    ):
+        with pytest.raises(ValueError, match=match):
+            torch.ops.acon._meta_acon_c(*args(x, cdim))
+    assert int(bn.num_batches_tracked) == 0
+
+
+def test_a_batchnorm_on_another_device_raises():
+    module = MetaAconC(8)
+    module.bn1.to("meta")
+    with pytest.raises(RuntimeError, match="BatchNorm of the generator is on meta"):
+        module(torch.randn(4, 8, 3, 3))
+
+
 def test_batchnorm_of_the_wrong_width_raises():
     module = MetaAconC(32)
     module.bn2 = nn.BatchNorm2d(16)  # the generator's output is 32 wide

@@ -6,6 +6,7 @@
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
+#include <torch/csrc/autograd/variable.h>
 
 #include <algorithm>
 #include <cmath>
@@ -231,6 +232,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_rows(
         }
         write_features(rm, running_mean);
         write_features(rv, running_var);
+        // Written through pointers: tell autograd, as an in-place op would.
+        torch::autograd::impl::bump_version(running_mean);
+        torch::autograd::impl::bump_version(running_var);
       }
       save_mean = feature_tensor(mean, stat_options);
       save_invstd = feature_tensor(invstd, stat_options);

@@ -17,7 +17,8 @@ at::Tensor sample_channel_means(const at::Tensor& x, int64_t channel_dim);
 // and the unbiased variance; otherwise the running statistics), in one
 // call without ATen's per-call set-up, which costs more than these small
 // tensors' arithmetic. Returns (out, save_mean, save_invstd), the last two in
-// opmath precision (empty without batch statistics).
+// the accumulate type (double for float32, as ATen accumulates; empty
+// without batch statistics).
 std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_rows(
     const at::Tensor& input,
     const at::Tensor& weight,
