@@ -155,10 +155,6 @@ bool is_contiguous_in_order(const at::Tensor& t, const std::vector<int64_t>& per
   return true;
 }
 
-} // namespace
-
-namespace {
-
 // t's dimensions in memory order, outermost first (by stride; a per-sample
 // beta keeps the batch outermost, so that a group is one contiguous block).
 std::vector<int64_t> memory_order(const at::Tensor& t, bool per_sample_beta) {

@@ -53,7 +53,7 @@ WorkTensors make_work_tensors(
 
 // t's layout as groups = N samples of [outer, channels, inner], where t is
 // dense with its batch axis outermost (what empty_like gives for a dense x);
-// nullopt otherwise. Meta-ACON's per-sample means and gradient use it.
+// nullopt otherwise. Meta-ACON's per-sample means use it.
 std::optional<ChannelLayout> sample_channel_layout(const at::Tensor& t, int64_t channel_dim);
 
 // t's values, contiguous, in `dtype` (the kernels read parameters as flat
