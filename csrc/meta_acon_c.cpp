@@ -300,8 +300,8 @@ at::Tensor differentiable_meta_acon_c(
 // from Python, and the backward no Python at all.
 class MetaAconCNode : public torch::autograd::Function<MetaAconCNode> {
  public:
-  // Inputs 0-14 are tensors (undefined where the module has none), in the
-  // order of the _meta_acon_c schema.
+  // Inputs 0-14 are tensors (std::nullopt where the module has none): the
+  // _meta_acon_c schema's, without the num_batches_tracked buffers.
   static constexpr size_t kInputs = 20;
 
   static at::Tensor forward(
