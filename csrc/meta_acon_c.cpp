@@ -32,9 +32,10 @@ namespace {
 at::Tensor product(const at::Tensor& a, const at::Tensor& b, const at::Tensor& bias = {}) {
   const int64_t rows = a.size(0);
   const int64_t cols = b.size(1);
-  // Not under a TorchDispatchMode (a Python key in the thread's dispatch
-  // set): the pool's threads do not carry it, and the mode must see every op.
-  const bool plain_dispatch = c10::impl::tls_local_dispatch_key_set().included_.empty();
+  // Not under a TorchDispatchMode (the Python key in the thread's included
+  // set; BackendSelect and ADInplaceOrView are always there): the pool's
+  // threads do not carry it, and the mode must see every op.
+  const bool plain_dispatch = !c10::impl::tls_local_dispatch_key_set().included_.has(c10::DispatchKey::Python);
   const int64_t threads = a.is_cpu() && plain_dispatch ? at::get_num_threads() : 1;
   // Below ~1 MFLOP the threads' start-up costs more than they save.
   if (threads < 2 || rows * cols * a.size(1) < (int64_t{1} << 19)) {

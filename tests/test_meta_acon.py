@@ -359,6 +359,35 @@ def test_no_x_sized_tensor_but_the_acon_ops(fmt):
     assert backward.ops == ["acon::acon_c_backward"]
 
 
+class Ops(TorchDispatchMode):
+    """Records the name and result shape of every op it sees."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        self.ops.append((func._schema.name, tuple(out.shape) if isinstance(out, torch.Tensor) else None))
+        return out
+
+
+def test_products_split_across_threads_but_whole_under_a_dispatch_mode():
+    # 16 x 2048 x 128 products: above the size where the CPU splits them
+    # across threads, which a TorchDispatchMode would not see, so under a
+    # mode they run whole, on the calling thread.
+    module = MetaAconC(2048).train()
+    x = torch.randn(16, 2048, 2, 2)
+    with Ops() as seen:
+        module(x)
+    assert [shape for name, shape in seen.ops if name == "aten::addmm"] == [(16, 128), (16, 2048)]
+    if torch.get_num_threads() > 1:
+        with torch.profiler.profile(record_shapes=True) as prof:
+            module(x)
+        outs = [e.input_shapes[-1] for e in prof.events() if e.name == "aten::addmm"]
+        assert outs and all(out[1] < 2048 and out[1] != 128 for out in outs), outs
+
+
 def test_eager_calls_make_one_autograd_node():
     module = MetaAconC(8)
     x = torch.randn(2, 8, 3, 3, requires_grad=True)
