@@ -65,18 +65,28 @@ at::Tensor product(const at::Tensor& a, const at::Tensor& b, const at::Tensor& b
   return out;
 }
 
-// The mean of x over every axis but batch and channel, (N, C), in x's dtype.
-// 16-bit x is summed in float32 (a float16 sum of a large map overflows).
-at::Tensor sample_channel_means(const at::Tensor& x, int64_t cdim) {
-  if (x.is_cpu()) {
-    return cpu::sample_channel_means(x, cdim);
-  }
+// Every axis of x but the batch (0) and cdim: those the mean runs over.
+std::vector<int64_t> reduced_axes(const at::Tensor& x, int64_t cdim) {
   std::vector<int64_t> axes;
   for (int64_t i = 1; i < x.dim(); ++i) {
     if (i != cdim) {
       axes.push_back(i);
     }
   }
+  return axes;
+}
+
+bool present(const std::optional<at::Tensor>& t) {
+  return t.has_value() && t->defined();
+}
+
+// The mean of x over every axis but batch and channel, (N, C), in x's dtype.
+// 16-bit x is summed in float32 (a float16 sum of a large map overflows).
+at::Tensor sample_channel_means(const at::Tensor& x, int64_t cdim) {
+  if (x.is_cpu()) {
+    return cpu::sample_channel_means(x, cdim);
+  }
+  const std::vector<int64_t> axes = reduced_axes(x, cdim);
   if (axes.empty()) {
     return x;
   }
@@ -258,12 +268,7 @@ at::Tensor differentiable_meta_acon_c(
     const std::vector<double>& eps,
     int64_t cdim) {
   const at::Tensor& x = p[0];
-  std::vector<int64_t> axes;
-  for (int64_t i = 1; i < x.dim(); ++i) {
-    if (i != cdim) {
-      axes.push_back(i);
-    }
-  }
+  const std::vector<int64_t> axes = reduced_axes(x, cdim);
   const at::ScalarType opmath = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   at::Tensor h = axes.empty() ? x : at::mean(x, axes, false, opmath).to(x.scalar_type());
   const auto batch_norm = [&](const at::Tensor& v, int i) {
@@ -412,7 +417,7 @@ class MetaAconCNode : public torch::autograd::Function<MetaAconCNode> {
     constexpr int kOptionalInput[10] = {4, 6, 7, 8, 9, 10, 11, 12, 13, 14};
     std::vector<int64_t> edges(15, 0);
     for (int i = 0; i < 10; ++i) {
-      edges[kOptionalInput[i]] = optional_inputs[i]->has_value() && (*optional_inputs[i])->defined() ? 0 : -1;
+      edges[kOptionalInput[i]] = present(*optional_inputs[i]) ? 0 : -1;
     }
     int64_t next = 0;
     for (int64_t& edge : edges) {
@@ -491,10 +496,10 @@ class MetaAconCNode : public torch::autograd::Function<MetaAconCNode> {
 
 // What nn.BatchNorm2d.forward passes to F.batch_norm: the running statistics
 // to use and update (none in training without track_running_stats), whether
-// to normalise with batch statistics, and the momentum, counting the batch
-// in num_batches_tracked as that forward does (momentum None, given as NaN:
-// a cumulative average). acon_cuda.meta_acon.batch_norm_mode is its twin for
-// the traced path.
+// to normalise with batch statistics, and the momentum (None, given as NaN:
+// a cumulative average, set by count_batch). batch_norm_mode and count_batch
+// together are the twin of acon_cuda.meta_acon.batch_norm_mode, which the
+// traced path keeps.
 struct BatchNormMode {
   std::optional<at::Tensor> running_mean, running_var;
   bool use_batch_stats;
@@ -504,24 +509,31 @@ struct BatchNormMode {
 BatchNormMode batch_norm_mode(
     const std::optional<at::Tensor>& running_mean,
     const std::optional<at::Tensor>& running_var,
-    const std::optional<at::Tensor>& num_batches_tracked,
     bool training,
     bool track_running_stats,
     double momentum) {
-  const bool cumulative = std::isnan(momentum);
-  BatchNormMode mode{running_mean, running_var, false, cumulative ? 0.0 : momentum};
-  if (training && track_running_stats && num_batches_tracked.has_value() && num_batches_tracked->defined()) {
-    num_batches_tracked->add_(1);
-    if (cumulative) {
-      mode.momentum = 1.0 / num_batches_tracked->item<double>();
-    }
-  }
-  const auto absent = [](const std::optional<at::Tensor>& t) { return !t.has_value() || !t->defined(); };
-  mode.use_batch_stats = training || (absent(running_mean) && absent(running_var));
+  BatchNormMode mode{running_mean, running_var, false, std::isnan(momentum) ? 0.0 : momentum};
+  mode.use_batch_stats = training || (!present(running_mean) && !present(running_var));
   if (training && !track_running_stats) {
     mode.running_mean = mode.running_var = std::nullopt;
   }
   return mode;
+}
+
+// The forward's one change to state before the node runs: the batch counted
+// in num_batches_tracked, which sets a cumulative (NaN) momentum.
+void count_batch(
+    BatchNormMode& mode,
+    const std::optional<at::Tensor>& num_batches_tracked,
+    bool training,
+    bool track_running_stats,
+    double momentum) {
+  if (training && track_running_stats && present(num_batches_tracked)) {
+    num_batches_tracked->add_(1);
+    if (std::isnan(momentum)) {
+      mode.momentum = 1.0 / num_batches_tracked->item<double>();
+    }
+  }
 }
 
 at::Tensor meta_acon_c_autograd(
@@ -551,18 +563,15 @@ at::Tensor meta_acon_c_autograd(
   TORCH_CHECK_VALUE(x.dim() >= 2 && x.numel() > 0, "_meta_acon_c: x must be a non-empty tensor of rank >= 2");
   const int64_t cdim = at::maybe_wrap_dim(channel_dim, x.dim());
   TORCH_CHECK_VALUE(cdim != 0, "_meta_acon_c: channel_dim must not be the batch axis 0");
-  const auto absent = [](const std::optional<at::Tensor>& t) { return !t.has_value() || !t->defined(); };
-  const bool batch_stats1 = bn_flags[0] || (absent(bn1_running_mean) && absent(bn1_running_var));
-  const bool batch_stats2 = bn_flags[2] || (absent(bn2_running_mean) && absent(bn2_running_var));
-  TORCH_CHECK_VALUE(
-      !norm || x.size(0) > 1 || !(batch_stats1 || batch_stats2),
-      "_meta_acon_c: a BatchNorm with batch statistics cannot normalise a batch of 1");
   BatchNormMode bn1{}, bn2{};
   if (norm) {
-    bn1 = batch_norm_mode(
-        bn1_running_mean, bn1_running_var, bn1_num_batches_tracked, bn_flags[0], bn_flags[1], bn_values[0]);
-    bn2 = batch_norm_mode(
-        bn2_running_mean, bn2_running_var, bn2_num_batches_tracked, bn_flags[2], bn_flags[3], bn_values[2]);
+    bn1 = batch_norm_mode(bn1_running_mean, bn1_running_var, bn_flags[0], bn_flags[1], bn_values[0]);
+    bn2 = batch_norm_mode(bn2_running_mean, bn2_running_var, bn_flags[2], bn_flags[3], bn_values[2]);
+    TORCH_CHECK_VALUE(
+        x.size(0) > 1 || !(bn1.use_batch_stats || bn2.use_batch_stats),
+        "_meta_acon_c: a BatchNorm with batch statistics cannot normalise a batch of 1");
+    count_batch(bn1, bn1_num_batches_tracked, bn_flags[0], bn_flags[1], bn_values[0]);
+    count_batch(bn2, bn2_num_batches_tracked, bn_flags[2], bn_flags[3], bn_values[2]);
   }
   return MetaAconCNode::apply(
       x,
