@@ -29,8 +29,11 @@ from acon_cuda import reference
 
 MODES = ["forward", "backward", "fwd+bwd"]
 # x-sized tensors each mode must move at least (read x, write y; read x and
-# dy, write dx): the bytes behind the GB/s figures.
+# dy, write dx), and beta-sized ones (read beta; read beta, write its
+# gradient), which count where beta is per sample: the bytes behind the
+# GB/s figures.
 TRAFFIC = {"forward": 2, "backward": 3, "fwd+bwd": 5}
+BETA_TRAFFIC = {"forward": 1, "backward": 2, "fwd+bwd": 3}
 
 # name -> (shape, channel_dim, per-sample beta); None is the batch (--batch:
 # 32 on CUDA; 16 on the CPU, where 2 cores would take over 4 minutes at 32).
@@ -229,6 +232,8 @@ def measure_case(name, layout, dtype, device, rounds, budget_s, batch):
     for (key, mode), samples in times.items():
         ms.setdefault(key, {})[mode] = statistics.median(samples)
 
+    beta_bytes = sets[0][3].nbytes
+    moved = {mode: TRAFFIC[mode] * x_bytes + BETA_TRAFFIC[mode] * beta_bytes for mode in MODES}
     result = {
         "case": name,
         "shape": list(shape),
@@ -241,7 +246,7 @@ def measure_case(name, layout, dtype, device, rounds, budget_s, batch):
         "compile_s": compile_s,
         "ms": ms,
         "gbps": {
-            key: {mode: TRAFFIC[mode] * x_bytes / (t * 1e6) for mode, t in per_mode.items()}
+            key: {mode: moved[mode] / (t * 1e6) for mode, t in per_mode.items()}
             for key, per_mode in ms.items()
             if key != "copy"
         },
@@ -539,8 +544,9 @@ def table(results, device):
                 f"{fused / ms['silu'][mode]:6.2f}x {memory:>8}"
             )
     lines.append(
-        "\nGB/s: bytes that must move (forward: x read, y written; backward: x and dy read, dx written)\n"
-        "per second; %copy: that over the GB/s of copying x in the same run.\n"
+        "\nGB/s: bytes that must move (forward: x read, y written; backward: x and dy read, dx written;\n"
+        "and beta read, and its gradient written in backward) per second; %copy: that over the GB/s of\n"
+        "copying x in the same run.\n"
         "vs paper / vs ref / vs compile: speedup of the fused op over the paper's code, the reference\n"
         "(d*x once) and torch.compile(reference); higher is better. / silu: fused time over F.silu's\n"
         "(lower is better; SiLU is the floor). "

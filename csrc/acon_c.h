@@ -56,6 +56,12 @@ WorkTensors make_work_tensors(
 // nullopt otherwise. Meta-ACON's per-sample means use it.
 std::optional<ChannelLayout> sample_channel_layout(const at::Tensor& t, int64_t channel_dim);
 
+// The precision the kernels compute x's dtype in (ATen's opmath type as a
+// ScalarType): float64 for float64, float32 for every other dtype.
+inline at::ScalarType opmath_dtype(const at::Tensor& x) {
+  return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
+
 // t's values, contiguous, in `dtype` (the kernels read parameters as flat
 // arrays): t itself in the usual case (float32 parameters, or float64 for
 // float64 x), so no tensor op runs per call.

@@ -90,7 +90,7 @@ at::Tensor sample_channel_means(const at::Tensor& x, int64_t cdim) {
   if (axes.empty()) {
     return x;
   }
-  const at::ScalarType opmath = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const at::ScalarType opmath = opmath_dtype(x);
   return at::mean(x, axes, false, opmath).to(x.scalar_type());
 }
 
@@ -269,7 +269,7 @@ at::Tensor differentiable_meta_acon_c(
     int64_t cdim) {
   const at::Tensor& x = p[0];
   const std::vector<int64_t> axes = reduced_axes(x, cdim);
-  const at::ScalarType opmath = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const at::ScalarType opmath = opmath_dtype(x);
   at::Tensor h = axes.empty() ? x : at::mean(x, axes, false, opmath).to(x.scalar_type());
   const auto batch_norm = [&](const at::Tensor& v, int i) {
     const bool use_batch = batch_stats[i];

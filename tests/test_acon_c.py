@@ -99,6 +99,22 @@ def test_per_sample_beta_nan_stays_in_its_sample(device):
     assert dbeta[1, 2].isnan() and torch.isfinite(dbeta[[0, 2]]).all() and torch.isfinite(dbeta[1, [0, 1, 3]]).all()
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).replace("torch.", ""))
+@pytest.mark.parametrize("shape", [(2, 70001), (3, 70001, 1, 1)], ids=["features", "1x1_maps"])
+def test_one_row_samples_with_wide_rows(device, dtype, shape):
+    """A per-sample beta whose samples are single rows (the CPU kernel writes
+    beta's gradient straight, without sums), rows wider than one of the
+    kernel's blocks of elements, and beta's gradient wanted alone (no
+    grad_x): the same gradient as with every gradient wanted."""
+    x, channel_dim = make_x(shape, "contiguous", dtype, device)
+    p1, p2, beta = make_params(x, channel_dim, True, dtype)
+    check_against_truth(x, p1, p2, beta, channel_dim)
+    beta_leaf = beta.detach().clone().requires_grad_()
+    grad = torch.randn_like(x)
+    (dbeta,) = torch.autograd.grad(acon_cuda.acon_c(x, p1, p2, beta_leaf, channel_dim=channel_dim), beta_leaf, grad)
+    assert torch.equal(dbeta, run_fused(x, p1, p2, beta, channel_dim, grad)[1][3])
+
+
 @copy_free_layouts
 @per_sample_kinds
 def test_parameter_gradients_are_deterministic(device, layout, per_sample):

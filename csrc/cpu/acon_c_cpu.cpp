@@ -70,7 +70,7 @@ void launch(
   args.x = w.x.const_data_ptr();
   args.grad_y = grad_y.defined() ? w.grad_y.const_data_ptr() : nullptr;
   args.out = out.defined() ? w.out.mutable_data_ptr() : nullptr;
-  const at::ScalarType opmath = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const at::ScalarType opmath = opmath_dtype(x);
   const at::Tensor p1o = values_in(p1, opmath);
   const at::Tensor p2o = values_in(p2, opmath);
   const at::Tensor betao = values_in(beta, opmath);
@@ -124,23 +124,36 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> acon_c_backward_cpu(
   const int64_t C = x.size(cdim);
   at::Tensor grad_x = want_x ? at::empty_like(x) : masked_out_grad(x);
   // A = sum dy*x*h, B = sum dy*x (per channel), G (per channel or per sample
-  // and channel, as beta): dp1 = A, dp2 = B - A, dbeta = G.
-  const int64_t n_sums = want_params ? 2 * C + beta.numel() : 0;
+  // and channel, as beta): dp1 = A, dp2 = B - A, dbeta = G. A per-sample
+  // beta with one element per sample and channel (beta as large as x) has
+  // nothing to sum: the kernel writes its gradient straight into a tensor
+  // (AconCKernelArgs::grad_beta), a third of the traffic of double sums.
+  const bool beta_rows = want_params && beta.numel() != C && beta.numel() == x.numel();
+  const int64_t n_sums = want_params ? 2 * C + (beta_rows ? 0 : beta.numel()) : 0;
   double* sums = static_cast<double*>(thread_scratch_bytes(kSumsSlot, n_sums * static_cast<int64_t>(sizeof(double))));
   std::fill(sums, sums + n_sums, 0.0);
+  at::Tensor grad_beta_rows = beta_rows ? at::empty(beta.sizes(), beta.options().dtype(opmath_dtype(x))) : at::Tensor();
   if (x.numel() > 0 && (want_x || want_params)) {
     AconCKernelArgs args{};
     if (want_params) {
       args.sum_a = sums;
       args.sum_b = sums + C;
-      args.sum_g = sums + 2 * C;
+      if (beta_rows) {
+        args.grad_beta = grad_beta_rows.mutable_data_ptr();
+      } else {
+        args.sum_g = sums + 2 * C;
+      }
     }
     launch(want_x ? grad_x : at::Tensor(), x, p1, p2, beta, cdim, grad_y, args, cpu_kernels().backward);
   }
   if (!want_params) {
     return {grad_x, masked_out_grad(p1), masked_out_grad(p2), masked_out_grad(beta)};
   }
-  return {grad_x, grad_from_sums(p1, sums), grad_from_sums(p2, sums + C, sums), grad_from_sums(beta, sums + 2 * C)};
+  return {
+      grad_x,
+      grad_from_sums(p1, sums),
+      grad_from_sums(p2, sums + C, sums),
+      beta_rows ? grad_beta_rows.to(beta.scalar_type()) : grad_from_sums(beta, sums + 2 * C)};
 }
 
 } // namespace

@@ -49,6 +49,11 @@ struct AconCKernelArgs {
   double* sum_a;
   double* sum_b;
   double* sum_g;
+  // Backward with a per-sample beta whose samples are single rows of
+  // channels (outer == inner == 1, such as (N, C) features): beta's gradient
+  // has no sum to take, so the kernel writes it here, in opmath precision,
+  // instead of into sum_g (which is null then). Null otherwise.
+  void* grad_beta;
 };
 
 // Grow-only scratch memory of the calling thread, 64-byte aligned, `slot`

@@ -511,11 +511,11 @@ void backward_wide_rows(
 }
 
 // Backward over kRows rows of C channels (channels innermost) that each are
-// a sample of their own, with a per-sample beta (outer == 1, such as (N, C)
-// features): each row has its own beta, and its g terms are that sample's
-// sums already, so they are written straight to its double sums `g_out[q]`;
-// the a and b terms are added to `acc` (SumLines) as in
-// backward_wide_rows, whose structure this follows.
+// a sample of their own, with a per-sample beta (outer == inner == 1, such
+// as (N, C) features): each row has its own beta, and its g terms are that
+// sample's gradient of beta already, so they are stored straight to
+// `g_out[q]` (AconCKernelArgs::grad_beta); the a and b terms are added to
+// `acc` (SumLines) as in backward_wide_rows, whose structure this follows.
 template <typename scalar_t, int kRows>
 void backward_sample_rows(
     const scalar_t* x,
@@ -524,7 +524,7 @@ void backward_sample_rows(
     int64_t C,
     const at::opmath_type<scalar_t>* lines,
     const at::opmath_type<scalar_t>* const* betas,
-    double* const* g_out,
+    at::opmath_type<scalar_t>* const* g_out,
     at::opmath_type<scalar_t>* acc) {
   using L = Lanes<scalar_t>;
   using opmath_t = typename L::opmath_t;
@@ -544,19 +544,10 @@ void backward_sample_rows(
         xv[q][j] = grad.dx;
         sa = sa + grad.a;
         sb = sb + grad.b;
-        // The sample's g sums, each written once: a fixed-length loop the
-        // compiler turns into vector conversions to double.
-        alignas(64) opmath_t g[FVec::size()];
-        grad.g.store(g);
-        double* out = g_out[q] + cj;
         if (count == FVec::size()) {
-          for (int64_t i = 0; i < FVec::size(); ++i) {
-            out[i] = g[i];
-          }
+          grad.g.store(g_out[q] + cj);
         } else {
-          for (int64_t i = 0; i < count; ++i) {
-            out[i] = g[i];
-          }
+          grad.g.store(g_out[q] + cj, count);
         }
       }
       opmath_t* s = acc + SL::index(cj);
@@ -597,15 +588,16 @@ void backward_block_channels_inner(
   double* own_g = sinks.g_direct ? nullptr : own_b + C;
 
   std::fill(acc, acc + 3 * args.padded_channels, opmath_t(0));
-  if (sinks.g_direct && a.outer == 1) {
+  if (args.grad_beta != nullptr) {
     // One row per sample ((N, C) features with an (N, C) beta): rows in
     // pairs, whatever C, and no per-sample sums to move.
+    auto* grad_beta = static_cast<opmath_t*>(args.grad_beta);
     for (int64_t g = g0; g < g1;) {
       const int64_t rows = std::min<int64_t>(g1 - g, kFlushRows);
       for (int64_t r = 0; r < rows;) {
         const int64_t q = g + r;
         const opmath_t* betas[2] = {a.beta + q * C, a.beta + (q + 1) * C};
-        double* g_out[2] = {args.sum_g + q * C, args.sum_g + (q + 1) * C};
+        opmath_t* g_out[2] = {grad_beta + q * C, grad_beta + (q + 1) * C};
         scalar_t* dx = a.out == nullptr ? nullptr : a.out + q * C;
         if (r + 2 <= rows) {
           backward_sample_rows<scalar_t, 2>(a.x + q * C, a.dy + q * C, dx, C, a.lines, betas, g_out, acc);
@@ -765,7 +757,12 @@ void backward_typed(const AconCKernelArgs& args) {
   const bool whole_groups = lay.groups >= target;
   const int64_t splits = whole_groups ? 1 : std::min(ceil_div(target, lay.groups), units);
   const int64_t blocks = whole_groups ? target : lay.groups * splits;
-  const bool g_direct = lay.per_sample_beta && whole_groups;
+  // A block owns whole groups also when a group is not split (one unit).
+  const bool g_direct = lay.per_sample_beta && (whole_groups || splits == 1);
+  // The caller asks for grad_beta exactly when every sample is one row.
+  TORCH_INTERNAL_ASSERT(
+      (args.grad_beta != nullptr) == (lay.per_sample_beta && lay.outer == 1 && lay.inner == 1) &&
+      (args.grad_beta == nullptr || g_direct));
 
   // partial[k] holds block k's sums: a[C], b[C], g[C].
   double* partial = thread_scratch<double>(kPartialsSlot, blocks * 3 * C);

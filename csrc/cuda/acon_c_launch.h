@@ -199,7 +199,7 @@ bool args_aligned(const KernelArgs<scalar_t>& args, int64_t bytes) {
 
 // Parameters in opmath_t: float, double for float64 x.
 inline at::Tensor as_opmath(const at::Tensor& p, const at::Tensor& x) {
-  return values_in(p, x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat);
+  return values_in(p, opmath_dtype(x));
 }
 
 // Runs the main kernel (forward when grad_y is undefined), and for the
