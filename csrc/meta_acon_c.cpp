@@ -23,13 +23,17 @@
 namespace acon_cuda {
 namespace {
 
-// bias + a @ b (bias undefined: none). On the CPU the output is cut
+// bias + a @ b (bias undefined: none). On the CPU small products run in
+// plain loops (cpu::small_product), and large ones are cut
 // into one block of rows or columns per thread, each an ordinary BLAS call:
 // BLAS libraries hardly parallelise these short products (N rows, N the
 // batch), which made them the generator's largest cost on 2 cores. Each
 // output element is still computed by one call, so results do not depend on
 // timing.
 at::Tensor product(const at::Tensor& a, const at::Tensor& b, const at::Tensor& bias = {}) {
+  if (cpu::is_small_product(a, b, bias)) {
+    return cpu::small_product(a, b, bias);
+  }
   const int64_t rows = a.size(0);
   const int64_t cols = b.size(1);
   // Not under a TorchDispatchMode (the Python key in the thread's included
@@ -92,6 +96,11 @@ at::Tensor sample_channel_means(const at::Tensor& x, int64_t cdim) {
   }
   const at::ScalarType opmath = opmath_dtype(x);
   return at::mean(x, axes, false, opmath).to(x.scalar_type());
+}
+
+// a.sum(0) of a (rows, cols) matrix: a bias's gradient.
+at::Tensor column_sums(const at::Tensor& a) {
+  return a.is_cpu() && (a.scalar_type() == at::kFloat || a.scalar_type() == at::kDouble) ? cpu::column_sums(a) : a.sum(0);
 }
 
 // grad_x[n, ..., c, ...] += scale * term[n, c], in place, in one
@@ -220,7 +229,7 @@ std::vector<at::Tensor> meta_acon_c_backward(
       grads[5] = product(grad.t(), fc2_in).view(w2.sizes());
     }
     if (output_mask[6]) {
-      grads[6] = grad.sum(0);
+      grads[6] = column_sums(grad);
     }
     grad = product(grad, w2.flatten(1));
     if (norm) {
@@ -237,7 +246,7 @@ std::vector<at::Tensor> meta_acon_c_backward(
           {true, output_mask[7], output_mask[8]});
     }
     if (output_mask[4]) {
-      grads[4] = grad.sum(0);
+      grads[4] = column_sums(grad);
     }
     if (output_mask[3]) {
       // (mean^T grad)^T: the product with the narrow (hidden-wide) output;
@@ -529,9 +538,18 @@ void count_batch(
     bool track_running_stats,
     double momentum) {
   if (training && track_running_stats && present(num_batches_tracked)) {
-    num_batches_tracked->add_(1);
+    const at::Tensor& count = *num_batches_tracked;
+    double batches;
+    if (count.is_cpu() && count.scalar_type() == at::kLong && count.numel() == 1) {
+      // In place without an add_ call (a few us each, twice per step).
+      batches = static_cast<double>(++*count.mutable_data_ptr<int64_t>());
+      torch::autograd::impl::bump_version(count);
+    } else {
+      count.add_(1);
+      batches = std::isnan(momentum) ? count.item<double>() : 0.0;
+    }
     if (std::isnan(momentum)) {
-      mode.momentum = 1.0 / num_batches_tracked->item<double>();
+      mode.momentum = 1.0 / batches;
     }
   }
 }

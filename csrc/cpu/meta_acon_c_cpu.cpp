@@ -106,7 +106,110 @@ void sample_sums(const scalar_t* x, const ChannelLayout& lay, double* total, at:
   }
 }
 
+// Largest product (multiply-adds) small_product takes: ATen's addmm (MKL)
+// costs about 10 us more per call below it, and its blocked kernels win above.
+constexpr int64_t kSmallProduct = int64_t{1} << 16;
+
+template <typename T>
+void small_product_typed(
+    const T* a,
+    int64_t a_row,
+    int64_t a_inner,
+    const T* b,
+    int64_t b_inner,
+    int64_t b_col,
+    T* out,
+    int64_t rows,
+    int64_t inner,
+    int64_t cols) {
+  // Row i of out is a sum of b's rows scaled by a's row i, the inner loop
+  // along a row of b, which must be contiguous: b is copied so where it is
+  // not (the forward's transposed weights; a few thousand values).
+  std::vector<T> packed;
+  if (b_col != 1) {
+    packed.resize(inner * cols);
+    for (int64_t k = 0; k < inner; ++k) {
+      for (int64_t j = 0; j < cols; ++j) {
+        packed[k * cols + j] = b[k * b_inner + j * b_col];
+      }
+    }
+    b = packed.data();
+    b_inner = cols;
+  }
+  for (int64_t i = 0; i < rows; ++i) {
+    const T* ai = a + i * a_row;
+    T* o = out + i * cols;
+    std::fill(o, o + cols, T(0));
+    for (int64_t k = 0; k < inner; ++k) {
+      const T s = ai[k * a_inner];
+      const T* bk = b + k * b_inner;
+#pragma omp simd
+      for (int64_t j = 0; j < cols; ++j) {
+        o[j] += s * bk[j];
+      }
+    }
+  }
+}
+
+bool is_float_or_double(const at::Tensor& t) {
+  return t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble;
+}
+
 } // namespace
+
+bool is_small_product(const at::Tensor& a, const at::Tensor& b, const at::Tensor& bias) {
+  return a.is_cpu() && b.is_cpu() && is_float_or_double(a) && b.scalar_type() == a.scalar_type() &&
+      (!bias.defined() || (bias.is_cpu() && bias.scalar_type() == a.scalar_type() && bias.dim() == 1)) &&
+      a.dim() == 2 && b.dim() == 2 && a.size(1) == b.size(0) && a.size(0) * a.size(1) * b.size(1) <= kSmallProduct;
+}
+
+at::Tensor small_product(const at::Tensor& a, const at::Tensor& b, const at::Tensor& bias) {
+  TORCH_INTERNAL_ASSERT(is_small_product(a, b, bias));
+  const int64_t rows = a.size(0), inner = a.size(1), cols = b.size(1);
+  TORCH_CHECK(!bias.defined() || bias.size(0) == cols, "small_product: bias of ", bias.size(0), " for ", cols, " columns");
+  at::Tensor out = at::empty({rows, cols}, a.options());
+  AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "small_product", [&] {
+    scalar_t* o = out.mutable_data_ptr<scalar_t>();
+    small_product_typed<scalar_t>(
+        a.const_data_ptr<scalar_t>(),
+        a.stride(0),
+        a.stride(1),
+        b.const_data_ptr<scalar_t>(),
+        b.stride(0),
+        b.stride(1),
+        o,
+        rows,
+        inner,
+        cols);
+    if (bias.defined()) {
+      const scalar_t* v = bias.const_data_ptr<scalar_t>();
+      const int64_t step = bias.stride(0);
+      for (int64_t i = 0; i < rows; ++i) {
+        for (int64_t j = 0; j < cols; ++j) {
+          o[i * cols + j] += v[j * step];
+        }
+      }
+    }
+  });
+  return out;
+}
+
+at::Tensor column_sums(const at::Tensor& a) {
+  TORCH_INTERNAL_ASSERT(a.is_cpu() && is_float_or_double(a) && a.dim() == 2);
+  const int64_t rows = a.size(0), cols = a.size(1);
+  at::Tensor out = at::zeros({cols}, a.options());
+  AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "column_sums", [&] {
+    scalar_t* o = out.mutable_data_ptr<scalar_t>();
+    const scalar_t* v = a.const_data_ptr<scalar_t>();
+    const int64_t row_step = a.stride(0), col_step = a.stride(1);
+    for (int64_t i = 0; i < rows; ++i) {
+      for (int64_t j = 0; j < cols; ++j) {
+        o[j] += v[i * row_step + j * col_step];
+      }
+    }
+  });
+  return out;
+}
 
 at::Tensor sample_channel_means(const at::Tensor& x, int64_t channel_dim) {
   std::optional<ChannelLayout> layout = sample_channel_layout(x, channel_dim);

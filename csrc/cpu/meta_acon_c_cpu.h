@@ -12,6 +12,21 @@ namespace acon_cuda::cpu {
 // of 256 values then in double, in one read of x in its own memory layout.
 at::Tensor sample_channel_means(const at::Tensor& x, int64_t channel_dim);
 
+// Whether bias + a @ b (a: rows x inner, b: inner x cols) is small enough
+// for small_product, and of its dtypes (float or double, all alike; bias
+// undefined: none).
+bool is_small_product(const at::Tensor& a, const at::Tensor& b, const at::Tensor& bias);
+
+// bias + a @ b into a new contiguous (rows, cols) tensor, for any strides, in
+// plain loops: at the generator's small sizes ATen's addmm costs more in
+// per-call set-up (~10 us) than the arithmetic. Each output element is summed
+// over the inner axis in a fixed order, then the bias added.
+at::Tensor small_product(const at::Tensor& a, const at::Tensor& b, const at::Tensor& bias);
+
+// a.sum(0) of a (rows, cols) float or double matrix, in its dtype, in one
+// loop: the generator's bias gradients.
+at::Tensor column_sums(const at::Tensor& a);
+
 // nn.BatchNorm's forward on (N, F) values, as at::native_batch_norm computes
 // it (training: batch statistics, running statistics updated with momentum
 // and the unbiased variance; otherwise the running statistics), in one
