@@ -511,6 +511,21 @@ def test_torch_jit_trace():
     assert_close(traced(x2), ours(x2))
 
 
+def test_a_parametrized_p1_is_used():
+    # The eager path reads p1 and p2 from _parameters where they are there;
+    # a parametrization moves p1 out of them, and its value must be used.
+    class Doubled(nn.Module):
+        def forward(self, p):
+            return 2 * p
+
+    torch.manual_seed(0)
+    paper, ours = make_pair((4, 6, 5, 5), 1, True, "fused", "default")
+    for module in (paper, ours):
+        nn.utils.parametrize.register_parametrization(module, "p1", Doubled())
+    x = make_x((4, 6, 5, 5), None).requires_grad_()
+    assert_matches(paper, ours, x, torch.randn_like(x))
+
+
 def test_submodules_with_hooks_or_replaced_keep_their_own_forward():
     torch.manual_seed(0)
     paper, ours = make_pair((4, 6, 5, 5), 1, True, "fused", "default")
