@@ -242,6 +242,7 @@ def measure_case(name, layout, dtype, device, rounds, budget_s, batch):
         "per_sample_beta": per_sample,
         "dtype": str(dtype).replace("torch.", ""),
         "x_bytes": x_bytes,
+        "beta_bytes": beta_bytes,
         "input_copies": copies,
         "compile_s": compile_s,
         "ms": ms,

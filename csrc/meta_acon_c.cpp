@@ -100,7 +100,8 @@ at::Tensor sample_channel_means(const at::Tensor& x, int64_t cdim) {
 
 // a.sum(0) of a (rows, cols) matrix: a bias's gradient.
 at::Tensor column_sums(const at::Tensor& a) {
-  return a.is_cpu() && (a.scalar_type() == at::kFloat || a.scalar_type() == at::kDouble) ? cpu::column_sums(a) : a.sum(0);
+  return a.is_cpu() && (a.scalar_type() == at::kFloat || a.scalar_type() == at::kDouble) ? cpu::column_sums(a)
+                                                                                         : a.sum(0);
 }
 
 // grad_x[n, ..., c, ...] += scale * term[n, c], in place, in one

@@ -44,8 +44,14 @@ def test_quick_benchmark_runs_and_writes_its_outputs(tmp_path):
         for key in ("fused", "paper", "reference", "compiled", "silu"):
             for mode in ("forward", "backward", "fwd+bwd"):
                 assert r["ms"][key][mode] > 0
-                # GB/s is derived from the same run's time, never typed in.
-                expected = {"forward": 2, "backward": 3, "fwd+bwd": 5}[mode] * r["x_bytes"] / (r["ms"][key][mode] * 1e6)
+                # GB/s is derived from the same run's time, never typed in:
+                # x-sized and beta-sized tensors moved, over the time.
+                moved = {"forward": 2, "backward": 3, "fwd+bwd": 5}[mode] * r["x_bytes"] + {
+                    "forward": 1,
+                    "backward": 2,
+                    "fwd+bwd": 3,
+                }[mode] * r["beta_bytes"]
+                expected = moved / (r["ms"][key][mode] * 1e6)
                 assert r["gbps"][key][mode] == pytest.approx(expected)
         assert r["saved_bytes"]["fused"] < r["saved_bytes"]["reference"]
     assert (out / "table.txt").read_text() in done.stdout

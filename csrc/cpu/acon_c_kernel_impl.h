@@ -544,9 +544,10 @@ void backward_sample_rows(
         xv[q][j] = grad.dx;
         sa = sa + grad.a;
         sb = sb + grad.b;
+        // count <= 0: lanes past C (16-bit rows of under kWidth channels).
         if (count == FVec::size()) {
           grad.g.store(g_out[q] + cj);
-        } else {
+        } else if (count > 0) {
           grad.g.store(g_out[q] + cj, count);
         }
       }

@@ -166,7 +166,8 @@ bool is_small_product(const at::Tensor& a, const at::Tensor& b, const at::Tensor
 at::Tensor small_product(const at::Tensor& a, const at::Tensor& b, const at::Tensor& bias) {
   TORCH_INTERNAL_ASSERT(is_small_product(a, b, bias));
   const int64_t rows = a.size(0), inner = a.size(1), cols = b.size(1);
-  TORCH_CHECK(!bias.defined() || bias.size(0) == cols, "small_product: bias of ", bias.size(0), " for ", cols, " columns");
+  TORCH_CHECK(
+      !bias.defined() || bias.size(0) == cols, "small_product: bias of ", bias.size(0), " for ", cols, " columns");
   at::Tensor out = at::empty({rows, cols}, a.options());
   AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "small_product", [&] {
     scalar_t* o = out.mutable_data_ptr<scalar_t>();
