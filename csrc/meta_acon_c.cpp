@@ -23,6 +23,14 @@
 namespace acon_cuda {
 namespace {
 
+// Whether no TorchDispatchMode is active (the Python key in the thread's
+// included set; BackendSelect and ADInplaceOrView are always there). Under a
+// mode the generator's products and sums run as ATen ops on this thread: a
+// mode must see them, and the pool's threads do not carry it.
+bool plain_dispatch() {
+  return !c10::impl::tls_local_dispatch_key_set().included_.has(c10::DispatchKey::Python);
+}
+
 // bias + a @ b (bias undefined: none). On the CPU small products run in
 // plain loops (cpu::small_product), and large ones are cut
 // into one block of rows or columns per thread, each an ordinary BLAS call:
@@ -31,16 +39,13 @@ namespace {
 // output element is still computed by one call, so results do not depend on
 // timing.
 at::Tensor product(const at::Tensor& a, const at::Tensor& b, const at::Tensor& bias = {}) {
-  if (cpu::is_small_product(a, b, bias)) {
+  const bool plain = plain_dispatch();
+  if (plain && cpu::is_small_product(a, b, bias)) {
     return cpu::small_product(a, b, bias);
   }
   const int64_t rows = a.size(0);
   const int64_t cols = b.size(1);
-  // Not under a TorchDispatchMode (the Python key in the thread's included
-  // set; BackendSelect and ADInplaceOrView are always there): the pool's
-  // threads do not carry it, and the mode must see every op.
-  const bool plain_dispatch = !c10::impl::tls_local_dispatch_key_set().included_.has(c10::DispatchKey::Python);
-  const int64_t threads = a.is_cpu() && plain_dispatch ? at::get_num_threads() : 1;
+  const int64_t threads = a.is_cpu() && plain ? at::get_num_threads() : 1;
   // Below ~1 MFLOP the threads' start-up costs more than they save.
   if (threads < 2 || rows * cols * a.size(1) < (int64_t{1} << 19)) {
     return bias.defined() ? at::addmm(bias, a, b) : at::mm(a, b);
@@ -100,8 +105,7 @@ at::Tensor sample_channel_means(const at::Tensor& x, int64_t cdim) {
 
 // a.sum(0) of a (rows, cols) matrix: a bias's gradient.
 at::Tensor column_sums(const at::Tensor& a) {
-  return a.is_cpu() && (a.scalar_type() == at::kFloat || a.scalar_type() == at::kDouble) ? cpu::column_sums(a)
-                                                                                         : a.sum(0);
+  return plain_dispatch() && cpu::is_small_column_sum(a) ? cpu::column_sums(a) : a.sum(0);
 }
 
 // grad_x[n, ..., c, ...] += scale * term[n, c], in place, in one
@@ -542,9 +546,10 @@ void count_batch(
     const at::Tensor& count = *num_batches_tracked;
     double batches;
     if (count.is_cpu() && count.scalar_type() == at::kLong && count.numel() == 1) {
-      // In place without an add_ call (a few us each, twice per step).
-      batches = static_cast<double>(++*count.mutable_data_ptr<int64_t>());
+      // In place without an add_ call (a few us each, twice per step). The
+      // version first: it raises for an inference tensor, before any change.
       torch::autograd::impl::bump_version(count);
+      batches = static_cast<double>(++*count.mutable_data_ptr<int64_t>());
     } else {
       count.add_(1);
       batches = std::isnan(momentum) ? count.item<double>() : 0.0;

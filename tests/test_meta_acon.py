@@ -388,6 +388,20 @@ def test_products_split_across_threads_but_whole_under_a_dispatch_mode():
         assert outs and all(out[1] < 2048 and out[1] != 128 for out in outs), outs
 
 
+def test_small_products_are_aten_ops_under_a_dispatch_mode():
+    # Small products and bias sums run in plain loops on the CPU, but a
+    # TorchDispatchMode (a FLOP counter, a logger) sees them as ATen ops.
+    module = MetaAconC(8).train()
+    x = torch.randn(4, 8, 3, 3, requires_grad=True)
+    with Ops() as forward:
+        y = module(x)
+    assert [shape for name, shape in forward.ops if name == "aten::addmm"] == [(4, 16), (4, 8)]
+    with Ops() as backward:
+        torch.autograd.grad(y, [x, *module.parameters()], torch.randn_like(y))
+    assert sorted(shape for name, shape in backward.ops if name == "aten::mm") == [(4, 8), (4, 16), (8, 16), (8, 16)]
+    assert sorted(shape for name, shape in backward.ops if name == "aten::sum") == [(8,), (16,)]
+
+
 def test_eager_calls_make_one_autograd_node():
     module = MetaAconC(8)
     x = torch.randn(2, 8, 3, 3, requires_grad=True)

@@ -799,7 +799,8 @@ void backward_typed(const AconCKernelArgs& args) {
     const double* own = partial + k * 3 * C;
     // Without g_direct, block k adds to group k / splits for a per-sample
     // beta (whole_groups is false then), and to the single row otherwise.
-    double* g_row = lay.per_sample_beta ? args.sum_g + (k / splits) * C : args.sum_g;
+    // (sum_g is null with grad_beta: no offset taken from it then.)
+    double* g_row = g_direct ? nullptr : lay.per_sample_beta ? args.sum_g + (k / splits) * C : args.sum_g;
     for (const auto c : c10::irange(C)) {
       args.sum_a[c] += own[c];
       args.sum_b[c] += own[C + c];

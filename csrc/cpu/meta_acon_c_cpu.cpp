@@ -158,16 +158,20 @@ bool is_float_or_double(const at::Tensor& t) {
 } // namespace
 
 bool is_small_product(const at::Tensor& a, const at::Tensor& b, const at::Tensor& bias) {
-  return a.is_cpu() && b.is_cpu() && is_float_or_double(a) && b.scalar_type() == a.scalar_type() &&
-      (!bias.defined() || (bias.is_cpu() && bias.scalar_type() == a.scalar_type() && bias.dim() == 1)) &&
-      a.dim() == 2 && b.dim() == 2 && a.size(1) == b.size(0) && a.size(0) * a.size(1) * b.size(1) <= kSmallProduct;
+  return a.is_cpu() && b.is_cpu() && is_float_or_double(a) && b.scalar_type() == a.scalar_type() && a.dim() == 2 &&
+      b.dim() == 2 && a.size(1) == b.size(0) &&
+      (!bias.defined() ||
+       (bias.is_cpu() && bias.scalar_type() == a.scalar_type() && bias.dim() == 1 && bias.size(0) == b.size(1))) &&
+      a.size(0) * a.size(1) * b.size(1) <= kSmallProduct;
+}
+
+bool is_small_column_sum(const at::Tensor& a) {
+  return a.is_cpu() && is_float_or_double(a) && a.dim() == 2 && a.numel() <= kSmallProduct;
 }
 
 at::Tensor small_product(const at::Tensor& a, const at::Tensor& b, const at::Tensor& bias) {
   TORCH_INTERNAL_ASSERT(is_small_product(a, b, bias));
   const int64_t rows = a.size(0), inner = a.size(1), cols = b.size(1);
-  TORCH_CHECK(
-      !bias.defined() || bias.size(0) == cols, "small_product: bias of ", bias.size(0), " for ", cols, " columns");
   at::Tensor out = at::empty({rows, cols}, a.options());
   AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "small_product", [&] {
     scalar_t* o = out.mutable_data_ptr<scalar_t>();
@@ -196,7 +200,7 @@ at::Tensor small_product(const at::Tensor& a, const at::Tensor& b, const at::Ten
 }
 
 at::Tensor column_sums(const at::Tensor& a) {
-  TORCH_INTERNAL_ASSERT(a.is_cpu() && is_float_or_double(a) && a.dim() == 2);
+  TORCH_INTERNAL_ASSERT(is_small_column_sum(a));
   const int64_t rows = a.size(0), cols = a.size(1);
   at::Tensor out = at::zeros({cols}, a.options());
   AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "column_sums", [&] {

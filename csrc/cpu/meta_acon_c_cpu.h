@@ -23,8 +23,11 @@ bool is_small_product(const at::Tensor& a, const at::Tensor& b, const at::Tensor
 // over the inner axis in a fixed order, then the bias added.
 at::Tensor small_product(const at::Tensor& a, const at::Tensor& b, const at::Tensor& bias);
 
-// a.sum(0) of a (rows, cols) float or double matrix, in its dtype, in one
-// loop: the generator's bias gradients.
+// Whether column_sums takes a: a small (rows, cols) float or double matrix.
+bool is_small_column_sum(const at::Tensor& a);
+
+// a.sum(0) of such a matrix, in its dtype, in one loop (rows summed in
+// order): the generator's bias gradients.
 at::Tensor column_sums(const at::Tensor& a);
 
 // nn.BatchNorm's forward on (N, F) values, as at::native_batch_norm computes
