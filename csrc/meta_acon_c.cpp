@@ -254,9 +254,14 @@ std::vector<at::Tensor> meta_acon_c_backward(
       grads[4] = column_sums(grad);
     }
     if (output_mask[3]) {
-      // (mean^T grad)^T: the product with the narrow (hidden-wide) output;
-      // grad^T mean (a wide output) ran 3x slower on 2 threads here.
-      grads[3] = product(mean.t(), grad).t().view(w1.sizes());
+      // Large: (mean^T grad)^T, the product with the narrow (hidden-wide)
+      // output; grad^T mean (a wide output) ran 3x slower on 2 threads here.
+      // Small (plain loops): grad^T mean, in the weight's own layout, which
+      // AccumulateGrad then takes without a copy.
+      const at::Tensor grad_t = grad.t();
+      grads[3] = plain_dispatch() && cpu::is_small_product(grad_t, mean, {})
+          ? cpu::small_product(grad_t, mean, {}).view(w1.sizes())
+          : product(mean.t(), grad).t().view(w1.sizes());
     }
     if (want_x) {
       // The mean's gradient, the same along the reduced axes: added into the

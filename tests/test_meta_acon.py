@@ -402,6 +402,15 @@ def test_small_products_are_aten_ops_under_a_dispatch_mode():
     assert sorted(shape for name, shape in backward.ops if name == "aten::sum") == [(8,), (16,)]
 
 
+def test_small_generators_give_fc1_a_gradient_in_its_own_layout():
+    # So that AccumulateGrad takes it without a copy (large products return
+    # a transposed view, the faster product there).
+    module = MetaAconC(48).train()
+    x = torch.randn(8, 48, 5, 5, requires_grad=True)
+    (grad,) = torch.autograd.grad(module(x), [module.fc1.weight], torch.randn_like(x))
+    assert grad.is_contiguous() and grad.shape == module.fc1.weight.shape
+
+
 def test_eager_calls_make_one_autograd_node():
     module = MetaAconC(8)
     x = torch.randn(2, 8, 3, 3, requires_grad=True)
