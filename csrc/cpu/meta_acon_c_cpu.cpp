@@ -106,9 +106,11 @@ void sample_sums(const scalar_t* x, const ChannelLayout& lay, double* total, at:
   }
 }
 
-// Largest product (multiply-adds) small_product takes: ATen's addmm (MKL)
-// costs about 10 us more per call below it, and its blocked kernels win above.
-constexpr int64_t kSmallProduct = int64_t{1} << 16;
+// Largest product (multiply-adds) small_product takes. ATen's addmm / mm
+// cost 6-8 us a call at 4K-12K multiply-adds, these loops 2-7 us; from about
+// 25K on they are as fast or faster (one ad-hoc run on this machine, one
+// thread: 32x96x16, 21 us here against 11 for addmm).
+constexpr int64_t kSmallProduct = int64_t{1} << 14;
 
 template <typename T>
 void small_product_typed(
