@@ -125,8 +125,8 @@ void small_product_typed(
     int64_t inner,
     int64_t cols) {
   // Row i of out is a sum of b's rows scaled by a's row i, the inner loop
-  // along a row of b, which must be contiguous: b is copied so where it is
-  // not (the forward's transposed weights; a few thousand values).
+  // along a row of b, which must be contiguous: b is copied where it is not
+  // (the forward's transposed weights; at most a few thousand values).
   std::vector<T> packed;
   if (b_col != 1) {
     packed.resize(inner * cols);

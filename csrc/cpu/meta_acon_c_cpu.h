@@ -19,8 +19,8 @@ bool is_small_product(const at::Tensor& a, const at::Tensor& b, const at::Tensor
 
 // bias + a @ b into a new contiguous (rows, cols) tensor, for any strides, in
 // plain loops: at the generator's small sizes ATen's addmm costs more in
-// per-call set-up (~10 us) than the arithmetic. Each output element is summed
-// over the inner axis in a fixed order, then the bias added.
+// per-call set-up (6-8 us here) than the arithmetic. Each output element is
+// summed over the inner axis in a fixed order, then the bias added.
 at::Tensor small_product(const at::Tensor& a, const at::Tensor& b, const at::Tensor& bias);
 
 // Whether column_sums takes a: a small (rows, cols) float or double matrix.
