@@ -106,10 +106,10 @@ void sample_sums(const scalar_t* x, const ChannelLayout& lay, double* total, at:
   }
 }
 
-// Largest product (multiply-adds) small_product takes. ATen's addmm / mm
-// cost 6-8 us a call at 4K-12K multiply-adds, these loops 2-7 us; from about
-// 25K on they are as fast or faster (one ad-hoc run on this machine, one
-// thread: 32x96x16, 21 us here against 11 for addmm).
+// Largest product (multiply-adds) small_product takes: below it these loops
+// beat ATen's addmm / mm (their per-call set-up), from about 25K on ATen is
+// as fast or faster (32x96x16: 21 us here against 15 for addmm in one run of
+// benchmarks/small_products.py on the 2-core build machine).
 constexpr int64_t kSmallProduct = int64_t{1} << 14;
 
 template <typename T>
@@ -157,14 +157,19 @@ bool is_float_or_double(const at::Tensor& t) {
   return t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble;
 }
 
-} // namespace
-
-bool is_small_product(const at::Tensor& a, const at::Tensor& b, const at::Tensor& bias) {
+// What small_product can compute at any size: CPU float or double matrices
+// of one dtype, a bias as wide as the output.
+bool small_product_takes(const at::Tensor& a, const at::Tensor& b, const at::Tensor& bias) {
   return a.is_cpu() && b.is_cpu() && is_float_or_double(a) && b.scalar_type() == a.scalar_type() && a.dim() == 2 &&
       b.dim() == 2 && a.size(1) == b.size(0) &&
       (!bias.defined() ||
-       (bias.is_cpu() && bias.scalar_type() == a.scalar_type() && bias.dim() == 1 && bias.size(0) == b.size(1))) &&
-      a.size(0) * a.size(1) * b.size(1) <= kSmallProduct;
+       (bias.is_cpu() && bias.scalar_type() == a.scalar_type() && bias.dim() == 1 && bias.size(0) == b.size(1)));
+}
+
+} // namespace
+
+bool is_small_product(const at::Tensor& a, const at::Tensor& b, const at::Tensor& bias) {
+  return small_product_takes(a, b, bias) && a.size(0) * a.size(1) * b.size(1) <= kSmallProduct;
 }
 
 bool is_small_column_sum(const at::Tensor& a) {
@@ -172,7 +177,8 @@ bool is_small_column_sum(const at::Tensor& a) {
 }
 
 at::Tensor small_product(const at::Tensor& a, const at::Tensor& b, const at::Tensor& bias) {
-  TORCH_INTERNAL_ASSERT(is_small_product(a, b, bias));
+  // Any size (benchmarks/small_products.py times it past the limit).
+  TORCH_INTERNAL_ASSERT(small_product_takes(a, b, bias));
   const int64_t rows = a.size(0), inner = a.size(1), cols = b.size(1);
   at::Tensor out = at::empty({rows, cols}, a.options());
   AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "small_product", [&] {

@@ -17,7 +17,8 @@ at::Tensor sample_channel_means(const at::Tensor& x, int64_t channel_dim);
 // undefined: none).
 bool is_small_product(const at::Tensor& a, const at::Tensor& b, const at::Tensor& bias);
 
-// bias + a @ b into a new contiguous (rows, cols) tensor, for any strides, in
+// bias + a @ b into a new contiguous (rows, cols) tensor (of any size, but
+// meant for those is_small_product takes), for any strides, in
 // plain loops: at the generator's small sizes ATen's addmm costs more in
 // per-call set-up (6-8 us here) than the arithmetic. Each output element is
 // summed over the inner axis in a fixed order, then the bias added.
