@@ -85,6 +85,14 @@ def test_per_call_script_runs():
     assert all(v > 0 for k, v in t.items() if k != "autograd around the ops")
 
 
+def test_meta_floor_script_runs(capsys):
+    from benchmarks import meta_floor
+
+    ms = meta_floor.main(["--shape", "2x32x3x3", "--layout", "channels_last", "--rounds", "1", "--seconds", "0.005"])
+    assert len(ms) == 7 and all(t > 0 for t in ms.values())
+    assert "floor (sum of the parts)" in capsys.readouterr().out
+
+
 def test_meta_acon_module_cases_run(monkeypatch):
     from benchmarks import bench_acon
 
