@@ -34,6 +34,9 @@ import acon_cuda
 
 from .bench_acon import CACHE_BYTES, keep_freed_memory, median_ms, wall_ms
 
+# The parts whose sum is the floor (names of `parts`).
+FLOOR_PARTS = ["acon_c, (N, C) beta", "mean of x", "dx += mean's gradient", "6 generator products"]
+
 
 def rotation(calls):
     cycle = itertools.cycle(calls)
@@ -97,12 +100,14 @@ def parts(shape, layout):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m benchmarks.meta_floor", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--shape", default="16x2048x7x7", help="N x C x H x W (default 16x2048x7x7)")
+    parser.add_argument("--shape", default="16x2048x7x7", help="N x C x map axes (default 16x2048x7x7)")
     parser.add_argument("--layout", default="contiguous", choices=["contiguous", "channels_last"])
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds (default 3)")
     parser.add_argument("--seconds", type=float, default=1.0, help="time per part and round (default 1)")
     args = parser.parse_args(argv)
     shape = tuple(int(s) for s in args.shape.split("x"))
+    if len(shape) < 3 or min(shape) < 1:
+        parser.error("--shape must be N x C x a map of one or more axes, each at least 1 (such as 16x2048x7x7)")
     keep_freed_memory()
     calls = parts(shape, args.layout)
     estimate = {}
@@ -118,7 +123,7 @@ def main(argv=None):
     print(f"{args.shape} {args.layout}, float32, {torch.get_num_threads()} threads, training mode, fwd+bwd")
     for name, t in ms.items():
         print(f"  {name:<24} {t:8.3f} ms  {t / base:5.2f}x AconC")
-    floor = sum(ms[name] for name in list(ms)[2:6])
+    floor = sum(ms[name] for name in FLOOR_PARTS)
     print(f"  {'floor (sum of the parts)':<24} {floor:8.3f} ms  {floor / base:5.2f}x AconC")
     print(f"  {'MetaAconC above floor':<24} {ms['MetaAconC module'] - floor:8.3f} ms")
     return ms
