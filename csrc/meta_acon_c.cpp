@@ -31,6 +31,11 @@ bool plain_dispatch() {
   return !c10::impl::tls_local_dispatch_key_set().included_.has(c10::DispatchKey::Python);
 }
 
+// Whether product(a, b, bias) runs in cpu::small_product's plain loops.
+bool small_product_runs(const at::Tensor& a, const at::Tensor& b, const at::Tensor& bias = {}) {
+  return plain_dispatch() && cpu::is_small_product(a, b, bias);
+}
+
 // bias + a @ b (bias undefined: none). On the CPU small products run in
 // plain loops (cpu::small_product), and large ones are cut
 // into one block of rows or columns per thread, each an ordinary BLAS call:
@@ -39,10 +44,10 @@ bool plain_dispatch() {
 // output element is still computed by one call, so results do not depend on
 // timing.
 at::Tensor product(const at::Tensor& a, const at::Tensor& b, const at::Tensor& bias = {}) {
-  const bool plain = plain_dispatch();
-  if (plain && cpu::is_small_product(a, b, bias)) {
+  if (small_product_runs(a, b, bias)) {
     return cpu::small_product(a, b, bias);
   }
+  const bool plain = plain_dispatch();
   const int64_t rows = a.size(0);
   const int64_t cols = b.size(1);
   const int64_t threads = a.is_cpu() && plain ? at::get_num_threads() : 1;
@@ -259,9 +264,8 @@ std::vector<at::Tensor> meta_acon_c_backward(
       // Small (plain loops): grad^T mean, in the weight's own layout, which
       // AccumulateGrad then takes without a copy.
       const at::Tensor grad_t = grad.t();
-      grads[3] = plain_dispatch() && cpu::is_small_product(grad_t, mean, {})
-          ? cpu::small_product(grad_t, mean, {}).view(w1.sizes())
-          : product(mean.t(), grad).t().view(w1.sizes());
+      grads[3] = small_product_runs(grad_t, mean) ? product(grad_t, mean).view(w1.sizes())
+                                                  : product(mean.t(), grad).t().view(w1.sizes());
     }
     if (want_x) {
       // The mean's gradient, the same along the reduced axes: added into the
