@@ -108,8 +108,6 @@ def find_cuda_home():
 
 def cuda_build_problem():
     """None when the CUDA kernels can be built, else why not (one short line)."""
-    if not CUDA_SOURCES:
-        return "this version has no CUDA kernels"
     if torch.version.cuda is None:
         return "torch %s is a CPU-only build" % torch.__version__
     cuda_home = find_cuda_home()
@@ -190,6 +188,9 @@ def write_build_info(version, with_cuda):
             + "TORCH_VERSION = %r\n" % torch.__version__
             + "CUDA_VERSION = %r\n" % (torch.version.cuda if with_cuda else None)
             + "CUDA_ARCHS = %r\n" % (os.environ.get("TORCH_CUDA_ARCH_LIST") if with_cuda else None)
+            + "CXX_FLAGS = %r\n" % CXX_FLAGS
+            + "CPU_ISA_FLAGS = %r\n" % ({os.path.basename(k): v for k, v in ISA_FLAGS.items()} if X86_64 else {})
+            + "NVCC_FLAGS = %r\n" % (NVCC_FLAGS if with_cuda else None)
         )
 
 

@@ -31,6 +31,7 @@ from torch.autograd import forward_ad
 from . import ops
 
 __all__ = [
+    "autocast_enabled",
     "has_plain_submodules",
     "meta_acon_c",
     "meta_acon_c_modules",
@@ -39,6 +40,15 @@ __all__ = [
 ]
 
 _meta_op = torch.ops.acon._meta_acon_c.default
+# Device types with acon kernels; others (meta: shape inference without
+# data) take the plain path, whose ops have kernels for them.
+_KERNEL_DEVICES = ("cpu", "cuda")
+
+
+def autocast_enabled(x: Tensor) -> bool:
+    """Whether autocast is on for x's device type (False for device types
+    without autocast, such as meta, where torch.is_autocast_enabled raises)."""
+    return x.device.type in _KERNEL_DEVICES and torch.is_autocast_enabled(x.device.type)
 
 
 def _reduced_axes(x: Tensor, cdim: int) -> List[int]:
@@ -79,7 +89,9 @@ def batch_norm_mode(bn):
     if bn.training and bn.track_running_stats and tracked is not None:
         tracked.add_(1)
         if bn.momentum is None:  # cumulative moving average
-            momentum = 1.0 / float(tracked)
+            # A meta counter has no value (nn.BatchNorm2d raises there); the
+            # momentum of a shape-only pass does not matter.
+            momentum = 0.0 if tracked.is_meta else 1.0 / float(tracked)
     use_batch = uses_batch_statistics(bn)
     if bn.training and not bn.track_running_stats:
         running_mean = running_var = None
@@ -187,14 +199,15 @@ def meta_acon_c(module, x: Tensor, cdim: int) -> Tensor:
         or torch.onnx.is_in_onnx_export()
         or torch.jit.is_tracing()
         or forward_ad._current_level >= 0
-        or torch.is_autocast_enabled(x.device.type)
+        or x.device.type not in _KERNEL_DEVICES
+        or autocast_enabled(x)
         or torch.is_inference_mode_enabled()
         or x.numel() == 0
     ):
-        # Tracing, transforms, export, forward-mode AD and autocast need
-        # ordinary ops; so do inference mode (the eager op's one kernel is
-        # its autograd kernel, which inference mode skips) and empty inputs
-        # (BatchNorm of an empty batch).
+        # Tracing, transforms, export, forward-mode AD, autocast and the
+        # meta device need ordinary ops; so do inference mode (the eager
+        # op's one kernel is its autograd kernel, which inference mode
+        # skips) and empty inputs (BatchNorm of an empty batch).
         return meta_acon_c_plain(module, x, cdim, ops.acon_c)
     # One op, whose C++ autograd node (csrc/meta_acon_c.cpp) runs the
     # generator's ATen calls around the fused acon ops and resolves each

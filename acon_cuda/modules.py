@@ -16,6 +16,7 @@ from torch.nn.parameter import UninitializedParameter
 
 from . import reference
 from .meta_acon import (
+    autocast_enabled,
     has_plain_submodules,
     meta_acon_c,
     meta_acon_c_modules,
@@ -27,6 +28,7 @@ from .ops import acon_c as fused_acon_c
 __all__ = ["AconA", "AconB", "AconC", "MetaAconC", "param_groups"]
 
 _IMPLS = {"fused": fused_acon_c, "reference": reference.acon_c}
+_FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
 
 class _Acon(LazyModuleMixin, nn.Module):
@@ -82,11 +84,26 @@ class _Acon(LazyModuleMixin, nn.Module):
 
     def initialize_parameters(self, x: Tensor) -> None:  # LazyModuleMixin's hook
         if self.has_uninitialized_params():
+            # Every check first: an input that raises leaves the module lazy.
+            self._check_dtype(x)
             width = self._channels_of(x)
+            if width == 0:
+                raise ValueError(
+                    f"{type(self).__name__}: cannot take the width from an input with 0 channels on axis "
+                    f"{self.channel_dim} (shape {tuple(x.shape)}); give a positive width"
+                )
             with torch.no_grad():
                 for name in self._PARAMS:
                     getattr(self, name).materialize((1, width, 1, 1))
                 self.reset_parameters()
+
+    def _check_dtype(self, x: Tensor) -> None:
+        if not isinstance(x, Tensor):
+            raise TypeError(f"{type(self).__name__}: x must be a Tensor, got {type(x).__name__}")
+        if x.dtype not in _FLOAT_DTYPES:
+            raise TypeError(
+                f"{type(self).__name__}: x must be a float32, float64, float16 or bfloat16 tensor, got {x.dtype}"
+            )
 
     def _check_input(self, x: Tensor) -> None:
         channels = self._channels_of(x)
@@ -242,6 +259,11 @@ class MetaAconC(_Acon):
         self.fc2 = nn.Conv2d(hidden, width, kernel_size=1, bias=True, **factory)
         if self.norm:
             self.bn2 = nn.BatchNorm2d(width, **factory)
+        # A lazy module builds these on its first input, after model.eval()
+        # may have run: they take this module's mode, as if they had been
+        # there when the mode was set.
+        for child in self.children():
+            child.train(self.training)
 
     def reset_parameters(self) -> None:
         nn.init.normal_(self.p1)
@@ -265,7 +287,10 @@ class MetaAconC(_Acon):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def forward(self, x: Tensor) -> Tensor:
+        # Every check before the generator's BatchNorms count or move anything.
+        self._check_dtype(x)
         self._check_input(x)
+        self._check_generator_dtype(x)
         cdim = self.channel_dim % x.dim()
         if cdim == 0:
             raise ValueError("MetaAconC: channel_dim must not be the batch axis 0 (beta is per sample and channel)")
@@ -282,6 +307,17 @@ class MetaAconC(_Acon):
         if self.impl == "fused":
             return meta_acon_c(self, x, cdim)
         return meta_acon_c_plain(self, x, cdim, impl)
+
+    def _check_generator_dtype(self, x: Tensor) -> None:
+        """The generator's products need x in their dtype, unless autocast
+        casts them (the activation itself takes float32 p1, p2 with 16-bit x)."""
+        weight = self.fc1.weight
+        if x.dtype == weight.dtype or autocast_enabled(x):
+            return
+        raise TypeError(
+            f"MetaAconC: x is {x.dtype} but the generator's parameters are {weight.dtype}; convert the module "
+            f"(module.to({x.dtype})) or run under torch.autocast"
+        )
 
     def _extra_options(self):
         return [f"r={self.r}", f"norm={self.norm}"]

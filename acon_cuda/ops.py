@@ -120,6 +120,7 @@ def acon_c(x: Tensor, p1: Tensor, p2: Tensor, beta: Tensor, channel_dim: int = 1
     autocast and the ``torch.func`` transforms (``vmap``, ``grad``,
     ``jacrev``, ``jacfwd``); exports to ONNX as standard operators.
     """
+    _check_arg_types(x, p1, p2, beta, channel_dim)
     if torch.onnx.is_in_onnx_export():
         # The formula in standard operators (Sigmoid, Mul, Add, ...): the
         # exported graph runs in any ONNX runtime, with nothing of this package.
@@ -129,6 +130,19 @@ def acon_c(x: Tensor, p1: Tensor, p2: Tensor, beta: Tensor, channel_dim: int = 1
     if torch._C._are_functorch_transforms_active():
         return AconCFunctionWithJvp.apply(x, p1, p2, beta, channel_dim)
     return AconCEagerFunction.apply(x, p1, p2, beta, channel_dim)
+
+
+def _check_arg_types(x, p1, p2, beta, channel_dim) -> None:
+    # The ops' own checks (csrc/acon_c.cpp) see only tensors: a Python
+    # number or array would fail first inside autograd, with its message.
+    for name, value in (("x", x), ("p1", p1), ("p2", p2), ("beta", beta)):
+        if not isinstance(value, Tensor):
+            raise TypeError(
+                f"acon_c: {name} must be a torch.Tensor, got {type(value).__name__}; "
+                f"wrap numbers and arrays with torch.as_tensor"
+            )
+    if not isinstance(channel_dim, int) or isinstance(channel_dim, bool):
+        raise TypeError(f"acon_c: channel_dim must be an int, got {type(channel_dim).__name__}")
 
 
 def cpu_kernel_isa() -> str:

@@ -7,7 +7,7 @@ come from autograd. It keeps several activation-sized tensors for backward,
 which is what the fused op avoids.
 
 ``acon_c_backward`` and ``acon_c_jvp`` are the derivatives written out as in
-ACON_MATH.md, in the same plain ops: the vmap and forward-mode rules of the
+docs/math.md (Gradients), in the same plain ops: the vmap and forward-mode rules of the
 fused op use them, and tests check the fused backward against them.
 """
 

@@ -1,3 +1,3 @@
-from .bench_acon import main
+from .cli import main
 
 main()

@@ -39,12 +39,12 @@ SANITIZER=$(command -v compute-sanitizer || ls /usr/local/cuda/bin/compute-sanit
 if [ -n "$SANITIZER" ]; then
     for tool in memcheck racecheck synccheck; do
         step "sanitizer $tool" 25 "$SANITIZER" --tool "$tool" --error-exitcode 3 \
-            $PY -m benchmarks.gpu_probe --sanitize
+            $PY -m benchmarks.probes.gpu_probe --sanitize
     done
 else
     echo "=== no compute-sanitizer here"
 fi
-step kernels 40 $PY -m benchmarks.gpu_probe --profile benchmarks/results/gpu
+step kernels 40 $PY -m benchmarks.probes.gpu_probe --profile benchmarks/results/gpu
 step bench 70 $PY -m benchmarks --device cuda --dtype float32,bfloat16 \
     --sizes large,small --no-train --out benchmarks/results/gpu
 if [ -n "${OUT:-}" ]; then

@@ -6,8 +6,10 @@ typed by hand:
 
 The README block between ``<!-- bench:NAME -->`` and ``<!-- /bench:NAME -->``
 (NAME is the results folder's name) is replaced with the run's machine, date,
-command, table.txt and speedup.png. tests/test_benchmark.py checks that the
-README still matches the committed results.
+command, table.txt, provenance (commit, package version, CPU, kernel build,
+compile flags; "not recorded" for what an older results.json lacks) and
+speedup.png. tests/test_benchmark.py checks that the README still matches the
+committed results.
 """
 
 import json
@@ -16,6 +18,38 @@ import re
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+NOT_RECORDED = "not recorded"
+
+
+def provenance_line(report):
+    """Where the run's code came from, from results.json's provenance (a
+    report written before it was recorded says "not recorded")."""
+    prov = report.get("provenance") or {}
+    machine = report.get("machine") or {}
+    git = prov.get("git") or {}
+    if git.get("commit"):
+        dirty = {True: " with uncommitted changes", False: "", None: " (changes not recorded)"}[git.get("dirty")]
+        commit = f"`{git['commit'][:12]}`{dirty}"
+    else:
+        commit = NOT_RECORDED if "git" not in prov else "unknown (not a git checkout)"
+    version = prov.get("acon_cuda_version") or "version " + NOT_RECORDED
+    if prov.get("acon_cuda_from_checkout") is False:
+        version += " (not from this checkout)"
+    # Reports before the provenance had the CPU and the kernels' build in "machine".
+    cpu = prov.get("cpu_model") or machine.get("cpu") or NOT_RECORDED
+    isa = prov.get("cpu_kernel_isa") or machine.get("cpu_kernels") or NOT_RECORDED
+    capability = prov.get("aten_cpu_capability") or NOT_RECORDED
+    flags = prov.get("compile_flags")
+    if flags:
+        flags = "; ".join(
+            f"{name} `{' '.join(map(str, v)) if isinstance(v, (list, tuple)) else v}`" for name, v in flags.items()
+        )
+    else:
+        flags = NOT_RECORDED
+    return (
+        f"Provenance: commit {commit}; acon_cuda {version}; CPU {cpu}; CPU kernels {isa} "
+        f"(ATen CPU capability {capability}); compile flags {flags}."
+    )
 
 
 def block(results_dir):
@@ -42,6 +76,8 @@ def block(results_dir):
         "```text",
         table,
         "```",
+        "",
+        provenance_line(report),
         "",
     ]
     if os.path.exists(os.path.join(results_dir, "speedup.png")):

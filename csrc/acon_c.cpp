@@ -90,7 +90,6 @@ int64_t check_acon_c_args(
 
   check_param("p1", p1, x);
   check_param("p2", p2, x);
-  check_param("beta", beta, x);
   TORCH_CHECK_VALUE(
       holds_along_axes(p1, {channels}),
       "acon_c: p1 must hold C = x.shape[channel_dim] = ",
@@ -103,6 +102,10 @@ int64_t check_acon_c_args(
       channels,
       " values: shape (C,), or that with size-1 axes added such as (1, C, 1, 1); got shape ",
       p2.sym_sizes());
+  if (!beta.defined()) {
+    return cdim; // Meta-ACON's generated beta: checked where it is made
+  }
+  check_param("beta", beta, x);
   TORCH_CHECK_VALUE(
       holds_along_axes(beta, {channels}) || holds_along_axes(beta, {batch, channels}),
       "acon_c: beta must have shape (C,) = (",

@@ -24,7 +24,9 @@ struct ChannelLayout {
 };
 
 // Validates the arguments of acon_c_forward / acon_c_backward (grad_y may be
-// undefined for the forward) and returns the channel axis in [0, x.dim()).
+// undefined for the forward; beta undefined checks only x, p1, p2 and
+// channel_dim, for Meta-ACON's op) and returns the channel axis in
+// [0, x.dim()).
 // Errors name the offending argument and raise ValueError / TypeError.
 int64_t check_acon_c_args(
     const at::Tensor& x,

@@ -356,13 +356,6 @@ class MetaAconCNode : public torch::autograd::Function<MetaAconCNode> {
       const std::vector<double>& eps,
       int64_t channel_dim) {
     const int64_t cdim = at::maybe_wrap_dim(channel_dim, x.dim());
-    TORCH_CHECK_TYPE(
-        x.scalar_type() == w1.scalar_type(),
-        "MetaAconC: x is ",
-        x.scalar_type(),
-        " but the generator's parameters are ",
-        w1.scalar_type(),
-        "; convert the module (module.to(dtype)) or run under autocast");
     const at::Tensor mean = sample_channel_means(x, cdim);
     const at::Tensor fc1 = product(mean, w1.flatten(1).t(), opt(b1));
     at::Tensor h = fc1;
@@ -569,6 +562,104 @@ void count_batch(
   }
 }
 
+// Every argument of _meta_acon_c that the forward reads, checked before
+// count_batch or a BatchNorm changes any buffer: a call that raises changes
+// no state. Errors name the argument.
+void check_meta_acon_c_args(
+    const at::Tensor& x,
+    const at::Tensor& p1,
+    const at::Tensor& p2,
+    const at::Tensor& w1,
+    const std::optional<at::Tensor>& b1,
+    const at::Tensor& w2,
+    const std::optional<at::Tensor>& b2,
+    const std::array<const std::optional<at::Tensor>*, 4>& bn1,
+    const std::array<const std::optional<at::Tensor>*, 4>& bn2,
+    bool norm,
+    int64_t channel_dim) {
+  TORCH_CHECK_VALUE(x.dim() >= 2 && x.numel() > 0, "MetaAconC: x must be a non-empty tensor of rank >= 2");
+  TORCH_CHECK(
+      x.is_cpu() || x.is_cuda(),
+      "MetaAconC: x is on ",
+      x.device(),
+      "; the op runs on CPU and CUDA tensors (MetaAconC takes ordinary ops elsewhere)");
+  TORCH_CHECK_VALUE(channel_dim != 0 && channel_dim != -x.dim(), "MetaAconC: channel_dim must not be the batch axis 0");
+  // p1, p2, dtype and channel_dim as acon_c checks them (beta is generated).
+  const int64_t cdim = check_acon_c_args(x, p1, p2, at::Tensor(), channel_dim);
+  const int64_t channels = x.size(cdim);
+  const auto check_on_x_device = [&](const char* name, const at::Tensor& t) {
+    TORCH_CHECK(
+        t.device() == x.device(),
+        "MetaAconC: ",
+        name,
+        " is on ",
+        t.device(),
+        " but x is on ",
+        x.device(),
+        "; move the whole module");
+  };
+  // The generator's products take x's dtype.
+  const auto check_matrix = [&](const char* name, const at::Tensor& w, int64_t rows, int64_t cols) {
+    check_on_x_device(name, w);
+    TORCH_CHECK_TYPE(
+        w.scalar_type() == x.scalar_type(),
+        "MetaAconC: x is ",
+        x.scalar_type(),
+        " but ",
+        name,
+        " is ",
+        w.scalar_type(),
+        "; convert the module (module.to(dtype)) or run under autocast");
+    TORCH_CHECK_VALUE(
+        w.dim() >= 2 && w.size(0) == rows && w.size(1) == cols && w.numel() == rows * cols,
+        "MetaAconC: ",
+        name,
+        " must have shape (",
+        rows,
+        ", ",
+        cols,
+        ") or (",
+        rows,
+        ", ",
+        cols,
+        ", 1, 1) for x with C = ",
+        channels,
+        " channels; got shape ",
+        w.sizes());
+  };
+  const auto check_vector = [&](const char* name, const std::optional<at::Tensor>& t, int64_t size, bool x_dtype) {
+    if (!present(t)) {
+      return;
+    }
+    check_on_x_device(name, *t);
+    TORCH_CHECK_TYPE(
+        x_dtype ? t->scalar_type() == x.scalar_type() : at::isFloatingType(t->scalar_type()),
+        "MetaAconC: ",
+        name,
+        " must be ",
+        x_dtype ? "of x's dtype" : "floating point",
+        ", got ",
+        t->scalar_type());
+    TORCH_CHECK_VALUE(
+        t->dim() == 1 && t->size(0) == size, "MetaAconC: ", name, " must have shape (", size, ",), got ", t->sizes());
+  };
+  TORCH_CHECK_VALUE(
+      w1.dim() >= 2, "MetaAconC: fc1.weight (w1) must have shape (hidden, C) or (hidden, C, 1, 1), got ", w1.sizes());
+  const int64_t hidden = w1.size(0);
+  check_matrix("fc1.weight (w1)", w1, hidden, channels);
+  check_vector("fc1.bias (b1)", b1, hidden, true);
+  check_matrix("fc2.weight (w2)", w2, channels, hidden);
+  check_vector("fc2.bias (b2)", b2, channels, true);
+  if (norm) {
+    constexpr const char* kBn1[4] = {"bn1.weight", "bn1.bias", "bn1.running_mean", "bn1.running_var"};
+    constexpr const char* kBn2[4] = {"bn2.weight", "bn2.bias", "bn2.running_mean", "bn2.running_var"};
+    for (int i = 0; i < 4; ++i) {
+      check_vector(kBn1[i], *bn1[i], hidden, false);
+      check_vector(kBn2[i], *bn2[i], channels, false);
+    }
+  }
+}
+
 at::Tensor meta_acon_c_autograd(
     const at::Tensor& x,
     const at::Tensor& p1,
@@ -591,11 +682,18 @@ at::Tensor meta_acon_c_autograd(
     std::array<bool, 4> bn_flags,
     std::array<double, 4> bn_values,
     int64_t channel_dim) {
-  // What MetaAconC.forward checks, again before any buffer is updated, for
-  // direct calls of the op.
-  TORCH_CHECK_VALUE(x.dim() >= 2 && x.numel() > 0, "_meta_acon_c: x must be a non-empty tensor of rank >= 2");
-  const int64_t cdim = at::maybe_wrap_dim(channel_dim, x.dim());
-  TORCH_CHECK_VALUE(cdim != 0, "_meta_acon_c: channel_dim must not be the batch axis 0");
+  check_meta_acon_c_args(
+      x,
+      p1,
+      p2,
+      w1,
+      b1,
+      w2,
+      b2,
+      {&bn1_weight, &bn1_bias, &bn1_running_mean, &bn1_running_var},
+      {&bn2_weight, &bn2_bias, &bn2_running_mean, &bn2_running_var},
+      norm,
+      channel_dim);
   BatchNormMode bn1{}, bn2{};
   if (norm) {
     bn1 = batch_norm_mode(bn1_running_mean, bn1_running_var, bn_flags[0], bn_flags[1], bn_values[0]);

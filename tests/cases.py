@@ -94,7 +94,7 @@ def run_truth(x, p1, p2, beta, channel_dim, grad):
     y = reference.acon_c(*inputs, channel_dim=channel_dim)
     grads = torch.autograd.grad(y, inputs, g64, allow_unused=True)
 
-    # Magnitudes of what makes each result (ACON_MATH.md's terms, in float64):
+    # Magnitudes of what makes each result (docs/math.md, section 5; in float64):
     # the error of a product is relative to its size, that of a sum to the
     # sum of its terms' sizes. h = S*(1 + u*S_neg) cancels near u = -1.28, so
     # its size is taken as S*(1 + |u|*S_neg).

@@ -56,7 +56,7 @@ def test_extreme_magnitudes(device, dtype):
     p2 = torch.tensor([-4.0, 0.25, 0.0], device=device).to(dtype)
     beta = torch.tensor([1.0, 3.0, 1.0], device=device).to(dtype)
     if dtype == torch.float16:
-        # ACON_MATH.md's trap: the true y = 60000 fits in float16.
+        # The float16 example of docs/math.md (Numerics): the true y = 60000 fits in float16.
         y = acon_cuda.acon_c(x, p1, p2, beta)
         assert y[0, 0, 0].item() == 60000.0
     y, grads = check_against_truth(x, p1, p2, beta, 1)
@@ -65,7 +65,7 @@ def test_extreme_magnitudes(device, dtype):
 
 
 def test_derivative_limits(device):
-    """As u -> +inf dy/dx -> p1; as u -> -inf, dy/dx -> p2 (ACON_MATH.md)."""
+    """As u -> +inf dy/dx -> p1; as u -> -inf, dy/dx -> p2 (docs/math.md, Gradients)."""
     x = torch.tensor([[-60.0, 60.0]], dtype=torch.float64, device=device).requires_grad_()
     p1 = torch.tensor([1.5], dtype=torch.float64, device=device)
     p2 = torch.tensor([-0.25], dtype=torch.float64, device=device)

@@ -15,8 +15,10 @@ sys.path.insert(0, ROOT)
 from benchmarks import readme  # noqa: E402
 
 
-def test_quick_benchmark_runs_and_writes_its_outputs(tmp_path):
-    out = tmp_path / "bench"
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    """One --quick run of the smallest case (both layouts), shared by the tests that read its outputs."""
+    out = tmp_path_factory.mktemp("bench")
     done = subprocess.run(
         [
             sys.executable,
@@ -36,9 +38,14 @@ def test_quick_benchmark_runs_and_writes_its_outputs(tmp_path):
         timeout=300,
     )
     assert done.returncode == 0, done.stderr[-3000:]
+    return out, done
+
+
+def test_quick_benchmark_runs_and_writes_its_outputs(quick_run):
+    out, done = quick_run
     assert "vs compile" in done.stdout and "%copy" in done.stdout
     report = json.loads((out / "results.json").read_text())
-    assert report["torch"] and report["machine"] and report["device"] == "cpu"
+    assert report["torch"] and report["machine"] and report["device"] == "cpu" and report["complete"]
     assert len(report["results"]) == 2
     for r in report["results"]:
         for key in ("fused", "paper", "reference", "compiled", "silu"):
@@ -55,8 +62,52 @@ def test_quick_benchmark_runs_and_writes_its_outputs(tmp_path):
                 assert r["gbps"][key][mode] == pytest.approx(expected)
         assert r["saved_bytes"]["fused"] < r["saved_bytes"]["reference"]
     assert (out / "table.txt").read_text() in done.stdout
+    # stderr is no terminal here: plain progress lines, no bar redrawn with \r.
+    assert "[0/2]" in done.stderr and "[2/2]" in done.stderr and "\r" not in done.stderr
     pytest.importorskip("matplotlib")
     assert (out / "speedup.png").stat().st_size > 1000
+
+
+def test_results_record_their_provenance(quick_run):
+    import torch
+
+    import acon_cuda
+
+    out, _ = quick_run
+    prov = json.loads((out / "results.json").read_text())["provenance"]
+    assert set(prov) >= {
+        "git",
+        "acon_cuda_version",
+        "acon_cuda_distribution_version",
+        "acon_cuda_from_checkout",
+        "build",
+        "compile_flags",
+        "cpu_model",
+        "cpu_kernel_isa",
+        "aten_cpu_capability",
+    }
+    assert set(prov["git"]) == {"commit", "dirty"}
+    if prov["git"]["commit"] is not None:  # a git checkout (not, say, an unpacked sdist)
+        assert re.fullmatch(r"[0-9a-f]{40}", prov["git"]["commit"]) and isinstance(prov["git"]["dirty"], bool)
+    assert prov["acon_cuda_version"] == acon_cuda.__version__
+    assert prov["cpu_kernel_isa"] == acon_cuda.cpu_kernel_isa()
+    assert prov["aten_cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+    line = readme.provenance_line(json.loads((out / "results.json").read_text()))
+    assert prov["acon_cuda_version"] in line and prov["cpu_kernel_isa"] in line
+
+
+def test_provenance_outside_a_git_checkout(tmp_path):
+    from benchmarks import report
+
+    assert report.git_state(str(tmp_path)) == {"commit": None, "dirty": None}
+
+
+def test_readme_says_what_an_old_report_did_not_record():
+    with open(os.path.join(ROOT, "benchmarks", "results", "cpu", "results.json")) as f:
+        old = json.load(f)
+    old.pop("provenance", None)
+    line = readme.provenance_line(old)
+    assert "commit not recorded" in line and "compile flags not recorded" in line
 
 
 def test_bad_arguments_are_refused():
@@ -79,14 +130,14 @@ def test_readme_figures_come_from_the_committed_results():
 
 
 def test_per_call_script_runs():
-    from benchmarks import per_call
+    from benchmarks.probes import per_call
 
     t = per_call.main(["--shape", "2,3,4", "--seconds", "0.01"])
     assert all(v > 0 for k, v in t.items() if k != "autograd around the ops")
 
 
 def test_meta_floor_script_runs(capsys):
-    from benchmarks import meta_floor
+    from benchmarks.probes import meta_floor
 
     ms = meta_floor.main(["--shape", "2x32x3x3", "--layout", "channels_last", "--rounds", "1", "--seconds", "0.005"])
     assert len(ms) == 7 and all(t > 0 for t in ms.values())
@@ -94,13 +145,13 @@ def test_meta_floor_script_runs(capsys):
 
 
 def test_meta_acon_module_cases_run(monkeypatch):
-    from benchmarks import bench_acon
+    from benchmarks import meta_modules, report
 
-    monkeypatch.setattr(bench_acon, "META_SHAPES", [(None, 16, 5, 5)])
-    rows = bench_acon.measure_meta_modules("cpu", 2, ["contiguous", "channels_last"], rounds=1, budget_s=0.005)
+    monkeypatch.setattr(meta_modules, "META_SHAPES", [(None, 16, 5, 5)])
+    rows = meta_modules.measure_meta_modules("cpu", 2, ["contiguous", "channels_last"], rounds=1, budget_s=0.005)
     assert [r["layout"] for r in rows] == ["contiguous", "channels_last"]
     assert all(t > 0 for r in rows for t in r["ms"].values())
     # The fused MetaAconC keeps x (and small tensors); the paper's keeps several x-sized ones.
     assert all(r["saved_bytes"]["meta_acon_c"] < r["saved_bytes"]["paper_meta_acon_c"] for r in rows)
-    text = bench_acon.meta_table(rows)
+    text = report.meta_table(rows)
     assert "2x16x5x5" in text and "paper / it" in text

@@ -136,12 +136,12 @@ def test_bad_plan_arguments():
 
 
 def test_plan_table_script():
-    """benchmarks/cuda_plan.py (the closing notes' table) runs and prints a row per case and dtype."""
+    """benchmarks/probes/cuda_plan.py (the closing notes' table) runs and prints a row per case and dtype."""
     import subprocess
     import sys
 
     root = __file__.rsplit("/tests/", 1)[0]
     out = subprocess.run(
-        [sys.executable, "-m", "benchmarks.cuda_plan"], cwd=root, capture_output=True, text=True, check=True
+        [sys.executable, "-m", "benchmarks.probes.cuda_plan"], cwd=root, capture_output=True, text=True, check=True
     ).stdout
     assert len([line for line in out.splitlines() if line.startswith("| ") and "x" in line.split("|")[1]]) == 16

@@ -4,6 +4,7 @@ gradient, running statistics over training steps; and what the fast path
 promises about memory (no x-sized tensor but the acon op's)."""
 
 import copy
+import math
 from functools import partial
 
 import pytest
@@ -274,17 +275,133 @@ def test_direct_op_calls_are_checked_before_any_buffer_changes():
     assert int(bn.num_batches_tracked) == 0
 
 
+def direct_op_args(module, x, cdim=1, **replace):
+    """_meta_acon_c's arguments for a MetaAconC(norm=True) in training mode,
+    with any named argument replaced."""
+    args = {
+        "x": x, "p1": module.p1, "p2": module.p2, "w1": module.fc1.weight, "b1": module.fc1.bias,
+        "w2": module.fc2.weight, "b2": module.fc2.bias,
+        "bn1_weight": module.bn1.weight, "bn1_bias": module.bn1.bias, "bn1_running_mean": module.bn1.running_mean,
+        "bn1_running_var": module.bn1.running_var, "bn1_num_batches_tracked": module.bn1.num_batches_tracked,
+        "bn2_weight": module.bn2.weight, "bn2_bias": module.bn2.bias, "bn2_running_mean": module.bn2.running_mean,
+        "bn2_running_var": module.bn2.running_var, "bn2_num_batches_tracked": module.bn2.num_batches_tracked,
+        "norm": True, "bn_flags": [True, True, True, True], "bn_values": [math.nan, 1e-5, 0.1, 1e-5],
+        "channel_dim": cdim,
+    }  # fmt: skip
+    args.update(replace)
+    return list(args.values())
+
+
+def state_copy(module):
+    return {k: v.clone() for k, v in module.state_dict().items()}
+
+
+def assert_state_unchanged(module, before):
+    after = module.state_dict()
+    assert after.keys() == before.keys()
+    for key, value in before.items():
+        assert torch.equal(after[key], value), key
+
+
+@pytest.mark.parametrize(
+    "replace, error, match",
+    [
+        ({"p1": torch.randn(1, 6, 1, 1)}, ValueError, "p1"),
+        ({"p2": torch.ones(1, 8, 1, 1, dtype=torch.long)}, TypeError, "p2"),
+        ({"w2": torch.randn(8, 8, 1, 1)}, ValueError, r"fc2\.weight"),
+        ({"w2": torch.randn(16, 8, 1, 1, dtype=torch.float64)}, TypeError, r"fc2\.weight"),
+        ({"b2": torch.randn(6)}, ValueError, r"fc2\.bias"),
+        ({"bn2_weight": torch.randn(6)}, ValueError, r"bn2\.weight"),
+        ({"bn2_running_var": torch.ones(6)}, ValueError, r"bn2\.running_var"),
+        ({"bn2_bias": torch.zeros(8, device="meta")}, RuntimeError, r"bn2\.bias is on meta"),
+        ({"x": torch.randn(4, 6, 3, 3)}, ValueError, "p1 must hold C"),  # the wrong C
+        ({"x": torch.randn(4, 8, 3, 3, device="meta")}, RuntimeError, "is on meta"),
+        ({"x": torch.randn(4, 8, 3, 3, dtype=torch.float64)}, TypeError, r"fc1\.weight"),
+        ({"x": torch.ones(4, 8, 3, 3, dtype=torch.long)}, TypeError, "float32"),
+    ],
+    ids=lambda v: "-".join(v) if isinstance(v, dict) else None,
+)
+def test_a_direct_op_call_that_raises_changes_no_state(replace, error, match):
+    torch.manual_seed(0)
+    module = MetaAconC(8, r=2)
+    before = state_copy(module)
+    x = replace.pop("x", torch.randn(4, 8, 3, 3))
+    with pytest.raises(error, match=match):
+        torch.ops.acon._meta_acon_c(*direct_op_args(module, x, **replace))
+    assert_state_unchanged(module, before)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float64, torch.int64, torch.bool, torch.complex64])
+@pytest.mark.parametrize("impl", ["fused", "reference"])
+def test_a_module_call_with_x_of_another_dtype_raises_before_counting(dtype, impl):
+    module = MetaAconC(8, impl=impl, bn_momentum=None) if False else MetaAconC(8, impl=impl)
+    module.bn1.momentum = None  # counted batches set the running averages' weights
+    before = state_copy(module)
+    x = torch.randn(4, 8, 3, 3).to(dtype)
+    match = "convert the module" if dtype.is_floating_point else "must be a float32, float64, float16 or bfloat16"
+    with pytest.raises(TypeError, match=match):
+        module(x)
+    assert_state_unchanged(module, before)
+
+
+def test_a_lazy_module_that_raises_stays_lazy():
+    module = MetaAconC()
+    for x in (torch.ones(4, 8, 3, dtype=torch.long), torch.randn(4, 0, 3), torch.randn(4)):
+        with pytest.raises((TypeError, ValueError)):
+            module(x)
+        assert module.has_uninitialized_params()
+    with pytest.raises(ValueError, match="0 channels"):
+        module(torch.randn(4, 0, 3))
+
+
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+def test_a_lazy_module_takes_its_parents_mode(train):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 1), MetaAconC()).train(train)
+    x = torch.randn(4, 3, 5, 5)
+    model(x)
+    meta = model[1]
+    for bn in (meta.bn1, meta.bn2):
+        assert bn.training == train
+        assert int(bn.num_batches_tracked) == int(train)
+    if not train:
+        # Eval: each sample's output is its own, and a batch of 1 works.
+        torch.testing.assert_close(model(x)[:2], model(x[:2]))
+        model(x[:1])
+        assert int(meta.bn1.num_batches_tracked) == 0
+
+
+def test_a_lazy_module_loaded_from_a_checkpoint_takes_its_mode():
+    source = MetaAconC(8)
+    module = MetaAconC().eval()
+    module.load_state_dict(source.state_dict())
+    assert not module.bn1.training and not module.bn2.training
+
+
+@pytest.mark.parametrize("norm", [True, False])
+@pytest.mark.parametrize("momentum", [0.1, None])
+def test_runs_on_the_meta_device(norm, momentum):
+    module = MetaAconC(8, norm=norm, device="meta")
+    if norm:
+        module.bn1.momentum = module.bn2.momentum = momentum
+    y = module(torch.randn(4, 8, 3, 3, device="meta"))
+    assert y.shape == (4, 8, 3, 3) and y.is_meta
+    lazy = MetaAconC(norm=norm, device="meta")
+    assert lazy(torch.randn(4, 8, 3, 3, device="meta")).is_meta
+    assert lazy.fc1.weight.is_meta
+
+
 def test_a_batchnorm_on_another_device_raises():
     module = MetaAconC(8)
     module.bn1.to("meta")
-    with pytest.raises(RuntimeError, match="BatchNorm of the generator is on meta"):
+    with pytest.raises(RuntimeError, match=r"bn1\.weight is on meta but x is on cpu"):
         module(torch.randn(4, 8, 3, 3))
 
 
 def test_batchnorm_of_the_wrong_width_raises():
     module = MetaAconC(32)
     module.bn2 = nn.BatchNorm2d(16)  # the generator's output is 32 wide
-    with pytest.raises(ValueError, match="BatchNorm of the generator"):
+    with pytest.raises(ValueError, match=r"bn2\.weight must have shape \(32,\)"):
         module(torch.randn(4, 32, 3, 3))
 
 

@@ -45,7 +45,7 @@ struct AconCKernelArgs {
   void* out;
   // Backward only, zero-initialised by the caller: sum_a = sum dy*x*h and
   // sum_b = sum dy*x per channel; sum_g = sum dy*(d*x)^2*S*(1-S) per group and
-  // channel. See ACON_MATH.md. All null in a backward that only wants grad_x.
+  // channel. See docs/math.md. All null in a backward that only wants grad_x.
   double* sum_a;
   double* sum_b;
   double* sum_g;

@@ -172,7 +172,7 @@ inline V acon_c_value(const V& x, const V& d, const V& p2, const V& bd) {
   return x * at::vec::fmadd(d, s, p2);
 }
 
-// dx and the three per-element terms of the parameter sums (ACON_MATH.md).
+// dx and the three per-element terms of the parameter sums (docs/math.md).
 // Where only dx is used, the compiler drops the rest.
 template <typename V>
 struct AconCGrad {

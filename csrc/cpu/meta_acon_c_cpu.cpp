@@ -106,10 +106,10 @@ void sample_sums(const scalar_t* x, const ChannelLayout& lay, double* total, at:
   }
 }
 
-// Largest product (multiply-adds) small_product takes: below it these loops
-// beat ATen's addmm / mm (their per-call set-up), from about 25K on ATen is
-// as fast or faster (32x96x16: 21 us here against 15 for addmm in one run of
-// benchmarks/small_products.py on the 2-core build machine).
+// Largest product (multiply-adds) small_product takes. Timed against ATen's
+// addmm / mm (benchmarks/probes/small_products.py, 2-core build machine),
+// these loops are ahead only below about 16K multiply-adds; at 32x96x16 (49K)
+// they take 21 us against 11 us for mm.
 constexpr int64_t kSmallProduct = int64_t{1} << 14;
 
 template <typename T>
@@ -177,7 +177,7 @@ bool is_small_column_sum(const at::Tensor& a) {
 }
 
 at::Tensor small_product(const at::Tensor& a, const at::Tensor& b, const at::Tensor& bias) {
-  // Any size (benchmarks/small_products.py times it past the limit).
+  // Any size (benchmarks/probes/small_products.py times it past the limit).
   TORCH_INTERNAL_ASSERT(small_product_takes(a, b, bias));
   const int64_t rows = a.size(0), inner = a.size(1), cols = b.size(1);
   at::Tensor out = at::empty({rows, cols}, a.options());

@@ -457,7 +457,7 @@ ACON_HD void columns_block_sum(
 
 // ---------------------------------------------------------------------------
 // reduce_channel_sums: adds the partials, in a fixed order, and writes the
-// parameter gradients dp1 = A, dp2 = B - A, dbeta = G (ACON_MATH.md) in each
+// parameter gradients dp1 = A, dp2 = B - A, dbeta = G (docs/math.md) in each
 // parameter's dtype (x's, or float32).
 
 // A part of the reduce's grid: units [first_unit, end_unit) (the (A, B)

@@ -1,7 +1,7 @@
 """GPU-only probes of the CUDA kernels, for benchmarks/gpu_check.sh.
 
-    python -m benchmarks.gpu_probe --profile OUT_DIR   per-kernel times and launches per call
-    python -m benchmarks.gpu_probe --sanitize          a few shapes once, for compute-sanitizer
+    python -m benchmarks.probes.gpu_probe --profile OUT_DIR   per-kernel times and launches per call
+    python -m benchmarks.probes.gpu_probe --sanitize          a few shapes once, for compute-sanitizer
 
 --profile times each kernel of one forward and one backward call with
 torch.profiler (after a warm-up call) and reports it beside a device copy of
@@ -106,7 +106,11 @@ def sanitize():
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.probes.gpu_probe",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--profile", metavar="OUT_DIR")
     parser.add_argument("--sanitize", action="store_true")
     args = parser.parse_args()

@@ -1,6 +1,6 @@
 """Host cost per call on a tiny tensor, where fixed costs are all there is:
 
-    python -m benchmarks.per_call [--shape 4,64,8,8] [--seconds 2]
+    python -m benchmarks.probes.per_call [--shape 4,64,8,8] [--seconds 2]
 
 Prints, in one run, the fused forward and backward ops alone, acon_c's
 forward+backward through torch.autograd.grad (and what autograd adds around
@@ -60,7 +60,9 @@ def measure(shape, seconds):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(
-        prog="python -m benchmarks.per_call", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="python -m benchmarks.probes.per_call",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--shape", default="4,64,8,8", help="x's shape, channels on axis 1")
     parser.add_argument("--seconds", type=float, default=2.0, help="measuring time per figure")

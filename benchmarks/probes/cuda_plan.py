@@ -1,5 +1,5 @@
 """The CUDA launch plan for the review's cases on an H200-sized GPU, without
-a GPU (CUDA builds only): python -m benchmarks.cuda_plan [forward] [blocks_per_sm]
+a GPU (CUDA builds only): python -m benchmarks.probes.cuda_plan [forward] [blocks_per_sm]
 
 Prints, per case and dtype, the backward's (or forward's) main kernel (grid, work items,
 teams per block, turns, busy lanes) and its reduce (grid, the most partial

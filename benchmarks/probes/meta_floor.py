@@ -1,6 +1,6 @@
 """What Meta-ACON must cost beyond ACON-C, part by part, in one run.
 
-``python -m benchmarks.meta_floor [--shape 16x2048x7x7] [--layout contiguous]``
+``python -m benchmarks.probes.meta_floor [--shape 16x2048x7x7] [--layout contiguous]``
 times, with x rotated through enough copies to overflow the caches (as the
 module cases of ``python -m benchmarks`` do), in training mode:
 
@@ -32,7 +32,7 @@ import torch
 
 import acon_cuda
 
-from .bench_acon import CACHE_BYTES, keep_freed_memory, median_ms, wall_ms
+from ..timing import CACHE_BYTES, keep_freed_memory, median_ms, wall_ms
 
 # The parts whose sum is the floor (names of `parts`).
 FLOOR_PARTS = ["acon_c, (N, C) beta", "mean of x", "dx += mean's gradient", "6 generator products"]
@@ -99,7 +99,9 @@ def parts(shape, layout):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.meta_floor", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.probes.meta_floor", description=__doc__.split("\n\n")[0]
+    )
     parser.add_argument("--shape", default="16x2048x7x7", help="N x C x map axes (default 16x2048x7x7)")
     parser.add_argument("--layout", default="contiguous", choices=["contiguous", "channels_last"])
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds (default 3)")

@@ -1,6 +1,6 @@
 """Meta-ACON's small products: the CPU loops against ATen, in one run.
 
-``python -m benchmarks.small_products`` (a source checkout with the extension
+``python -m benchmarks.probes.small_products`` (a source checkout with the extension
 built in place: ``python setup.py build_ext --inplace``) compiles a tiny
 extension that calls ``acon_cuda::cpu::small_product`` from the built
 library, and times it against ``torch.addmm`` (the forward's form: a
@@ -20,7 +20,7 @@ from torch.utils.cpp_extension import load_inline
 
 import acon_cuda
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SHAPES = [(4, 64, 16), (32, 24, 16), (32, 48, 16), (32, 96, 16), (16, 256, 16), (32, 16, 96), (16, 16, 256)]
 
 SOURCE = r"""

@@ -1,6 +1,6 @@
 """What the SiLU ShuffleNetV2 model pays for mixed memory layouts.
 
-``python -m benchmarks.batchnorm_layouts`` runs one backward of torchvision's
+``python -m benchmarks.probes.batchnorm_layouts`` runs one backward of torchvision's
 ShuffleNetV2 0.5x (batch 32, 160x160, channels_last, as in ``make bench``'s
 training step) per activation, counts the BatchNorm backwards whose incoming
 gradient is contiguous while their input is channels_last, and times
