@@ -40,13 +40,7 @@ def test_cuda_kernels_are_built_where_they_can_be(op):
     assert torch._C._dispatch_has_kernel_for_dispatch_key(f"acon::{op}", "CUDA")
 
 
-needs_gpu = pytest.mark.skipif(
-    not (torch.cuda.is_available() and torch._C._dispatch_has_kernel_for_dispatch_key("acon::acon_c_forward", "CUDA")),
-    reason="no GPU with acon CUDA kernels here",
-)
-
-
-@needs_gpu
+@pytest.mark.cuda
 @pytest.mark.parametrize("name", ["p1", "p2", "beta"])
 def test_parameter_on_another_device_raises(name):
     x = torch.randn(2, 3, 4, device="cuda")
@@ -56,7 +50,7 @@ def test_parameter_on_another_device_raises(name):
         acon_cuda.acon_c(x, **params)
 
 
-@needs_gpu
+@pytest.mark.cuda
 def test_runs_on_the_current_stream():
     x = torch.randn(16, 32, 40, 40, device="cuda")
     p1, p2, beta = make_params(x, 1, False, torch.float32)
@@ -70,7 +64,7 @@ def test_runs_on_the_current_stream():
     torch.testing.assert_close(y, expected)
 
 
-@needs_gpu
+@pytest.mark.cuda
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="one GPU")
 def test_second_gpu():
     x = torch.randn(4, 8, 5, 5, device="cuda:1")
@@ -92,7 +86,7 @@ def chunked_reference_grads(x, p1, p2, beta, grad, channel_dim, dim, pieces):
     return totals
 
 
-@needs_gpu
+@pytest.mark.cuda
 @pytest.mark.parametrize(
     "shape, channel_dim, dim",
     [((2, 2, 2**29 + 3), 1, 2), ((2**28 + 3, 8), -1, 0)],
@@ -137,7 +131,7 @@ def cuda_kernels_in(fn):
     return [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
 
 
-@needs_gpu
+@pytest.mark.cuda
 @pytest.mark.parametrize("per_sample", [False, True])
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -159,7 +153,7 @@ def test_one_kernel_forward_two_backward(dtype, layout, per_sample):
     assert torch.equal(torch.ops.acon.acon_c_backward(grad, x, p1, p2, beta, 1, [True, False])[0], full[0])
 
 
-@needs_gpu
+@pytest.mark.cuda
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 def test_parameter_gradients_are_bit_identical_across_runs(layout):
     """Fixed-order sums, no atomics: the same gradients on every call."""
@@ -175,7 +169,7 @@ def test_parameter_gradients_are_bit_identical_across_runs(layout):
             assert torch.equal(a, b)
 
 
-@needs_gpu
+@pytest.mark.cuda
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 def test_cuda_graph_capture_and_replay(layout):
     """Forward and backward captured in a CUDA graph (after a warm-up call,

@@ -7,6 +7,7 @@ import contextlib
 import pytest
 import torch
 from cases import copy_free_layouts, make_params, make_x, per_sample_kinds
+from torch._dynamo.testing import AotEagerAndRecordGraphs
 from torch.func import grad, jacfwd, jacrev, vmap
 
 import acon_cuda
@@ -34,9 +35,19 @@ def test_grad_fn_is_the_function(device):
     (x, p1, p2, beta), _ = inputs(device)
     y = acon_cuda.acon_c(x.requires_grad_(), p1, p2, beta)
     assert type(y.grad_fn)._forward_cls is ops.AconCEagerFunction  # one node, classic form in eager
-    compiled = torch.compile(acon_cuda.acon_c, backend="aot_eager", fullgraph=True)
-    compiled(x, p1, p2, beta).sum().backward()  # traces ops.AconCFunction
-    assert x.grad is not None
+    (want,) = torch.autograd.grad(y.sum(), x)
+    x.grad = None
+    backend = AotEagerAndRecordGraphs()
+    compiled = torch.compile(acon_cuda.acon_c, backend=backend, fullgraph=True)
+    compiled(x, p1, p2, beta).sum().backward()
+    # Dynamo traced an autograd.Function (AconCFunction: the eager form has
+    # no setup_context and would break the graph) whose forward and backward
+    # are the fused ops.
+    (graph,) = backend.graphs
+    assert "torch.ops.higher_order.autograd_function_apply" in graph.code
+    assert "torch.ops.acon.acon_c_forward" in backend.fw_graphs[0].code
+    assert "torch.ops.acon.acon_c_backward" in backend.bw_graphs[0].code
+    torch.testing.assert_close(x.grad, want)
 
 
 def test_forward_mode_ad_outside_torch_func(device):

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import acon_cuda
+from acon_cuda.testing import TEST_SEED
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -54,7 +55,7 @@ BATCH = 8
 
 
 def ddp_model():
-    torch.manual_seed(0)
+    torch.manual_seed(TEST_SEED)
     return nn.Sequential(
         nn.Conv2d(3, 8, 3, padding=1),
         acon_cuda.AconC(8),
@@ -67,7 +68,7 @@ def ddp_model():
 
 
 def ddp_data():
-    g = torch.Generator().manual_seed(1)
+    g = torch.Generator().manual_seed(TEST_SEED + 1)
     return torch.randn(STEPS, BATCH, 3, 9, 9, generator=g), torch.randint(0, 4, (STEPS, BATCH), generator=g)
 
 
