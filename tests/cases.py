@@ -150,6 +150,8 @@ def assert_close_to_truth(actual, truth, size, opmath_dtype):
     bound, truth_error = size
     truth = truth.reshape(actual.shape)
     bound = bound.reshape(actual.shape)
+    if isinstance(truth_error, torch.Tensor):
+        truth_error = truth_error.reshape(actual.shape)
     err = (actual.double() - truth).abs()
     allowed = out_rtol * truth.abs() + out_atol + op_rtol * bound + op_atol + truth_error
     bad = ~(err <= allowed)
@@ -192,3 +194,36 @@ def dtype_pairs():
         yield pytest.param(dtype, dtype, id=name)
         if dtype != torch.float32:
             yield pytest.param(dtype, torch.float32, id=name + "-float32_params")
+
+
+# The launch plan's fields, as torch.ops.acon._acon_c_cuda_launch_plan lists
+# them for each kernel of a call (csrc/cuda/acon_c_launch.h).
+PLAN_FIELDS = ["kind", "grid", "threads", "items", "teams_per_block", "most_items", "busy_permille", "lanes"]
+PLAN_KINDS = {0: "runs", 1: "columns", 2: "reduce"}
+
+
+def launch_plan(x, per_sample, channel_dim, backward, multiprocessors, blocks_per_multiprocessor):
+    """The kernels a call launches on a GPU of that size, one dict each."""
+    c = x.shape[channel_dim]
+    beta = torch.ones((x.shape[0], c) if per_sample else (c,), dtype=x.dtype)
+    flat = torch.ops.acon._acon_c_cuda_launch_plan(
+        x, beta, channel_dim, backward, multiprocessors, blocks_per_multiprocessor
+    )
+    assert len(flat) % len(PLAN_FIELDS) == 0
+    kernels = [dict(zip(PLAN_FIELDS, flat[i : i + len(PLAN_FIELDS)])) for i in range(0, len(flat), len(PLAN_FIELDS))]
+    for k in kernels:
+        k["kind"] = PLAN_KINDS[k["kind"]]
+        if k["kind"] == "reduce":  # field 6: the most partial sums one lane adds
+            k["longest_lane"] = k.pop("busy_permille")
+    return kernels
+
+
+def empty_x(shape, layout, dtype):
+    """An uninitialised x (CPU pages are not touched): only its layout counts."""
+    if layout == "features_last":
+        n, c, *spatial = shape
+        return torch.empty(n, *spatial, c, dtype=dtype), -1
+    x = torch.empty(shape, dtype=dtype)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    return x, 1

@@ -1,7 +1,19 @@
+import os
+
 import pytest
 import torch
+from hypothesis import HealthCheck, settings
 
 from acon_cuda.testing import DEVICES, TEST_SEED, device_available
+
+# Drawn tests (tests/test_drawn.py) set their own example budgets. In CI the
+# same examples every run, and no example database; elsewhere new draws, and
+# failures are remembered in .hypothesis/.
+settings.register_profile(
+    "ci", derandomize=True, database=None, deadline=None, suppress_health_check=[HealthCheck.too_slow]
+)
+settings.register_profile("dev", deadline=None, suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci" if os.environ.get("CI") else "dev"))
 
 
 def pytest_runtest_setup(item):

@@ -5,43 +5,21 @@ GPU of a given size."""
 
 import math
 
+import cases
 import pytest
 import torch
+from cases import empty_x
 
 pytestmark = pytest.mark.skipif(
     not hasattr(torch.ops.acon, "_acon_c_cuda_launch_plan"),
     reason="this build has no CUDA kernels",
 )
 
-FIELDS = ["kind", "grid", "threads", "items", "teams_per_block", "most_items", "busy_permille", "lanes"]
-KINDS = {0: "runs", 1: "columns", 2: "reduce"}
 H200_MULTIPROCESSORS = 132
 
 
 def launch_plan(x, per_sample, channel_dim, backward, blocks_per_multiprocessor):
-    c = x.shape[channel_dim]
-    beta = torch.ones((x.shape[0], c) if per_sample else (c,), dtype=x.dtype)
-    flat = torch.ops.acon._acon_c_cuda_launch_plan(
-        x, beta, channel_dim, backward, H200_MULTIPROCESSORS, blocks_per_multiprocessor
-    )
-    assert len(flat) % len(FIELDS) == 0
-    kernels = [dict(zip(FIELDS, flat[i : i + len(FIELDS)])) for i in range(0, len(flat), len(FIELDS))]
-    for k in kernels:
-        k["kind"] = KINDS[k["kind"]]
-        if k["kind"] == "reduce":  # field 6: the most partial sums one lane adds
-            k["longest_lane"] = k.pop("busy_permille")
-    return kernels
-
-
-def empty_x(shape, layout, dtype):
-    """An uninitialised x (CPU pages are not touched): only its layout counts."""
-    if layout == "features_last":
-        n, c, *spatial = shape
-        return torch.empty(n, *spatial, c, dtype=dtype), -1
-    x = torch.empty(shape, dtype=dtype)
-    if layout == "channels_last":
-        x = x.contiguous(memory_format=torch.channels_last)
-    return x, 1
+    return cases.launch_plan(x, per_sample, channel_dim, backward, H200_MULTIPROCESSORS, blocks_per_multiprocessor)
 
 
 # (logical shape, layout, per-sample beta): the review's cases, training-sized

@@ -1,0 +1,127 @@
+"""Property-based cases (hypothesis) where hand-picked ones stop: drawn
+shapes, ranks, channel axes, strides, storage offsets, dtypes and beta
+kinds, for the fused op and the CUDA kernels' emulation against the float64
+truth, and drawn shapes and GPU sizes for the launch plan's invariants.
+
+Each test has a fixed example budget; CI (CI=true) draws the same examples
+every run (tests/conftest.py's hypothesis profiles)."""
+
+import math
+
+import pytest
+import torch
+from cases import check_against_truth, empty_x, launch_plan, leaves
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from acon_cuda.testing import DTYPES
+
+HAS_CUDA_HOOKS = hasattr(torch.ops.acon, "_acon_c_forward_cuda_emulated")
+needs_cuda_hooks = pytest.mark.skipif(not HAS_CUDA_HOOKS, reason="this build has no CUDA kernels")
+
+
+@st.composite
+def acon_inputs(draw, max_numel=6000):
+    """(x, p1, p2, beta, channel_dim): x of rank 2-5 in a drawn memory order,
+    possibly a strided slice at a storage offset; parameters of x's dtype or
+    float32, with size-1 axes added; beta per channel or per sample."""
+    rank = draw(st.integers(2, 5))
+    per_sample = draw(st.booleans())
+    cdim = draw(st.integers(1 if per_sample else 0, rank - 1))
+    shape = [draw(st.integers(1, 7)) for _ in range(rank)]
+    shape[cdim] = draw(st.integers(1, 70))
+    if draw(st.integers(0, 9)) == 0:  # now and then an empty axis
+        shape[draw(st.integers(0, rank - 1))] = 0
+    while math.prod(shape) > max_numel:
+        axis = max(range(rank), key=lambda i: shape[i])
+        shape[axis] //= 2
+    order = draw(st.permutations(range(rank)))  # memory order, outermost first
+    step_axis, step = draw(st.integers(0, rank - 1)), draw(st.sampled_from([1, 1, 2]))
+    offset = draw(st.integers(0, 3))
+    dtype = draw(st.sampled_from(DTYPES))
+    p_dtype = draw(st.sampled_from(sorted({dtype, torch.float32}, key=str)))
+    gen = torch.Generator().manual_seed(draw(st.integers(0, 2**31 - 1)))
+
+    stored = list(shape)
+    stored[step_axis] *= step
+    dense = [stored[i] for i in order]
+    storage = (3.0 * torch.randn(offset + math.prod(dense), generator=gen)).to(dtype)
+    x = storage[offset:].view(dense).permute([order.index(i) for i in range(rank)])
+    x = x.narrow(step_axis, 0, stored[step_axis])[(slice(None),) * step_axis + (slice(None, None, step),)]
+    assert list(x.shape) == shape
+
+    c, n = shape[cdim], shape[0]
+    channel_dim = draw(st.sampled_from([cdim, cdim - rank]))
+
+    def param(values, lead):
+        ones = draw(st.integers(0, 2))  # size-1 axes added
+        return values.reshape(*([1] * lead), *values.shape, *([1] * ones)).to(p_dtype)
+
+    p1 = param(torch.randn(c, generator=gen), draw(st.integers(0, 1)))
+    p2 = param(torch.randn(c, generator=gen), draw(st.integers(0, 1)))
+    beta_values = torch.randn((n, c) if per_sample else (c,), generator=gen) + 0.5
+    beta = param(beta_values, 0 if per_sample else draw(st.integers(0, 1)))
+    return x, p1, p2, beta, channel_dim
+
+
+@settings(max_examples=100)
+@given(acon_inputs())
+def test_drawn_inputs_match_reference(inputs):
+    x, p1, p2, beta, channel_dim = inputs
+    check_against_truth(x, p1, p2, beta, channel_dim)
+
+
+def run_emulated(gpu):
+    def run(x, p1, p2, beta, channel_dim, grad):
+        x, p1, p2, beta = leaves(x, p1, p2, beta)
+        y = torch.ops.acon._acon_c_forward_cuda_emulated(x, p1, p2, beta, channel_dim, *gpu)
+        grads = torch.ops.acon._acon_c_backward_cuda_emulated(grad, x, p1, p2, beta, channel_dim, *gpu, [True, True])
+        return y, grads
+
+    return run
+
+
+GPU_SIZES = st.tuples(st.sampled_from([1, 2, 7, 114, 132]), st.integers(1, 8))
+
+
+@needs_cuda_hooks
+@settings(max_examples=60)
+@given(acon_inputs(max_numel=3000), GPU_SIZES)
+def test_drawn_inputs_match_reference_in_the_cuda_emulation(inputs, gpu):
+    x, p1, p2, beta, channel_dim = inputs
+    if x.numel() == 0:
+        return  # the CUDA host code returns before the kernels
+    check_against_truth(x, p1, p2, beta, channel_dim, run=run_emulated(gpu))
+
+
+@needs_cuda_hooks
+@settings(max_examples=300)
+@given(
+    shape=st.lists(st.integers(1, 300), min_size=2, max_size=5).filter(lambda s: math.prod(s) <= 2**26),
+    layout=st.sampled_from(["contiguous", "channels_last", "features_last"]),
+    dtype=st.sampled_from(DTYPES),
+    per_sample=st.booleans(),
+    backward=st.booleans(),
+    multiprocessors=st.sampled_from([114, 132]),
+    blocks=st.integers(2, 8),
+)
+def test_drawn_launch_plans_hold_their_invariants(shape, layout, dtype, per_sample, backward, multiprocessors, blocks):
+    """For any shape: one main kernel (plus the reduce in a backward), its
+    grid within the resident blocks, and no block past its share of turns."""
+    if layout == "channels_last" and len(shape) != 4:
+        layout = "contiguous"
+    x, cdim = empty_x(shape, layout, dtype)
+    kernels = launch_plan(x, per_sample, cdim, backward, multiprocessors, blocks)
+    main = kernels[0]
+    assert main["kind"] in ("runs", "columns")
+    assert [k["kind"] for k in kernels[1:]] == (["reduce"] if backward else [])
+    # The main kernel loops over its items (grid-stride) in the blocks that
+    # fit at once; the reduce launches a block per group of lanes.
+    assert 1 <= main["grid"] <= multiprocessors * blocks
+    for k in kernels:
+        assert k["grid"] >= 1
+        assert k["threads"] % 32 == 0 and 32 <= k["threads"] <= 1024
+    turns = math.ceil(main["items"] / (main["grid"] * main["teams_per_block"]))
+    assert 1 <= main["most_items"] <= main["teams_per_block"] * turns
+    if main["kind"] == "runs":
+        assert 0 < main["busy_permille"] <= 1000
