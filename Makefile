@@ -12,13 +12,16 @@ TORCH ?= torch==2.14.1
 # benchmark's training step); with another TORCH, empty it: the extras then
 # bring the torchvision pip matches to that torch.
 TORCHVISION ?= torchvision==0.29.1
-# What the build needs, with torch and torchvision pinned; the test, bench
-# and lint tools come from the package's extras (pyproject.toml).
+# What the build needs, with torch and torchvision pinned; the test and
+# bench tools come from the package's extras (pyproject.toml).
 DEPS := $(TORCH) $(TORCHVISION) ninja setuptools wheel
-EXTRAS := test,bench,lint
+EXTRAS := test,bench
 
 DEPS_STAMP := $(VENV)/.acon-deps
 BUILD_STAMP := $(VENV)/.acon-build
+LINT_STAMP := $(VENV)/.acon-lint
+# The lint tools alone: `make lint` needs no torch and no compiled extension.
+LINT_TOOLS := ruff clang-format
 SOURCES := setup.py pyproject.toml acon_cuda/_version.py $(shell find csrc -type f)
 PY_FILES := setup.py acon_cuda benchmarks tests examples
 CXX_FILES := $(shell find csrc -name '*.h' -o -name '*.cuh' -o -name '*.cpp' -o -name '*.cu')
@@ -53,13 +56,17 @@ test-wheel: setup
 wheel: setup
 	$(PY) -m pip wheel --no-build-isolation --no-deps -w dist .
 
-lint: setup
+$(LINT_STAMP): Makefile | $(PY)
+	$(PY) -m pip install $(LINT_TOOLS)
+	touch $@
+
+lint: $(LINT_STAMP)
 	$(VENV)/bin/ruff check $(PY_FILES)
 	$(VENV)/bin/ruff format --check $(PY_FILES)
 	$(VENV)/bin/clang-format --dry-run -Werror $(CXX_FILES)
 
 # Rewrites the files as lint wants them.
-format: setup
+format: $(LINT_STAMP)
 	$(VENV)/bin/ruff check --fix $(PY_FILES)
 	$(VENV)/bin/ruff format $(PY_FILES)
 	$(VENV)/bin/clang-format -i $(CXX_FILES)
