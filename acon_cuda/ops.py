@@ -1,5 +1,26 @@
 """Python face of the acon ops: the public wrapper (a torch.autograd.Function),
-fake kernels and vmap rules."""
+fake kernels and vmap rules.
+
+Which autograd path a call of :func:`acon_c` takes:
+
+=====================================  ==========================================
+when                                   what runs
+=====================================  ==========================================
+plain eager call                       :class:`AconCEagerFunction` (classic form:
+                                       the cheapest ``apply``)
+torch.compile / dynamo tracing         :class:`AconCFunction` (``setup_context``
+                                       form, which dynamo traces)
+a torch.func transform is active       :class:`AconCFunctionWithJvp`, and the
+                                       ops' vmap rules below
+ONNX export                            ``reference.acon_c`` (standard operators)
+backward with ``create_graph=True``    ``reference.acon_c_backward`` (gradients
+                                       that are differentiable)
+``torch.ops.acon.acon_c_forward``      the ops' C++ autograd kernel
+called directly (exported programs)    (csrc/acon_c_autograd.cpp)
+=====================================  ==========================================
+
+Every path but the reference ones runs the fused kernels, forward and
+backward; MetaAconC's paths are listed in ``meta_acon.py``."""
 
 import torch
 from torch import Tensor
