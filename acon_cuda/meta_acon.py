@@ -18,6 +18,24 @@ parameters, buffers and rules (momentum, ``momentum=None``,
   Function's per-call costs, would cost more than the activation itself.
 
 The mean's gradient never exists at x's size.
+
+Which path ``MetaAconC.forward`` takes:
+
+=========================================  ======================================
+when                                       what runs
+=========================================  ======================================
+a submodule is not a plain Conv2d /        :func:`meta_acon_c_modules`: the
+BatchNorm2d, or has hooks                  submodules' own forward, then acon_c
+``impl="reference"``                       :func:`meta_acon_c_plain` with
+                                           ``reference.acon_c``
+tracing, torch.compile, torch.func,        :func:`meta_acon_c_plain` with the
+export, forward-mode AD, autocast,         fused ``ops.acon_c`` (its own paths:
+inference mode, an empty x, meta device    see ``ops.py``)
+any other eager call                       :func:`meta_acon_c`: the
+                                           ``_meta_acon_c`` op and its C++ node
+its backward with ``create_graph=True``    the node differentiates a recomputation
+                                           in ordinary ATen ops
+=========================================  ======================================
 """
 
 import math
