@@ -951,6 +951,13 @@ def _apply(model: nn.Module, plan: _Plan, orphans: List[_Orphan], modules: Dict[
                 if id(child) in replacements and replacements[id(child)] is not child:
                     setattr(parent, name, replacements[id(child)])
                     changed = True
+    # The new modules take the mode of the block they are in, as if they had
+    # been there when model.train() / model.eval() ran.
+    new = {id(m) for m in modules.values()}
+    for parent in model.modules():
+        for child in parent.children():
+            if id(child) in new:
+                child.train(parent.training)
     return model
 
 
