@@ -196,6 +196,20 @@ def dtype_pairs():
             yield pytest.param(dtype, torch.float32, id=name + "-float32_params")
 
 
+def run_emulated(gpu):
+    """A `run` for check_against_truth: the CUDA kernels' code emulated on
+    the CPU (the CUDA build's test hooks), on a GPU of gpu = (multiprocessors,
+    resident blocks per multiprocessor)."""
+
+    def run(x, p1, p2, beta, channel_dim, grad):
+        x, p1, p2, beta = leaves(x, p1, p2, beta)
+        y = torch.ops.acon._acon_c_forward_cuda_emulated(x, p1, p2, beta, channel_dim, *gpu)
+        grads = torch.ops.acon._acon_c_backward_cuda_emulated(grad, x, p1, p2, beta, channel_dim, *gpu, [True, True])
+        return y, grads
+
+    return run
+
+
 # The launch plan's fields, as torch.ops.acon._acon_c_cuda_launch_plan lists
 # them for each kernel of a call (csrc/cuda/acon_c_launch.h).
 PLAN_FIELDS = ["kind", "grid", "threads", "items", "teams_per_block", "most_items", "busy_permille", "lanes"]

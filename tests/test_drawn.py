@@ -10,14 +10,13 @@ import math
 
 import pytest
 import torch
-from cases import check_against_truth, empty_x, launch_plan, leaves
+from cases import check_against_truth, empty_x, launch_plan, run_emulated
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from acon_cuda.testing import DTYPES
+from acon_cuda.testing import DTYPES, has_cuda_test_hooks
 
-HAS_CUDA_HOOKS = hasattr(torch.ops.acon, "_acon_c_forward_cuda_emulated")
-needs_cuda_hooks = pytest.mark.skipif(not HAS_CUDA_HOOKS, reason="this build has no CUDA kernels")
+needs_cuda_hooks = pytest.mark.skipif(not has_cuda_test_hooks(), reason="this build has no CUDA kernels")
 
 
 @st.composite
@@ -69,16 +68,6 @@ def acon_inputs(draw, max_numel=6000):
 def test_drawn_inputs_match_reference(inputs):
     x, p1, p2, beta, channel_dim = inputs
     check_against_truth(x, p1, p2, beta, channel_dim)
-
-
-def run_emulated(gpu):
-    def run(x, p1, p2, beta, channel_dim, grad):
-        x, p1, p2, beta = leaves(x, p1, p2, beta)
-        y = torch.ops.acon._acon_c_forward_cuda_emulated(x, p1, p2, beta, channel_dim, *gpu)
-        grads = torch.ops.acon._acon_c_backward_cuda_emulated(grad, x, p1, p2, beta, channel_dim, *gpu, [True, True])
-        return y, grads
-
-    return run
 
 
 GPU_SIZES = st.tuples(st.sampled_from([1, 2, 7, 114, 132]), st.integers(1, 8))
