@@ -97,7 +97,7 @@ def batch_norm_mode(bn):
     """(running_mean, running_var, use_batch_statistics, momentum), as
     ``nn.BatchNorm2d.forward`` chooses them, counting the batch in
     ``num_batches_tracked`` as that forward does. The eager op resolves the
-    same in C++ (``batch_norm_mode`` in csrc/meta_acon_c.cpp).
+    same in C++ (``batch_norm_mode`` and ``count_batch`` in csrc/meta_acon_c.cpp).
     Buffers are read from ``bn._buffers``: ``nn.Module.__getattr__`` costs
     about a microsecond per access here."""
     buffers = bn._buffers
@@ -240,15 +240,11 @@ def meta_acon_c(module, x: Tensor, cdim: int) -> Tensor:
         _, bn1, _, bn2 = _generator_modules(module)
         s1, s2 = bn1._buffers, bn2._buffers
         return _meta_op(
-            x, p1, p2, w1, b1, w2, b2,
+            x, p1, p2, w1, b1, w2, b2, cdim, True,
             g1, c1, s1.get("running_mean"), s1.get("running_var"), s1.get("num_batches_tracked"),
+            bn1.training, bn1.track_running_stats, bn1.momentum, bn1.eps,
             g2, c2, s2.get("running_mean"), s2.get("running_var"), s2.get("num_batches_tracked"),
-            True, [bn1.training, bn1.track_running_stats, bn2.training, bn2.track_running_stats],
-            [math.nan if bn1.momentum is None else bn1.momentum, bn1.eps,
-             math.nan if bn2.momentum is None else bn2.momentum, bn2.eps],
-            cdim,
+            bn2.training, bn2.track_running_stats, bn2.momentum, bn2.eps,
         )  # fmt: skip
     w1, b1, w2, b2 = _generator_params(module)
-    return _meta_op(
-        x, p1, p2, w1, b1, w2, b2, *(None,) * 10, False, [False] * 4, [0.0] * 4, cdim
-    )  # fmt: skip
+    return _meta_op(x, p1, p2, w1, b1, w2, b2, cdim)

@@ -45,6 +45,14 @@ def device_available(device: str) -> bool:
     return True
 
 
+def has_cuda_test_hooks() -> bool:
+    """Whether this build has kernels for the CUDA kernels' test hooks
+    (``_acon_c_forward_cuda_emulated``, ``_acon_c_backward_cuda_emulated``,
+    ``_acon_c_cuda_launch_plan``), which run on CPU tensors: CUDA builds
+    only, though every build has their schemas."""
+    return torch._C._dispatch_has_kernel_for_dispatch_key("acon::_acon_c_forward_cuda_emulated", "CPU")
+
+
 def assert_as_accurate(actual, baseline, truth, slack: float = 4.0) -> None:
     """Checks that the tensors `actual` are as close to the float64 `truth`
     as `baseline` (the same values by another computation order, in the

@@ -1,5 +1,7 @@
-// Schemas of the acon ops. Each device registers its kernels in its own file
-// (csrc/cpu/, csrc/cuda/); fake kernels and autograd live in acon_cuda/ops.py.
+// Every schema of the acon library. Kernels are registered beside their
+// code: each device's in csrc/cpu/ and csrc/cuda/, the autograd kernels in
+// csrc/acon_c_autograd.cpp and csrc/meta_acon_c.cpp; fake kernels and vmap
+// rules are Python (acon_cuda/ops.py).
 #include <Python.h>
 #include <torch/library.h>
 
@@ -24,4 +26,36 @@ TORCH_LIBRARY(acon, m) {
   m.def(
       "acon_c_check_args(Tensor x, Tensor p1, Tensor p2, Tensor beta, int channel_dim, "
       "Tensor? grad_y=None) -> ()");
+
+  // Internal, eager only: MetaAconC's forward (acon_cuda/meta_acon.py), each
+  // BatchNorm given by its parameters, buffers (updated as its forward
+  // updates them) and settings, bn*_momentum None for a cumulative average.
+  // The defaults are nn.BatchNorm2d's; without norm no BatchNorm argument is
+  // read. Traced and compiled code runs meta_acon_c_plain's ordinary ops.
+  m.def(
+      "_meta_acon_c(Tensor x, Tensor p1, Tensor p2, Tensor w1, Tensor? b1, Tensor w2, Tensor? b2, int channel_dim, "
+      "bool norm=False, "
+      "Tensor? bn1_weight=None, Tensor? bn1_bias=None, Tensor(a!)? bn1_running_mean=None, "
+      "Tensor(b!)? bn1_running_var=None, Tensor(c!)? bn1_num_batches_tracked=None, bool bn1_training=True, "
+      "bool bn1_track_running_stats=True, float? bn1_momentum=0.1, float bn1_eps=1e-05, "
+      "Tensor? bn2_weight=None, Tensor? bn2_bias=None, Tensor(d!)? bn2_running_mean=None, "
+      "Tensor(e!)? bn2_running_var=None, Tensor(f!)? bn2_num_batches_tracked=None, bool bn2_training=True, "
+      "bool bn2_track_running_stats=True, float? bn2_momentum=0.1, float bn2_eps=1e-05) -> Tensor");
+
+  // Which build of the CPU kernels runs here: "AVX512", "AVX2" or "DEFAULT".
+  m.def("cpu_kernel_isa() -> str");
+
+  // Test hooks with a kernel in CUDA builds only (csrc/cuda/acon_c_emulation.cpp;
+  // acon_cuda.testing.has_cuda_test_hooks): the CUDA kernels' per-thread code
+  // and launch plan run on CPU tensors as on a GPU of the given size.
+  m.def(
+      "_acon_c_forward_cuda_emulated(Tensor x, Tensor p1, Tensor p2, Tensor beta, int channel_dim, "
+      "int multiprocessors, int blocks_per_multiprocessor) -> Tensor");
+  m.def(
+      "_acon_c_backward_cuda_emulated(Tensor grad_y, Tensor x, Tensor p1, Tensor p2, Tensor beta, "
+      "int channel_dim, int multiprocessors, int blocks_per_multiprocessor, bool[2] output_mask) -> "
+      "(Tensor, Tensor, Tensor, Tensor)");
+  m.def(
+      "_acon_c_cuda_launch_plan(Tensor x, Tensor beta, int channel_dim, bool backward, int multiprocessors, "
+      "int blocks_per_multiprocessor) -> int[]");
 }

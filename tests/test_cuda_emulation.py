@@ -10,10 +10,12 @@ barriers, races, and the GPU itself."""
 
 import pytest
 import torch
-from cases import check_against_truth, dtype_pairs, leaves, make_params, make_x, per_sample_kinds, shape_layouts
+from cases import check_against_truth, dtype_pairs, make_params, make_x, per_sample_kinds, run_emulated, shape_layouts
+
+from acon_cuda.testing import has_cuda_test_hooks
 
 pytestmark = pytest.mark.skipif(
-    not hasattr(torch.ops.acon, "_acon_c_forward_cuda_emulated"),
+    not has_cuda_test_hooks(),
     reason="this build has no CUDA kernels",
 )
 
@@ -21,16 +23,6 @@ pytestmark = pytest.mark.skipif(
 # kernels' occupancy, and a one-block GPU, on which every block loops over
 # many work items.
 GPUS = [pytest.param((132, 3), id="h200"), pytest.param((1, 1), id="one_block")]
-
-
-def run_emulated(gpu):
-    def run(x, p1, p2, beta, channel_dim, grad):
-        x, p1, p2, beta = leaves(x, p1, p2, beta)
-        y = torch.ops.acon._acon_c_forward_cuda_emulated(x, p1, p2, beta, channel_dim, *gpu)
-        grads = torch.ops.acon._acon_c_backward_cuda_emulated(grad, x, p1, p2, beta, channel_dim, *gpu, [True, True])
-        return y, grads
-
-    return run
 
 
 @pytest.mark.parametrize("gpu", GPUS)

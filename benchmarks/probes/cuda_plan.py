@@ -12,6 +12,7 @@ import sys
 import torch
 
 import acon_cuda  # noqa: F401  (registers the ops)
+from acon_cuda.testing import has_cuda_test_hooks
 
 H200_MULTIPROCESSORS = 132
 FIELDS = ["kind", "grid", "threads", "items", "teams_per_block", "most_items", "busy_or_longest", "lanes"]
@@ -35,7 +36,7 @@ def plan(x, channel_dim, per_sample, backward, blocks_per_sm):
 
 
 def main():
-    if not hasattr(torch.ops.acon, "_acon_c_cuda_launch_plan"):
+    if not has_cuda_test_hooks():
         sys.exit("this build has no CUDA kernels")
     args = sys.argv[1:]
     backward = "forward" not in args

@@ -171,9 +171,10 @@ void* thread_scratch_bytes(int slot, int64_t bytes) {
 
 } // namespace acon_cuda::cpu
 
-TORCH_LIBRARY_FRAGMENT(acon, m) {
-  // Which build of the CPU kernels runs here: "AVX512", "AVX2" or "DEFAULT".
-  m.def("cpu_kernel_isa() -> str", &acon_cuda::cpu::kernel_isa_name);
+// cpu_kernel_isa takes no tensor, so no backend key dispatches it: a
+// CompositeImplicitAutograd kernel also serves calls without tensors.
+TORCH_LIBRARY_IMPL(acon, CompositeImplicitAutograd, m) {
+  m.impl("cpu_kernel_isa", &acon_cuda::cpu::kernel_isa_name);
 }
 
 TORCH_LIBRARY_IMPL(acon, CPU, m) {

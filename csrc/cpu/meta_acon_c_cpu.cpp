@@ -12,6 +12,8 @@
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <tuple>
+#include <utility>
 #include <vector>
 
 namespace acon_cuda::cpu {
@@ -172,6 +174,37 @@ bool is_small_product(const at::Tensor& a, const at::Tensor& b, const at::Tensor
   return small_product_takes(a, b, bias) && a.size(0) * a.size(1) * b.size(1) <= kSmallProduct;
 }
 
+bool is_parallel_product(const at::Tensor& a, const at::Tensor& b) {
+  return at::get_num_threads() >= 2 && a.size(0) * b.size(1) * a.size(1) >= (int64_t{1} << 19);
+}
+
+at::Tensor parallel_product(const at::Tensor& a, const at::Tensor& b, const at::Tensor& bias) {
+  const int64_t rows = a.size(0);
+  const int64_t cols = b.size(1);
+  at::Tensor out = at::empty({rows, cols}, a.options());
+  const bool by_rows = rows >= cols;
+  const int64_t length = by_rows ? rows : cols;
+  const int64_t parts = std::min<int64_t>(at::get_num_threads(), length);
+  at::parallel_for(0, parts, 1, [&](int64_t begin, int64_t end) {
+    // Grad mode is per thread and on by default in the pool's threads (the
+    // caller's is off: a node's forward or backward).
+    const at::NoGradGuard no_grad;
+    for (int64_t part = begin; part < end; ++part) {
+      const int64_t start = length * part / parts;
+      const int64_t size = length * (part + 1) / parts - start;
+      const at::Tensor a_part = by_rows ? a.narrow(0, start, size) : a;
+      const at::Tensor b_part = by_rows ? b : b.narrow(1, start, size);
+      at::Tensor out_part = out.narrow(by_rows ? 0 : 1, start, size);
+      if (bias.defined()) {
+        at::addmm_out(out_part, by_rows ? bias : bias.narrow(0, start, size), a_part, b_part);
+      } else {
+        at::mm_out(out_part, a_part, b_part);
+      }
+    }
+  });
+  return out;
+}
+
 bool is_small_column_sum(const at::Tensor& a) {
   return a.is_cpu() && is_float_or_double(a) && a.dim() == 2 && a.numel() <= kSmallProduct;
 }
@@ -292,6 +325,19 @@ at::Tensor write_features(const std::vector<opmath_t>& values, at::Tensor t) {
   return t;
 }
 
+// The running statistics the BatchNorm normalises with, without batch
+// statistics: their mean and 1 / sqrt(var + eps) per feature (mean 0 and
+// var 1 where undefined).
+template <typename opmath_t>
+std::pair<std::vector<opmath_t>, std::vector<opmath_t>> running_mean_invstd(const BatchNormMode& mode, int64_t F) {
+  std::vector<opmath_t> mean = feature_values<opmath_t>(mode.running_mean, F, 0);
+  std::vector<opmath_t> invstd = feature_values<opmath_t>(mode.running_var, F, 1);
+  for (int64_t f = 0; f < F; ++f) {
+    invstd[f] = opmath_t(1) / std::sqrt(invstd[f] + static_cast<opmath_t>(mode.eps));
+  }
+  return {mean, invstd};
+}
+
 template <typename opmath_t>
 at::Tensor feature_tensor(const std::vector<opmath_t>& values, const at::TensorOptions& options) {
   return write_features(values, at::empty({static_cast<int64_t>(values.size())}, options));
@@ -299,15 +345,8 @@ at::Tensor feature_tensor(const std::vector<opmath_t>& values, const at::TensorO
 
 } // namespace
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_rows(
-    const at::Tensor& input,
-    const at::Tensor& weight,
-    const at::Tensor& bias,
-    const at::Tensor& running_mean,
-    const at::Tensor& running_var,
-    bool use_batch_stats,
-    double momentum,
-    double eps) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_rows(const at::Tensor& input, const BatchNorm& bn) {
+  const BatchNormMode& mode = bn.mode;
   const at::Tensor in = input.contiguous();
   const int64_t N = in.size(0);
   const int64_t F = in.size(1);
@@ -318,7 +357,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_rows(
     const at::TensorOptions stat_options = in.options().dtype(c10::CppTypeToScalarType<opmath_t>::value);
     const scalar_t* x = in.const_data_ptr<scalar_t>();
     std::vector<opmath_t> mean(F, 0), invstd(F, 0);
-    if (use_batch_stats) {
+    if (mode.use_batch_stats) {
       std::vector<opmath_t> var_sum(F, 0);
       for (int64_t n = 0; n < N; ++n) {
         for (int64_t f = 0; f < F; ++f) {
@@ -335,37 +374,33 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_rows(
         }
       }
       for (int64_t f = 0; f < F; ++f) {
-        invstd[f] = opmath_t(1) / std::sqrt(var_sum[f] / static_cast<opmath_t>(N) + static_cast<opmath_t>(eps));
+        invstd[f] = opmath_t(1) / std::sqrt(var_sum[f] / static_cast<opmath_t>(N) + static_cast<opmath_t>(mode.eps));
       }
-      if (running_mean.defined() && running_var.defined()) {
+      if (mode.running_mean.defined() && mode.running_var.defined()) {
         // In place, in the buffers' own dtype, as native_batch_norm does.
-        std::vector<opmath_t> rm = feature_values<opmath_t>(running_mean, F, 0);
-        std::vector<opmath_t> rv = feature_values<opmath_t>(running_var, F, 1);
-        const auto m = static_cast<opmath_t>(momentum);
+        std::vector<opmath_t> rm = feature_values<opmath_t>(mode.running_mean, F, 0);
+        std::vector<opmath_t> rv = feature_values<opmath_t>(mode.running_var, F, 1);
+        const auto m = static_cast<opmath_t>(mode.momentum);
         for (int64_t f = 0; f < F; ++f) {
           rm[f] = m * mean[f] + (1 - m) * rm[f];
           rv[f] = m * var_sum[f] / static_cast<opmath_t>(N - 1) + (1 - m) * rv[f];
         }
-        write_features(rm, running_mean);
-        write_features(rv, running_var);
+        write_features(rm, mode.running_mean);
+        write_features(rv, mode.running_var);
         // Written through pointers: tell autograd, as an in-place op would.
-        torch::autograd::impl::bump_version(running_mean);
-        torch::autograd::impl::bump_version(running_var);
+        torch::autograd::impl::bump_version(mode.running_mean);
+        torch::autograd::impl::bump_version(mode.running_var);
       }
       save_mean = feature_tensor(mean, stat_options);
       save_invstd = feature_tensor(invstd, stat_options);
     } else {
-      mean = feature_values<opmath_t>(running_mean, F, 0);
-      invstd = feature_values<opmath_t>(running_var, F, 1);
-      for (int64_t f = 0; f < F; ++f) {
-        invstd[f] = opmath_t(1) / std::sqrt(invstd[f] + static_cast<opmath_t>(eps));
-      }
+      std::tie(mean, invstd) = running_mean_invstd<opmath_t>(mode, F);
       save_mean = at::empty({0}, stat_options);
       save_invstd = at::empty({0}, stat_options);
     }
     // out = x * scale + shift, per feature.
-    const std::vector<opmath_t> w = feature_values<opmath_t>(weight, F, 1);
-    const std::vector<opmath_t> b = feature_values<opmath_t>(bias, F, 0);
+    const std::vector<opmath_t> w = feature_values<opmath_t>(bn.weight, F, 1);
+    const std::vector<opmath_t> b = feature_values<opmath_t>(bn.bias, F, 0);
     std::vector<opmath_t> scale(F), shift(F);
     for (int64_t f = 0; f < F; ++f) {
       scale[f] = invstd[f] * w[f];
@@ -383,16 +418,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_rows(
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_rows_backward(
     const at::Tensor& grad_out,
-    const at::Tensor& input,
-    const at::Tensor& weight,
-    const at::Tensor& running_mean,
-    const at::Tensor& running_var,
-    const at::Tensor& save_mean,
-    const at::Tensor& save_invstd,
-    bool use_batch_stats,
-    double eps,
+    const BatchNorm& bn,
+    const BatchNormSaved& saved,
     std::array<bool, 3> output_mask) {
-  const at::Tensor in = input.contiguous();
+  const BatchNormMode& mode = bn.mode;
+  const at::Tensor in = saved.input.contiguous();
   const at::Tensor dy = grad_out.contiguous();
   const int64_t N = in.size(0);
   const int64_t F = in.size(1);
@@ -401,15 +431,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_rows_backward(
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in.scalar_type(), "batch_norm_rows_backward", [&] {
     using opmath_t = at::acc_type<scalar_t, false>;
     std::vector<opmath_t> mean, invstd;
-    if (use_batch_stats) {
-      mean = feature_values<opmath_t>(save_mean, F, 0);
-      invstd = feature_values<opmath_t>(save_invstd, F, 0);
+    if (mode.use_batch_stats) {
+      mean = feature_values<opmath_t>(saved.save_mean, F, 0);
+      invstd = feature_values<opmath_t>(saved.save_invstd, F, 0);
     } else {
-      mean = feature_values<opmath_t>(running_mean, F, 0);
-      invstd = feature_values<opmath_t>(running_var, F, 1);
-      for (int64_t f = 0; f < F; ++f) {
-        invstd[f] = opmath_t(1) / std::sqrt(invstd[f] + static_cast<opmath_t>(eps));
-      }
+      std::tie(mean, invstd) = running_mean_invstd<opmath_t>(mode, F);
     }
     const scalar_t* x = in.const_data_ptr<scalar_t>();
     const scalar_t* g = dy.const_data_ptr<scalar_t>();
@@ -422,14 +448,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_rows_backward(
         sum_dy_xhat[f] += d * (static_cast<opmath_t>(x[n * F + f]) - mean[f]) * invstd[f];
       }
     }
-    const std::vector<opmath_t> w = feature_values<opmath_t>(weight, F, 1);
+    const std::vector<opmath_t> w = feature_values<opmath_t>(bn.weight, F, 1);
     if (grad_in.defined()) {
       scalar_t* gi = grad_in.mutable_data_ptr<scalar_t>();
       const auto inv_n = opmath_t(1) / static_cast<opmath_t>(N);
       for (int64_t n = 0; n < N; ++n) {
         for (int64_t f = 0; f < F; ++f) {
           const opmath_t d = static_cast<opmath_t>(g[n * F + f]);
-          if (use_batch_stats) {
+          if (mode.use_batch_stats) {
             const opmath_t xhat = (static_cast<opmath_t>(x[n * F + f]) - mean[f]) * invstd[f];
             gi[n * F + f] =
                 static_cast<scalar_t>(w[f] * invstd[f] * (d - sum_dy[f] * inv_n - xhat * sum_dy_xhat[f] * inv_n));
@@ -439,7 +465,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_rows_backward(
         }
       }
     }
-    const at::TensorOptions params = weight.defined() ? weight.options() : in.options();
+    const at::TensorOptions params = bn.weight.defined() ? bn.weight.options() : in.options();
     if (output_mask[1]) {
       grad_weight = feature_tensor(sum_dy_xhat, params);
     }

@@ -1,7 +1,9 @@
 // CPU kernels of Meta-ACON's generator outside the acon ops: the per-sample
-// mean that feeds it and its BatchNorms on (N, F) values.
-// csrc/meta_acon_c.cpp calls them for CPU tensors.
+// mean that feeds it, its matrix products and sums, and its BatchNorms on
+// (N, F) values. csrc/meta_acon_c_generator.cpp calls them for CPU tensors.
 #pragma once
+
+#include "../meta_acon_c_generator.h"
 
 #include <ATen/ATen.h>
 
@@ -24,6 +26,17 @@ bool is_small_product(const at::Tensor& a, const at::Tensor& b, const at::Tensor
 // summed over the inner axis in a fixed order, then the bias added.
 at::Tensor small_product(const at::Tensor& a, const at::Tensor& b, const at::Tensor& bias);
 
+// Whether parallel_product pays: more than one thread, and enough
+// arithmetic (below ~1 MFLOP the threads' start-up costs more than they save).
+bool is_parallel_product(const at::Tensor& a, const at::Tensor& b);
+
+// bias + a @ b cut into one block of rows or columns per thread, each an
+// ordinary BLAS call: BLAS libraries hardly parallelise these short products
+// (N rows, N the batch), which made them the generator's largest cost on 2
+// cores. Each output element is still computed by one call, so results do
+// not depend on timing.
+at::Tensor parallel_product(const at::Tensor& a, const at::Tensor& b, const at::Tensor& bias);
+
 // Whether column_sums takes a: a small (rows, cols) float or double matrix.
 bool is_small_column_sum(const at::Tensor& a);
 
@@ -38,28 +51,14 @@ at::Tensor column_sums(const at::Tensor& a);
 // tensors' arithmetic. Returns (out, save_mean, save_invstd), the last two in
 // the accumulate type (double for float32, as ATen accumulates; empty
 // without batch statistics).
-std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_rows(
-    const at::Tensor& input,
-    const at::Tensor& weight,
-    const at::Tensor& bias,
-    const at::Tensor& running_mean,
-    const at::Tensor& running_var,
-    bool use_batch_stats,
-    double momentum,
-    double eps);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_rows(const at::Tensor& input, const BatchNorm& bn);
 
 // Its backward: (grad_input, grad_weight, grad_bias), the last two undefined
 // unless asked for.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_rows_backward(
     const at::Tensor& grad_out,
-    const at::Tensor& input,
-    const at::Tensor& weight,
-    const at::Tensor& running_mean,
-    const at::Tensor& running_var,
-    const at::Tensor& save_mean,
-    const at::Tensor& save_invstd,
-    bool use_batch_stats,
-    double eps,
+    const BatchNorm& bn,
+    const BatchNormSaved& saved,
     std::array<bool, 3> output_mask);
 
 } // namespace acon_cuda::cpu

@@ -1,4 +1,5 @@
-// Test hooks, in CUDA builds only (tests/test_cuda_emulation.py):
+// Test hooks' kernels, in CUDA builds only (tests/test_cuda_emulation.py;
+// the schemas, in every build, are in csrc/acon.cpp):
 // - the CUDA ops run on CPU tensors, with the kernels' own per-thread code
 //   (acon_c_kernel.cuh) and host flow (acon_c_launch.h), block by block and
 //   thread by thread, as on a GPU of a given size. Warp shuffles and shared-
@@ -238,19 +239,6 @@ std::vector<int64_t> acon_c_launch_plan(
 
 } // namespace
 } // namespace acon_cuda::cuda
-
-TORCH_LIBRARY_FRAGMENT(acon, m) {
-  m.def(
-      "_acon_c_forward_cuda_emulated(Tensor x, Tensor p1, Tensor p2, Tensor beta, int channel_dim, "
-      "int multiprocessors, int blocks_per_multiprocessor) -> Tensor");
-  m.def(
-      "_acon_c_backward_cuda_emulated(Tensor grad_y, Tensor x, Tensor p1, Tensor p2, Tensor beta, "
-      "int channel_dim, int multiprocessors, int blocks_per_multiprocessor, bool[2] output_mask) -> "
-      "(Tensor, Tensor, Tensor, Tensor)");
-  m.def(
-      "_acon_c_cuda_launch_plan(Tensor x, Tensor beta, int channel_dim, bool backward, int multiprocessors, "
-      "int blocks_per_multiprocessor) -> int[]");
-}
 
 TORCH_LIBRARY_IMPL(acon, CPU, m) {
   m.impl("_acon_c_forward_cuda_emulated", &acon_cuda::cuda::acon_c_forward_emulated);
