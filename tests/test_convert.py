@@ -446,41 +446,34 @@ def same_outputs_and_grads(original, converted, x):
             torch.testing.assert_close(grads[name].grad, p.grad, rtol=1e-5, atol=1e-6, msg=name)
 
 
-class FrozenFeatures(nn.Module):
-    """A frozen stem's functional activation, and a module activation after it."""
+class ConvHeadAct(nn.Module):
+    """Two convolutions and a SiLU module; subclasses' forwards use them with
+    something a graph cannot hold."""
 
-    def __init__(self):
-        super().__init__()
-        self.stem = nn.Conv2d(3, 8, 3)
-        self.head = nn.Conv2d(8, 8, 1)
-        self.act = nn.SiLU()
-
-    def forward(self, x):
-        with torch.no_grad():
-            f = F.silu(self.stem(x))
-        return self.act(self.head(f))
-
-
-class Autocast(nn.Module):
     def __init__(self):
         super().__init__()
         self.conv = nn.Conv2d(3, 8, 1)
         self.head = nn.Conv2d(8, 8, 1)
         self.act = nn.SiLU()
 
+
+class FrozenFeatures(ConvHeadAct):
+    """A frozen stem's functional activation, and a module activation after it."""
+
+    def forward(self, x):
+        with torch.no_grad():
+            f = F.silu(self.conv(x))
+        return self.act(self.head(f))
+
+
+class Autocast(ConvHeadAct):
     def forward(self, x):
         h = self.act(self.conv(x))
         with torch.autocast("cpu", dtype=torch.bfloat16):
             return F.silu(self.head(h))
 
 
-class Checkpointed(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.conv = nn.Conv2d(3, 8, 1)
-        self.head = nn.Conv2d(8, 8, 1)
-        self.act = nn.SiLU()
-
+class Checkpointed(ConvHeadAct):
     def forward(self, x):
         return checkpoint(self.segment, self.act(self.conv(x)), use_reentrant=False)
 
@@ -543,13 +536,7 @@ def test_a_checkpointed_segment_still_recomputes():
     assert len(runs) == 2  # the forward, and again in the backward
 
 
-class SharedInNoGrad(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.conv = nn.Conv2d(3, 8, 1)
-        self.head = nn.Conv2d(8, 8, 1)
-        self.act = nn.SiLU()
-
+class SharedInNoGrad(ConvHeadAct):
     def forward(self, x):
         with torch.no_grad():
             h = self.act(self.conv(x))
