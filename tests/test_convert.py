@@ -619,3 +619,13 @@ def test_meta_acon_generators_built_by_the_dry_run_keep_the_models_mode(train):
         # The dry run moved no statistics.
         assert int(meta.bn1.num_batches_tracked) == 0 and int(meta.bn2.num_batches_tracked) == 0
         assert torch.equal(meta.bn2.running_mean, torch.zeros(meta.width))
+
+
+@pytest.mark.parametrize("new", ["acon_c", "meta_acon_c"])
+def test_a_model_on_the_meta_device_converts(new):
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 4, 1), nn.ReLU()).to("meta")
+    model = acon_cuda.convert_activations(model, new=new, example_input=torch.randn(2, 3, 8, 8, device="meta"))
+    acons = [m for m in model.modules() if isinstance(m, _Acon)]
+    assert [m.width for m in acons] == [8, 4]
+    assert all(p.is_meta for p in model.parameters())
+    assert model(torch.randn(2, 3, 8, 8, device="meta")).shape == (2, 4, 6, 6)

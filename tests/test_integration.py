@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 from cases import copy_free_layouts, make_params, make_x, per_sample_kinds
@@ -217,6 +218,32 @@ def call(x=None, p1=None, p2=None, beta=None, channel_dim=1):
 def test_bad_input_raises_a_clear_error(kwargs, error, words):
     with pytest.raises(error, match=words):
         call(**kwargs)
+
+
+@pytest.mark.parametrize(
+    "name, value",
+    [
+        ("x", np.ones((2, 3, 4), dtype=np.float32)),
+        ("p1", [1.0, 2.0, 3.0]),
+        ("p2", np.zeros(3, dtype=np.float32)),
+        ("beta", 1.0),
+        ("channel_dim", 1.0),
+        ("channel_dim", True),
+        ("channel_dim", torch.tensor(1)),
+    ],
+    ids=lambda v: v if isinstance(v, str) else type(v).__name__,
+)
+def test_arguments_of_another_type_raise_a_type_error_naming_them(name, value):
+    args = {
+        "x": torch.randn(2, 3, 4),
+        "p1": torch.randn(3),
+        "p2": torch.randn(3),
+        "beta": torch.ones(3),
+        "channel_dim": 1,
+    }
+    args[name] = value
+    with pytest.raises(TypeError, match=f"acon_c: {name} must be"):
+        acon_cuda.acon_c(**args)
 
 
 def test_bad_input_raises_under_meta_and_compile():
