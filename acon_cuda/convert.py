@@ -21,6 +21,7 @@ It runs in phases:
 """
 
 import contextlib
+import cProfile
 import dis
 import functools
 import inspect
@@ -154,7 +155,7 @@ def convert_activations(
     # 3. Plan.
     plan = _plan(sites, share)
     # 4. Decide axes.
-    _decide_axes(traced, plan, orphans, axis_given)
+    _decide_axes(traced, plan, orphans, axis_given or not takes_axis)
     for own in plan.by_block("own").values():
         _refuse_mode_dependent(traced, own[0])
     # 5. Rewrite.
@@ -436,13 +437,17 @@ def _state_the_graph_drops(block: nn.Module) -> List[str]:
                 found[what] = None
 
     previous = sys.getprofile()
+    if previous is not None and not callable(previous) and not isinstance(previous, cProfile.Profile):
+        # A profiler written in C other than cProfile: it could not be put
+        # back, so the forward is not watched and the block stays as it is.
+        return [f"nothing that could be checked while {type(previous).__name__} profiles"]
     sys.setprofile(watch)
     try:
         _OneLevelTracer().trace(block)
     finally:
         if previous is None or callable(previous):
             sys.setprofile(previous)
-        else:  # a profiler written in C, like cProfile's: sys.getprofile() gives its object, which re-enables it
+        else:  # cProfile's: sys.getprofile() gives its object, which re-enables it
             sys.setprofile(None)
             previous.enable()
     for code in with_statements:
@@ -888,7 +893,8 @@ def _left_note(traced: _TracedModel, left: List[_Site], drops: List[str], share:
 
 def _decide_axes(traced: _TracedModel, plan: _Plan, orphans: List[_Orphan], axis_given: bool) -> None:
     """Sets each converted site's channel axis; a ValueError names those the
-    graphs do not decide, unless channel_dim= is given for all."""
+    graphs do not decide, unless the axis is settled for all (channel_dim=
+    given, or a `new` that takes none)."""
     if axis_given:
         return
     undecided: List[str] = []
@@ -991,7 +997,10 @@ def _rewrite(block: nn.Module, graph: fx.Graph, sites: List[_Site], modules: Dic
             rewritten.register_buffer(name, b, persistent=name not in block._non_persistent_buffers_set)
     graph.lint()
     rewritten.recompile()
-    rewritten.train(block.training)
+    # Not .train(): that would reset the mode of every child (a frozen
+    # BatchNorm in eval inside a training model); the new modules take
+    # theirs in _apply.
+    rewritten.training = block.training
     return rewritten
 
 

@@ -65,8 +65,12 @@ _KERNEL_DEVICES = ("cpu", "cuda")
 
 def autocast_enabled(x: Tensor) -> bool:
     """Whether autocast is on for x's device type (False for device types
-    without autocast, such as meta, where torch.is_autocast_enabled raises)."""
-    return x.device.type in _KERNEL_DEVICES and torch.is_autocast_enabled(x.device.type)
+    without autocast, such as meta, for which torch.is_autocast_enabled
+    raises)."""
+    try:
+        return torch.is_autocast_enabled(x.device.type)
+    except RuntimeError:
+        return False
 
 
 def _reduced_axes(x: Tensor, cdim: int) -> List[int]:
@@ -158,8 +162,29 @@ def _module_norm(bn):
     return norm
 
 
+def _check_generator_shapes(module, channels: int) -> None:
+    """The generator's widths, checked before bn1 counts a batch: a mismatch
+    found later (fc2, bn2, p2) would raise after bn1's statistics moved. The
+    eager op checks the same in C++ (check_meta_acon_c_args)."""
+    if torch.jit.is_tracing():
+        return  # a trace records no checks (and warns at each shape test)
+    w1, b1, w2, b2 = _generator_params(module)[:4]
+    hidden = w1.shape[0]
+    wanted = {"fc1.weight": (w1, (hidden, channels)), "fc2.weight": (w2, (channels, hidden))}
+    wanted.update({"fc1.bias": (b1, (hidden,)), "fc2.bias": (b2, (channels,)), "p2": (module.p2, (channels,))})
+    if module.norm:
+        for name, width in (("bn1", hidden), ("bn2", channels)):
+            bn = module._modules[name]
+            for key in ("weight", "bias", "running_mean", "running_var"):
+                wanted[f"{name}.{key}"] = (getattr(bn, key), (width,))
+    for name, (t, shape) in wanted.items():
+        if t is not None and t.numel() != math.prod(shape):
+            raise ValueError(f"MetaAconC: {name} has shape {tuple(t.shape)}, but this generator needs {shape}")
+
+
 def meta_acon_c_plain(module, x: Tensor, cdim: int, acon_c) -> Tensor:
     """Meta-ACON in ordinary ops (the generator) around ``acon_c``."""
+    _check_generator_shapes(module, x.shape[cdim])
     norm1, norm2 = (_module_norm(module.bn1), _module_norm(module.bn2)) if module.norm else (None, None)
     beta = _beta(x, cdim, *_generator_params(module)[:4], norm1, norm2)
     return _activation(module, x, cdim, beta, acon_c)

@@ -271,6 +271,7 @@ class MetaAconC(_Acon):
 
     def initialize_parameters(self, x: Tensor) -> None:
         if self.has_uninitialized_params():
+            self._check_call(x, lazy=True)  # an input that raises leaves the module lazy
             super().initialize_parameters(x)
             self._build_generator(self.width, self.p1.device, self.p1.dtype)
 
@@ -287,20 +288,8 @@ class MetaAconC(_Acon):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def forward(self, x: Tensor) -> Tensor:
-        # Every check before the generator's BatchNorms count or move anything.
-        self._check_dtype(x)
-        self._check_input(x)
-        self._check_generator_dtype(x)
+        self._check_call(x, lazy=False)  # LazyModuleMixin initialised the module first
         cdim = self.channel_dim % x.dim()
-        if cdim == 0:
-            raise ValueError("MetaAconC: channel_dim must not be the batch axis 0 (beta is per sample and channel)")
-        if self.norm and x.shape[0] == 1 and (uses_batch_statistics(self.bn1) or uses_batch_statistics(self.bn2)):
-            raise ValueError(
-                "MetaAconC(norm=True) cannot normalise a batch of 1 with batch statistics (its BatchNorm2d "
-                "layers in training mode, or without running statistics): they would normalise one value per "
-                "channel and sample. Use norm=False (no BatchNorm, as YOLOv5 does), a batch of 2 or more, or "
-                "eval mode."
-            )
         impl = _IMPLS[self.impl]
         if not has_plain_submodules(self):
             return meta_acon_c_modules(self, x, cdim, impl)
@@ -308,16 +297,39 @@ class MetaAconC(_Acon):
             return meta_acon_c(self, x, cdim)
         return meta_acon_c_plain(self, x, cdim, impl)
 
-    def _check_generator_dtype(self, x: Tensor) -> None:
-        """The generator's products need x in their dtype, unless autocast
-        casts them (the activation itself takes float32 p1, p2 with 16-bit x)."""
-        weight = self.fc1.weight
-        if x.dtype == weight.dtype or autocast_enabled(x):
-            return
-        raise TypeError(
-            f"MetaAconC: x is {x.dtype} but the generator's parameters are {weight.dtype}; convert the module "
-            f"(module.to({x.dtype})) or run under torch.autocast"
-        )
+    def _check_call(self, x: Tensor, lazy: bool) -> None:
+        """Every check of a call on x, before the generator's BatchNorms count
+        or move anything; for a lazy module, before it materialises (its
+        generator will be built in this module's mode and p1's dtype)."""
+        self._check_dtype(x)
+        if lazy:
+            self._channels_of(x)
+        else:
+            self._check_input(x)
+        if self.channel_dim % x.dim() == 0:
+            raise ValueError("MetaAconC: channel_dim must not be the batch axis 0 (beta is per sample and channel)")
+        # The generator's products need x in their dtype, unless autocast
+        # casts them (the activation itself takes float32 p1, p2 with 16-bit
+        # x). Submodules that are not plain convolutions check their own.
+        if lazy or has_plain_submodules(self):
+            dtype = self.p1.dtype if lazy else self.fc1.weight.dtype
+            if x.dtype != dtype and not autocast_enabled(x):
+                raise TypeError(
+                    f"MetaAconC: x is {x.dtype} but the generator's parameters are {dtype}; convert the module "
+                    f"(module.to({x.dtype})) or run under torch.autocast"
+                )
+        if self.norm and x.shape[0] == 1:
+            # A lazy module's BatchNorms will be new, in this module's mode.
+            batch_statistics = (
+                self.training if lazy else uses_batch_statistics(self.bn1) or uses_batch_statistics(self.bn2)
+            )
+            if batch_statistics:
+                raise ValueError(
+                    "MetaAconC(norm=True) cannot normalise a batch of 1 with batch statistics (its BatchNorm2d "
+                    "layers in training mode, or without running statistics): they would normalise one value "
+                    "per channel and sample. Use norm=False (no BatchNorm, as YOLOv5 does), a batch of 2 or "
+                    "more, or eval mode."
+                )
 
     def _extra_options(self):
         return [f"r={self.r}", f"norm={self.norm}"]

@@ -444,21 +444,54 @@ void check_meta_acon_c_args(
         w.sizes());
   };
   // Undefined: the module has none.
+  // A BatchNorm's tensors take what at::native_batch_norm takes on every
+  // device: x's dtype, or float32 for 16-bit x (the CPU loops take any).
+  const bool half_x = x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16;
   const auto check_vector = [&](const char* name, const at::Tensor& t, int64_t size, bool x_dtype) {
     if (!t.defined()) {
       return;
     }
     check_on_x_device(name, t);
     TORCH_CHECK_TYPE(
-        x_dtype ? t.scalar_type() == x.scalar_type() : at::isFloatingType(t.scalar_type()),
+        t.scalar_type() == x.scalar_type() || (!x_dtype && half_x && t.scalar_type() == at::kFloat),
         "MetaAconC: ",
         name,
         " must be ",
-        x_dtype ? "of x's dtype" : "floating point",
-        ", got ",
+        x_dtype ? "of x's dtype (" : "of x's dtype, or float32 for 16-bit x (x is ",
+        x.scalar_type(),
+        "), got ",
         t.scalar_type());
     TORCH_CHECK_VALUE(
         t.dim() == 1 && t.size(0) == size, "MetaAconC: ", name, " must have shape (", size, ",), got ", t.sizes());
+  };
+  // count_batch adds 1 in place and may read the count back.
+  const auto check_counter = [&](const char* name, const at::Tensor& t) {
+    if (!t.defined()) {
+      return;
+    }
+    TORCH_CHECK(
+        t.device() == x.device() || t.is_cpu(),
+        "MetaAconC: ",
+        name,
+        " is on ",
+        t.device(),
+        " but x is on ",
+        x.device(),
+        "; move the whole module");
+    TORCH_CHECK_VALUE(
+        t.numel() == 1 && !at::isComplexType(t.scalar_type()) && t.scalar_type() != at::kBool,
+        "MetaAconC: ",
+        name,
+        " must be a one-element number tensor, got shape ",
+        t.sizes(),
+        " of ",
+        t.scalar_type());
+    TORCH_CHECK(
+        !t.is_inference(),
+        "MetaAconC: ",
+        name,
+        " is an inference tensor, which cannot be updated outside torch.inference_mode "
+        "(the module was created or loaded under inference mode)");
   };
   TORCH_CHECK_VALUE(
       in.w1.dim() >= 2,
@@ -478,6 +511,8 @@ void check_meta_acon_c_args(
     check_vector("bn2.running_mean", bn2.running_mean, channels, false);
     check_vector("bn1.running_var", bn1.running_var, hidden, false);
     check_vector("bn2.running_var", bn2.running_var, channels, false);
+    check_counter("bn1.num_batches_tracked", bn1.num_batches_tracked);
+    check_counter("bn2.num_batches_tracked", bn2.num_batches_tracked);
   }
 }
 
@@ -515,7 +550,20 @@ at::Tensor meta_acon_c_autograd(
     std::optional<double> bn2_momentum,
     double bn2_eps) {
   NodeInputs in;
-  in.tensors = {x, p1, p2, w1, opt(b1), w2, opt(b2), opt(bn1_weight), opt(bn1_bias), opt(bn2_weight), opt(bn2_bias)};
+  // Without norm no BatchNorm argument is read: none gets an edge or is saved.
+  const auto bn_param = [&](const std::optional<at::Tensor>& t) { return norm ? opt(t) : at::Tensor(); };
+  in.tensors = {
+      x,
+      p1,
+      p2,
+      w1,
+      opt(b1),
+      w2,
+      opt(b2),
+      bn_param(bn1_weight),
+      bn_param(bn1_bias),
+      bn_param(bn2_weight),
+      bn_param(bn2_bias)};
   in.norm = norm;
   const BatchNormModule bn1{
       opt(bn1_running_mean),
@@ -540,7 +588,7 @@ at::Tensor meta_acon_c_autograd(
     in.bn2 = batch_norm_mode(bn2);
     TORCH_CHECK_VALUE(
         x.size(0) > 1 || !(in.bn1.use_batch_stats || in.bn2.use_batch_stats),
-        "_meta_acon_c: a BatchNorm with batch statistics cannot normalise a batch of 1");
+        "MetaAconC: a BatchNorm with batch statistics cannot normalise a batch of 1");
     count_batch(in.bn1, bn1);
     count_batch(in.bn2, bn2);
   }

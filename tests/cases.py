@@ -237,7 +237,5 @@ def empty_x(shape, layout, dtype):
     if layout == "features_last":
         n, c, *spatial = shape
         return torch.empty(n, *spatial, c, dtype=dtype), -1
-    x = torch.empty(shape, dtype=dtype)
-    if layout == "channels_last":
-        x = x.contiguous(memory_format=torch.channels_last)
-    return x, 1
+    fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+    return torch.empty(shape, dtype=dtype, memory_format=fmt), 1

@@ -1,6 +1,16 @@
 import os
+import tempfile
 
-import pytest
+# Inductor's on-disk cache does not key its generated C++ by
+# ATEN_CPU_CAPABILITY: code generated under one build failed to compile
+# under another (=default after a run of the CPU's own build). One cache per
+# capability; set before anything compiles, and inherited by subprocesses.
+os.environ.setdefault(
+    "TORCHINDUCTOR_CACHE_DIR",
+    os.path.join(tempfile.gettempdir(), "torchinductor_acon_" + os.environ.get("ATEN_CPU_CAPABILITY", "native")),
+)
+
+import pytest  # noqa: E402
 import torch
 from hypothesis import HealthCheck, settings
 

@@ -406,7 +406,7 @@ def test_timm_models_convert_without_warnings_about_their_heads(name, old):
 
 
 class NoGradStem(nn.Module):
-    """The issue's example: a frozen stem, functional activations."""
+    """A frozen stem, functional activations."""
 
     def __init__(self):
         super().__init__()
@@ -629,3 +629,32 @@ def test_a_model_on_the_meta_device_converts(new):
     assert [m.width for m in acons] == [8, 4]
     assert all(p.is_meta for p in model.parameters())
     assert model(torch.randn(2, 3, 8, 8, device="meta")).shape == (2, 4, 6, 6)
+
+
+class FrozenNormBlock(nn.Module):
+    """A block rewritten as a graph (its ReLU module is called twice) whose
+    BatchNorm is frozen (eval) inside a training model."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 1)
+        self.bn = nn.BatchNorm2d(8)
+        self.relu = nn.ReLU()
+
+    def forward(self, x):
+        return self.relu(self.bn(self.relu(self.conv(x))))
+
+
+def test_a_rewritten_block_keeps_its_childrens_modes():
+    model = nn.Sequential(FrozenNormBlock()).train()
+    model[0].bn.eval()
+    model = acon_cuda.convert_activations(model, example_input=torch.randn(2, 3, 4, 4))
+    assert isinstance(model[0], torch.fx.GraphModule)
+    assert model[0].training and not model[0].bn.training
+    assert all(m.training for m in model[0].modules() if isinstance(m, AconC))
+
+
+def test_a_callable_new_that_takes_no_axis_needs_none():
+    # Nothing tells this ReLU's channel axis; a new that takes none does not ask.
+    net = acon_cuda.convert_activations(nn.Sequential(nn.ReLU()), new=lambda: nn.Tanh())
+    assert type(net[0]) is nn.Tanh

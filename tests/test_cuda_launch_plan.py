@@ -24,7 +24,7 @@ def launch_plan(x, per_sample, channel_dim, backward, blocks_per_multiprocessor)
     return cases.launch_plan(x, per_sample, channel_dim, backward, H200_MULTIPROCESSORS, blocks_per_multiprocessor)
 
 
-# (logical shape, layout, per-sample beta): the review's cases, training-sized
+# (logical shape, layout, per-sample beta): the shapes whose plans were reviewed, training-sized
 # maps of every stage, and small ones.
 CASES = [
     ((32, 256, 56, 56), "contiguous", False),

@@ -11,7 +11,7 @@ import math
 import pytest
 import torch
 from cases import check_against_truth, empty_x, launch_plan, run_emulated
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from acon_cuda.testing import DTYPES, has_cuda_test_hooks
@@ -67,6 +67,7 @@ def acon_inputs(draw, max_numel=6000):
 @given(acon_inputs())
 def test_drawn_inputs_match_reference(inputs):
     x, p1, p2, beta, channel_dim = inputs
+    torch.manual_seed(0)  # check_against_truth's grad: the same when an example is replayed
     check_against_truth(x, p1, p2, beta, channel_dim)
 
 
@@ -78,8 +79,8 @@ GPU_SIZES = st.tuples(st.sampled_from([1, 2, 7, 114, 132]), st.integers(1, 8))
 @given(acon_inputs(max_numel=3000), GPU_SIZES)
 def test_drawn_inputs_match_reference_in_the_cuda_emulation(inputs, gpu):
     x, p1, p2, beta, channel_dim = inputs
-    if x.numel() == 0:
-        return  # the CUDA host code returns before the kernels
+    assume(x.numel() > 0)  # the CUDA host code returns before the kernels
+    torch.manual_seed(0)  # check_against_truth's grad: the same when an example is replayed
     check_against_truth(x, p1, p2, beta, channel_dim, run=run_emulated(gpu))
 
 

@@ -286,6 +286,11 @@ def direct_op_args(module, x, cdim=1, **replace):
     return args
 
 
+def inference_counter():
+    with torch.inference_mode():
+        return torch.zeros((), dtype=torch.long)
+
+
 def state_copy(module):
     return {k: v.clone() for k, v in module.state_dict().items()}
 
@@ -312,6 +317,18 @@ def assert_state_unchanged(module, before):
         ({"x": torch.randn(4, 8, 3, 3, device="meta")}, RuntimeError, "is on meta"),
         ({"x": torch.randn(4, 8, 3, 3, dtype=torch.float64)}, TypeError, r"fc1\.weight"),
         ({"x": torch.ones(4, 8, 3, 3, dtype=torch.long)}, TypeError, "float32"),
+        ({"bn2_weight": torch.ones(8, dtype=torch.float64)}, TypeError, r"bn2\.weight"),
+        (
+            {"bn2_num_batches_tracked": torch.zeros(2, dtype=torch.long), "bn2_momentum": None},
+            ValueError,
+            r"bn2\.num_batches_tracked must be a one-element",
+        ),
+        (
+            {"bn2_num_batches_tracked": torch.zeros((), dtype=torch.long, device="meta")},
+            RuntimeError,
+            r"bn2\.num_batches_tracked is on meta",
+        ),
+        ({"bn2_num_batches_tracked": inference_counter()}, RuntimeError, r"bn2\.num_batches_tracked is an inference"),
     ],
     ids=lambda v: "-".join(v) if isinstance(v, dict) else None,
 )
@@ -319,6 +336,7 @@ def test_a_direct_op_call_that_raises_changes_no_state(replace, error, match):
     torch.manual_seed(TEST_SEED)
     module = MetaAconC(8, r=2)
     before = state_copy(module)
+    replace = dict(replace)
     x = replace.pop("x", torch.randn(4, 8, 3, 3))
     with pytest.raises(error, match=match):
         torch.ops.acon._meta_acon_c(**direct_op_args(module, x, **replace))
@@ -328,7 +346,7 @@ def test_a_direct_op_call_that_raises_changes_no_state(replace, error, match):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float64, torch.int64, torch.bool, torch.complex64])
 @pytest.mark.parametrize("impl", ["fused", "reference"])
 def test_a_module_call_with_x_of_another_dtype_raises_before_counting(dtype, impl):
-    module = MetaAconC(8, impl=impl, bn_momentum=None) if False else MetaAconC(8, impl=impl)
+    module = MetaAconC(8, impl=impl)
     module.bn1.momentum = None  # counted batches set the running averages' weights
     before = state_copy(module)
     x = torch.randn(4, 8, 3, 3).to(dtype)
@@ -340,12 +358,31 @@ def test_a_module_call_with_x_of_another_dtype_raises_before_counting(dtype, imp
 
 def test_a_lazy_module_that_raises_stays_lazy():
     module = MetaAconC()
-    for x in (torch.ones(4, 8, 3, dtype=torch.long), torch.randn(4, 0, 3), torch.randn(4)):
+    for x in (
+        torch.ones(4, 8, 3, dtype=torch.long),
+        torch.randn(4, 0, 3),
+        torch.randn(4),
+        torch.randn(1, 8, 3),  # a batch of 1 in training mode
+        torch.randn(4, 8, 3).half(),  # not the module's dtype, outside autocast
+    ):
         with pytest.raises((TypeError, ValueError)):
             module(x)
-        assert module.has_uninitialized_params()
+        assert module.has_uninitialized_params() and not hasattr(module, "fc1")
+    with pytest.raises(ValueError, match="batch axis"):
+        MetaAconC(channel_dim=0)(torch.randn(4, 8, 3))
     with pytest.raises(ValueError, match="0 channels"):
         module(torch.randn(4, 0, 3))
+
+
+@pytest.mark.parametrize("where", ["reference", "autocast"])
+def test_the_plain_path_checks_the_generator_before_counting(where):
+    module = MetaAconC(32, impl="reference" if where == "reference" else "fused")
+    module.bn2 = nn.BatchNorm2d(16)  # the generator's output is 32 wide
+    before = state_copy(module)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=where == "autocast"):
+        with pytest.raises(ValueError, match=r"bn2\.weight has shape \(16,\)"):
+            module(torch.randn(4, 32, 3, 3))
+    assert_state_unchanged(module, before)
 
 
 @pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])

@@ -1,4 +1,4 @@
-"""The CUDA launch plan for the review's cases on an H200-sized GPU, without
+"""The CUDA launch plan for a set of training shapes on an H200-sized GPU, without
 a GPU (CUDA builds only): python -m benchmarks.probes.cuda_plan [forward] [blocks_per_sm]
 
 Prints, per case and dtype, the backward's (or forward's) main kernel (grid, work items,

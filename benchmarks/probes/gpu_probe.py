@@ -14,7 +14,8 @@ import os
 
 import torch
 
-# (logical shape, channels_last, per-sample beta, dtype): the review's cases.
+# (logical shape, channels_last, per-sample beta, dtype): shapes whose launch
+# plans were reviewed (benchmarks/probes/cuda_plan.py).
 PROFILE_CASES = [
     ((32, 256, 56, 56), False, False, torch.float32),
     ((32, 256, 56, 56), True, False, torch.float32),
