@@ -271,7 +271,7 @@ class MetaAconC(_Acon):
 
     def initialize_parameters(self, x: Tensor) -> None:
         if self.has_uninitialized_params():
-            self._check_call(x, lazy=True)  # an input that raises leaves the module lazy
+            self._check_call(x, lazy=True, plain=True)  # an input that raises leaves the module lazy
             super().initialize_parameters(x)
             self._build_generator(self.width, self.p1.device, self.p1.dtype)
 
@@ -288,19 +288,21 @@ class MetaAconC(_Acon):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def forward(self, x: Tensor) -> Tensor:
-        self._check_call(x, lazy=False)  # LazyModuleMixin initialised the module first
+        plain = has_plain_submodules(self)
+        self._check_call(x, lazy=False, plain=plain)  # LazyModuleMixin initialised the module first
         cdim = self.channel_dim % x.dim()
         impl = _IMPLS[self.impl]
-        if not has_plain_submodules(self):
+        if not plain:
             return meta_acon_c_modules(self, x, cdim, impl)
         if self.impl == "fused":
             return meta_acon_c(self, x, cdim)
         return meta_acon_c_plain(self, x, cdim, impl)
 
-    def _check_call(self, x: Tensor, lazy: bool) -> None:
+    def _check_call(self, x: Tensor, lazy: bool, plain: bool) -> None:
         """Every check of a call on x, before the generator's BatchNorms count
         or move anything; for a lazy module, before it materialises (its
-        generator will be built in this module's mode and p1's dtype)."""
+        generator will be built in this module's mode and p1's dtype).
+        `plain`: has_plain_submodules(self)."""
         self._check_dtype(x)
         if lazy:
             self._channels_of(x)
@@ -311,7 +313,7 @@ class MetaAconC(_Acon):
         # The generator's products need x in their dtype, unless autocast
         # casts them (the activation itself takes float32 p1, p2 with 16-bit
         # x). Submodules that are not plain convolutions check their own.
-        if lazy or has_plain_submodules(self):
+        if plain:
             dtype = self.p1.dtype if lazy else self.fc1.weight.dtype
             if x.dtype != dtype and not autocast_enabled(x):
                 raise TypeError(
