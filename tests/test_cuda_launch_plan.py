@@ -39,52 +39,64 @@ CASES = [
     ((96, 2, 100), "features_last", False),
     ((256, 4096), "contiguous", True),
     ((8, 197, 768), "features_last", False),
+    ((32, 197, 768), "features_last", False),
+    ((16, 2048, 7, 7), "channels_last", True),
 ]
 CASE_IDS = ["x".join(map(str, s)) + "-" + layout + ("-per_sample" if ps else "") for s, layout, ps in CASES]
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
 
-@pytest.mark.parametrize("blocks_per_multiprocessor", [3, 4])
+# (multiprocessors, resident blocks per multiprocessor): occupancy is per
+# kernel on the GPU (the forward kernels, with fewer registers, may get more
+# blocks than the backward's 3), on an H100 PCIe (114) or H100 SXM / H200 (132).
+GPU_SIZES = [(sms, blocks) for sms in (114, 132) for blocks in range(2, 9)]
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape, layout, per_sample", CASES, ids=CASE_IDS)
-def test_launches_per_call(shape, layout, per_sample, dtype, blocks_per_multiprocessor):
+def test_launches_per_call(shape, layout, per_sample, dtype):
     x, cdim = empty_x(shape, layout, dtype)
-    forward = launch_plan(x, per_sample, cdim, False, blocks_per_multiprocessor)
-    backward = launch_plan(x, per_sample, cdim, True, blocks_per_multiprocessor)
-    assert [k["kind"] for k in forward] == ["runs" if x.dim() > 2 and layout == "contiguous" else "columns"]
-    assert [k["kind"] for k in backward] == [forward[0]["kind"], "reduce"]
+    for sms, blocks in GPU_SIZES:
+        forward = cases.launch_plan(x, per_sample, cdim, False, sms, blocks)
+        backward = cases.launch_plan(x, per_sample, cdim, True, sms, blocks)
+        assert [k["kind"] for k in forward] == ["runs" if x.dim() > 2 and layout == "contiguous" else "columns"]
+        assert [k["kind"] for k in backward] == [forward[0]["kind"], "reduce"]
 
 
 @pytest.mark.parametrize("backward", [False, True], ids=["forward", "backward"])
-@pytest.mark.parametrize("blocks_per_multiprocessor", [3, 4])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape, layout, per_sample", CASES, ids=CASE_IDS)
-def test_work_is_balanced(shape, layout, per_sample, dtype, blocks_per_multiprocessor, backward):
-    """No block takes more than its share of turns (the hook counts the
-    kernel's grid-stride assignment), and where there is more
-    than one turn, the last leaves at most 10% of a wave's team slots idle
-    (with one turn every item runs at once: no tail)."""
+def test_work_is_balanced(shape, layout, per_sample, dtype, backward):
+    """At every GPU size: no block takes more than its share of turns (the
+    hook counts the kernel's grid-stride assignment), and where there is
+    more than one turn, the last leaves at most 10% of a wave's team slots
+    idle (with one turn every item runs at once: no tail)."""
     x, cdim = empty_x(shape, layout, dtype)
-    main = launch_plan(x, per_sample, cdim, backward, blocks_per_multiprocessor)[0]
-    resident = H200_MULTIPROCESSORS * blocks_per_multiprocessor
-    assert 1 <= main["grid"] <= resident
-    wave = main["grid"] * main["teams_per_block"]  # team slots of one turn
-    turns = math.ceil(main["items"] / wave)
-    assert main["most_items"] <= main["teams_per_block"] * turns
-    if turns > 1:
-        assert turns * wave - main["items"] <= 0.1 * wave
+    for sms, blocks in GPU_SIZES:
+        main = cases.launch_plan(x, per_sample, cdim, backward, sms, blocks)[0]
+        assert 1 <= main["grid"] <= sms * blocks, (sms, blocks)
+        wave = main["grid"] * main["teams_per_block"]  # team slots of one turn
+        turns = math.ceil(main["items"] / wave)
+        assert main["most_items"] <= main["teams_per_block"] * turns, (sms, blocks)
+        if turns > 1:
+            assert turns * wave - main["items"] <= 0.1 * wave, (sms, blocks)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape, layout, per_sample", CASES, ids=CASE_IDS)
 def test_reduce_has_independent_lanes(shape, layout, per_sample, dtype):
+    """At the backward's occupancy (2 or 3 blocks: up to 80 registers a
+    thread, 256 threads), no lane adds more than 32 partial sums (the longest
+    chain of dependent loads and adds). At 8 blocks per multiprocessor on
+    132, (32, 256, 56, 56) channels_last gives 33: more blocks, more
+    partials."""
     x, cdim = empty_x(shape, layout, dtype)
-    reduce = launch_plan(x, per_sample, cdim, True, 3)[1]
     c = x.shape[cdim]
-    assert reduce["lanes"] >= min(3 * c, 4096)
-    # No lane adds more than 32 partial sums in these cases (the longest
-    # chain of dependent loads and adds).
-    assert reduce["longest_lane"] <= 32
+    for sms in (114, 132):
+        for blocks in (2, 3):
+            reduce = cases.launch_plan(x, per_sample, cdim, True, sms, blocks)[1]
+            assert reduce["lanes"] >= min(3 * c, 4096)
+            assert reduce["longest_lane"] <= 32, (sms, blocks)
 
 
 @pytest.mark.parametrize("backward", [False, True], ids=["forward", "backward"])
