@@ -203,7 +203,8 @@ std::vector<int64_t> acon_c_launch_plan(
   const int64_t bytes = vector * x.element_size();
   const bool aligned = is_aligned(w.x.const_data_ptr(), bytes) && is_aligned(w.out.const_data_ptr(), bytes);
   const KernelChoice k = choose_kernel(l, vector, aligned);
-  const MainPlan p_main = plan_main(l, k, runner.multiprocessors * runner.blocks_per_multiprocessor);
+  // The plan of a call that wants every gradient: the backward adds sums.
+  const MainPlan p_main = plan_main(l, k, runner.multiprocessors * runner.blocks_per_multiprocessor, backward);
 
   int64_t most = 0; // block 0 takes the most items
   for (int64_t t = 0; t < p_main.teams_per_block; ++t) {

@@ -94,7 +94,9 @@ inline int64_t balanced_chunks(int64_t units, int64_t slots, int64_t min_chunks,
   return std::max<int64_t>({1, min_chunks, std::min(max_chunks, wanted)});
 }
 
-inline MainPlan plan_main(const ChannelLayout& layout, const KernelChoice& kernel, int64_t resident_blocks) {
+// `sums`: the kernel adds the parameter sums (a backward with parameter
+// gradients), whose opmath accumulation bounds a thread's rows per chunk.
+inline MainPlan plan_main(const ChannelLayout& layout, const KernelChoice& kernel, int64_t resident_blocks, bool sums) {
   MainPlan p{};
   const int w = kernel.width;
   int64_t units, length; // length: windows per line (runs), rows (columns)
@@ -118,10 +120,11 @@ inline MainPlan plan_main(const ChannelLayout& layout, const KernelChoice& kerne
     units = layout.groups * p.tiles;
     p.team = kThreads;
     p.teams_per_block = 1;
-    // A thread adds at most kFlushIterations of its rows in opmath_t, and
-    // takes at least one.
+    // With sums, a thread adds at most kFlushIterations of its rows in
+    // opmath_t; without, chunks need only balance the work. A thread takes at
+    // least one row.
     const int64_t row_step = kThreads / p.tile_vectors;
-    const int64_t min_chunks = ceil_div(length, row_step * kFlushIterations);
+    const int64_t min_chunks = sums ? ceil_div(length, row_step * kFlushIterations) : 1;
     p.chunks = balanced_chunks(units, resident_blocks, min_chunks, std::max<int64_t>(1, length / row_step));
   }
   p.chunk_len = ceil_div(length, p.chunks);
@@ -240,12 +243,14 @@ void run_acon_c(
       const KernelChoice choice = choose_kernel(w.layout, kVector, args_aligned(args, kVector * sizeof(scalar_t)));
       with_kernel_kind<scalar_t, kBackward>(choice, [&](auto kind) {
         using Kind = decltype(kind);
-        const MainPlan plan = plan_main(w.layout, choice, runner.template resident_blocks<scalar_t, Kind, kBackward>());
+        const bool sums = kBackward && !param_grads.empty();
+        const MainPlan plan =
+            plan_main(w.layout, choice, runner.template resident_blocks<scalar_t, Kind, kBackward>(), sums);
         static_cast<WorkSplit&>(args) = plan;
         // The workspace, where parameter gradients are asked for (the
         // kernels skip their sums without it).
         at::Tensor partials;
-        if (kBackward && !param_grads.empty()) {
+        if (sums) {
           partials = at::empty({3 * args.groups * args.chunks * args.channels}, x.options().dtype(at::kDouble));
           args.partials = partials.mutable_data_ptr<double>();
         }
