@@ -377,8 +377,9 @@ ACON_HD void runs_lane(const KernelArgs<scalar_t>& args, const Item& it, int lan
 // One thread's share of a columns work item (inner == 1): thread (tx, ty)
 // owns kWidth channels of the tile, keeps their parameters in registers and
 // walks rows ty, ty + kThreads / tile_vectors, ... of the chunk. The
-// backward's terms go to a, b, gs per channel, in opmath_t: the plan bounds
-// a thread's rows to kFlushIterations.
+// backward's terms go to a, b, gs per channel, in opmath_t: where they are
+// kept (a backward with parameter gradients), the plan bounds a thread's
+// rows to kFlushIterations.
 template <typename scalar_t, int kWidth, bool kBackward>
 ACON_HD void columns_thread(
     const KernelArgs<scalar_t>& args,
