@@ -90,6 +90,9 @@ int64_t check_acon_c_args(
 
   check_param("p1", p1, x);
   check_param("p2", p2, x);
+  if (beta.defined()) {
+    check_param("beta", beta, x);
+  }
   TORCH_CHECK_VALUE(
       holds_along_axes(p1, {channels}),
       "acon_c: p1 must hold C = x.shape[channel_dim] = ",
@@ -105,7 +108,6 @@ int64_t check_acon_c_args(
   if (!beta.defined()) {
     return cdim; // Meta-ACON's generated beta: checked where it is made
   }
-  check_param("beta", beta, x);
   TORCH_CHECK_VALUE(
       holds_along_axes(beta, {channels}) || holds_along_axes(beta, {batch, channels}),
       "acon_c: beta must have shape (C,) = (",
