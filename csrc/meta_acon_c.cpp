@@ -403,9 +403,10 @@ void check_meta_acon_c_args(
   // p1, p2, dtype and channel_dim as acon_c checks them (beta is generated).
   const int64_t cdim = check_acon_c_args(x, in.p1, in.p2, at::Tensor(), channel_dim);
   const int64_t channels = x.size(cdim);
-  const auto check_on_x_device = [&](const char* name, const at::Tensor& t) {
+  // A counter may also live on the CPU (count_batch adds to it where it is).
+  const auto check_on_x_device = [&](const char* name, const at::Tensor& t, bool or_cpu = false) {
     TORCH_CHECK(
-        t.device() == x.device(),
+        t.device() == x.device() || (or_cpu && t.is_cpu()),
         "MetaAconC: ",
         name,
         " is on ",
@@ -469,15 +470,7 @@ void check_meta_acon_c_args(
     if (!t.defined()) {
       return;
     }
-    TORCH_CHECK(
-        t.device() == x.device() || t.is_cpu(),
-        "MetaAconC: ",
-        name,
-        " is on ",
-        t.device(),
-        " but x is on ",
-        x.device(),
-        "; move the whole module");
+    check_on_x_device(name, t, true);
     TORCH_CHECK_VALUE(
         t.numel() == 1 && !at::isComplexType(t.scalar_type()) && t.scalar_type() != at::kBool,
         "MetaAconC: ",
