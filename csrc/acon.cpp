@@ -58,4 +58,7 @@ TORCH_LIBRARY(acon, m) {
   m.def(
       "_acon_c_cuda_launch_plan(Tensor x, Tensor beta, int channel_dim, bool backward, int multiprocessors, "
       "int blocks_per_multiprocessor) -> int[]");
+  // The emulation's mutations until the next call (0, 0: none): the barrier
+  // site to drop, the shuffle width to use instead of the kernel's.
+  m.def("_acon_c_cuda_emulation_mutate(int dropped_barrier, int shuffle_width) -> ()");
 }

@@ -223,12 +223,15 @@ def launch_plan(x, per_sample, channel_dim, backward, multiprocessors, blocks_pe
     flat = torch.ops.acon._acon_c_cuda_launch_plan(
         x, beta, channel_dim, backward, multiprocessors, blocks_per_multiprocessor
     )
+    # A backward's list ends with its workspace's bytes.
+    workspace = flat.pop() if backward else 0
     assert len(flat) % len(PLAN_FIELDS) == 0
     kernels = [dict(zip(PLAN_FIELDS, flat[i : i + len(PLAN_FIELDS)])) for i in range(0, len(flat), len(PLAN_FIELDS))]
     for k in kernels:
         k["kind"] = PLAN_KINDS[k["kind"]]
         if k["kind"] == "reduce":  # field 6: the most partial sums one lane adds
             k["longest_lane"] = k.pop("busy_permille")
+            k["workspace_bytes"] = workspace
     return kernels
 
 

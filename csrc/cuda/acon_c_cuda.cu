@@ -1,7 +1,8 @@
 // CUDA implementations of the acon ops; the twin of csrc/cpu/acon_c_cpu.cpp.
-// The kernels here are the per-thread code of acon_c_kernel.cuh plus what
-// only a GPU has: warp shuffles, shared memory and barriers. The plan and
-// the host flow are in acon_c_launch.h, shared with the emulation.
+// Each kernel is its block-level steps (acon_c_kernel.cuh) run on the
+// GpuBlock (acon_c_block.h), with its __shared__ arrays. The plan and the
+// host flow are in acon_c_launch.h, shared with the emulation.
+#include "acon_c_block.h"
 #include "acon_c_launch.h"
 
 #include <c10/cuda/CUDAException.h>
@@ -22,102 +23,25 @@ namespace {
 template <typename scalar_t>
 constexpr int kMinBlocks = sizeof(scalar_t) == 8 ? 2 : 3;
 
-// Adds each of v[0..2] over a team of `team` lanes (a power of two <= 32,
-// aligned in its warp): lane 0 of the team gets the sums, in the order of
-// tree_sum (acon_c_emulation.cpp). Every lane of the warp must call it.
-__device__ __forceinline__ void team_sum3(double (&v)[3], int team) {
-  for (int offset = team / 2; offset > 0; offset /= 2) {
-#pragma unroll
-    for (int s = 0; s < 3; ++s) {
-      v[s] += __shfl_down_sync(0xffffffffu, v[s], offset, team);
-    }
-  }
-}
-
-// Runs (inner > 1); see runs_lane. Team t of the grid takes items t, t +
-// teams in the grid, ... The teams of a warp take their turns together (an
-// item past the end computes nothing but joins the shuffles), so no lane
-// leaves a warp's shuffle early. No barriers, no shared memory.
 template <typename scalar_t, int kWidth, bool kBackward, bool kRagged>
 __global__ void __launch_bounds__(kThreads, kMinBlocks<scalar_t>) acon_c_runs_kernel(const KernelArgs<scalar_t> args) {
-  const int team = args.team;
-  const int lane = threadIdx.x % team;
-  const int team_in_block = threadIdx.x / team;
-  const int warp_first_team = (threadIdx.x / kWarpSize) * (kWarpSize / team);
-  const int64_t teams_per_block = kThreads / team;
-  const int64_t stride = static_cast<int64_t>(gridDim.x) * teams_per_block;
-  for (int64_t first = blockIdx.x * teams_per_block + warp_first_team; first < args.items; first += stride) {
-    const int64_t item = first + (team_in_block - warp_first_team);
-    const Item it = locate(item, args.chunks, args.channels);
-    double sums[3] = {0.0, 0.0, 0.0};
-    if (item < args.items) {
-      runs_lane<scalar_t, kWidth, kBackward, kRagged>(args, it, lane, sums);
-    }
-    if (kBackward && args.partials != nullptr) {
-      team_sum3(sums, team);
-      if (lane == 0 && item < args.items) {
-        for (int s = 0; s < 3; ++s) {
-          *args.partial(s, it.g, it.chunk, it.minor) = sums[s];
-        }
-      }
-    }
-  }
+  runs_block<scalar_t, kWidth, kBackward, kRagged>(GpuBlock{}, args);
 }
 
-// Channels innermost (inner == 1); see columns_thread. The backward moves
-// each thread's three opmath sums to shared memory in one pass and adds
-// each channel's column with columns_block_sum: two barriers per item.
 template <typename scalar_t, int kWidth, bool kBackward>
 __global__ void __launch_bounds__(kThreads, kMinBlocks<scalar_t>)
     acon_c_columns_kernel(const KernelArgs<scalar_t> args) {
   using opmath_t = at::opmath_type<scalar_t>;
-  __shared__ opmath_t column_sums[kBackward ? 3 * kWidth * kThreads : 1];
-  const int outputs = 3 * kWidth * args.tile_vectors;
-  for (int64_t item = blockIdx.x; item < args.items; item += gridDim.x) {
-    const Item it = locate(item, args.chunks, args.tiles);
-    opmath_t a[kWidth], b[kWidth], gs[kWidth];
-    columns_thread<scalar_t, kWidth, kBackward>(args, it, threadIdx.x, a, b, gs);
-    if (kBackward && args.partials != nullptr) {
-#pragma unroll
-      for (int j = 0; j < kWidth; ++j) {
-        column_sums[j * kThreads + threadIdx.x] = a[j];
-        column_sums[(kWidth + j) * kThreads + threadIdx.x] = b[j];
-        column_sums[(2 * kWidth + j) * kThreads + threadIdx.x] = gs[j];
-      }
-      __syncthreads();
-      for (int o = threadIdx.x; o < outputs; o += kThreads) {
-        columns_block_sum<scalar_t, kWidth>(args, it, column_sums, o);
-      }
-      __syncthreads(); // column_sums is reused by the block's next item
-    }
-  }
+  __shared__ opmath_t staged[kBackward ? 3 * kWidth * kThreads : 1];
+  GpuShared<opmath_t> shared{staged};
+  columns_block<scalar_t, kWidth, kBackward>(GpuBlock{}, args, shared);
 }
 
-// Block: units_x units by lanes_y lanes of its region (reduce_lane), then
-// a fixed shared-memory tree over the lanes.
 template <typename scalar_t>
 __global__ void __launch_bounds__(kThreads) reduce_channel_sums(const ReduceArgs<scalar_t> args) {
-  __shared__ double lanes[2][kThreads];
-  const ReduceRegion& region = args.region(blockIdx.x);
-  const int units_x = region.units_x;
-  const int y = threadIdx.x / units_x;
-  const int64_t u = region.unit(blockIdx.x, threadIdx.x % units_x);
-  double sums[2];
-  reduce_lane(args, region.lanes_y, u, y, sums);
-  lanes[0][threadIdx.x] = sums[0];
-  lanes[1][threadIdx.x] = sums[1];
-  __syncthreads();
-  for (int half = region.lanes_y / 2; half > 0; half /= 2) {
-    if (y < half) {
-      lanes[0][threadIdx.x] += lanes[0][threadIdx.x + half * units_x];
-      lanes[1][threadIdx.x] += lanes[1][threadIdx.x + half * units_x];
-    }
-    __syncthreads();
-  }
-  if (y == 0) {
-    const double total[2] = {lanes[0][threadIdx.x], lanes[1][threadIdx.x]};
-    write_unit(args, u, total);
-  }
+  __shared__ double lanes[2 * kThreads];
+  GpuShared<double> shared{lanes};
+  reduce_block(GpuBlock{}, args, shared);
 }
 
 template <typename scalar_t, typename Kind, bool kBackward>
