@@ -13,8 +13,10 @@ TORCH ?= torch==2.14.1
 # bring the torchvision pip matches to that torch.
 TORCHVISION ?= torchvision==0.29.1
 # What the build needs, with torch and torchvision pinned; the test and
-# bench tools come from the package's extras (pyproject.toml).
-DEPS := $(TORCH) $(TORCHVISION) ninja setuptools wheel
+# bench tools come from the package's extras (pyproject.toml). setuptools 77
+# or later reads pyproject.toml's license (PEP 639); torch 2.14 asks for it,
+# but torch 2.11 does not, and a Python 3.11 venv starts with setuptools 65.
+DEPS := $(TORCH) $(TORCHVISION) ninja 'setuptools>=77' wheel
 EXTRAS := test,bench
 
 DEPS_STAMP := $(VENV)/.acon-deps

@@ -12,18 +12,23 @@ os.environ.setdefault(
 
 import pytest  # noqa: E402
 import torch
-from hypothesis import HealthCheck, settings
 
 from acon_cuda.testing import DEVICES, TEST_SEED, device_available
+
+try:
+    from hypothesis import HealthCheck, settings
+except ImportError:  # a machine without the test extra (the GPU machine): tests/test_drawn.py skips
+    settings = None
 
 # Drawn tests (tests/test_drawn.py) set their own example budgets. In CI the
 # same examples every run, and no example database; elsewhere new draws, and
 # failures are remembered in .hypothesis/.
-settings.register_profile(
-    "ci", derandomize=True, database=None, deadline=None, suppress_health_check=[HealthCheck.too_slow]
-)
-settings.register_profile("dev", deadline=None, suppress_health_check=[HealthCheck.too_slow])
-settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci" if os.environ.get("CI") else "dev"))
+if settings is not None:
+    settings.register_profile(
+        "ci", derandomize=True, database=None, deadline=None, suppress_health_check=[HealthCheck.too_slow]
+    )
+    settings.register_profile("dev", deadline=None, suppress_health_check=[HealthCheck.too_slow])
+    settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci" if os.environ.get("CI") else "dev"))
 
 
 def pytest_runtest_setup(item):

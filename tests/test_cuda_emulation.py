@@ -8,6 +8,7 @@ float64 truth. A third hook returns the launch plan, whose properties (launch
 count, balance, busy lanes) are checked on an H200-sized GPU. Not covered:
 barriers, races, and the GPU itself."""
 
+import cases
 import pytest
 import torch
 from cases import check_against_truth, dtype_pairs, make_params, make_x, per_sample_kinds, run_emulated, shape_layouts
@@ -111,3 +112,91 @@ def test_bad_gpu_size():
     x = torch.randn(2, 3, 4)
     with pytest.raises(ValueError, match="must be positive"):
         torch.ops.acon._acon_c_forward_cuda_emulated(x, torch.ones(3), torch.ones(3), torch.ones(3), 1, 0, 1)
+
+
+# The ways the backward keeps its sums, each reached by a shape on an
+# H200-sized GPU: (shape, channel_dim, per-sample beta, whether the items
+# write beta's gradient themselves: a per-sample beta whose items hold whole
+# groups).
+SUM_PATHS = [
+    pytest.param((64, 16, 7, 7), 1, True, True, id="runs_whole_groups_several_an_item"),
+    pytest.param((4, 8, 16, 16), 1, True, True, id="runs_one_group_an_item"),
+    pytest.param((2, 4, 96, 96), 1, True, False, id="runs_groups_cut_into_chunks"),
+    pytest.param((96, 4, 16), -1, True, True, id="columns_whole_groups_group_lanes"),
+    pytest.param((16, 7, 7, 64), -1, True, True, id="columns_whole_groups_7x7"),
+    pytest.param((3, 60, 60, 8), -1, True, False, id="columns_groups_cut_into_chunks"),
+    pytest.param((4, 40, 40, 24), -1, False, False, id="columns_per_channel_chunks"),
+]
+
+
+@pytest.mark.parametrize("gpu", GPUS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("shape, channel_dim, per_sample, beta_direct", SUM_PATHS)
+def test_every_way_of_keeping_sums(shape, channel_dim, per_sample, beta_direct, dtype, gpu):
+    """The plan reaches the path (with beta's gradient written by the main
+    kernel, the reduce has no beta units), and its results match the truth."""
+    x = (3 * torch.randn(shape)).to(dtype)
+    c = x.shape[channel_dim]
+    reduce = cases.launch_plan(x, per_sample, channel_dim, True, 132, 3)[1]
+    assert reduce["items"] == (c if beta_direct else c + (x.shape[0] * c if per_sample else c))
+    p1, p2, beta = make_params(x, channel_dim, per_sample, torch.float32 if dtype == torch.bfloat16 else dtype)
+    check_against_truth(x, p1, p2, beta, channel_dim, run=run_emulated(gpu))
+
+
+@pytest.fixture
+def mutate():
+    """Sets the emulation's mutation (a barrier site to drop, a shuffle
+    width), and resets it."""
+    yield torch.ops.acon._acon_c_cuda_emulation_mutate
+    torch.ops.acon._acon_c_cuda_emulation_mutate(0, 0)
+
+
+# Each barrier site of acon_c_kernel.cuh (BarrierSite) and a call where it
+# is needed: a block taking several items (a one-block GPU), so that a
+# barrier at the end of an item has a next item behind it; items of several
+# pieces (site 4); a reduce whose units have several lanes (sites 5 and 6,
+# on an H200-sized GPU).
+BARRIERS = [
+    pytest.param(1, (4, 9, 9, 24), -1, False, id="columns_sums_staged"),
+    pytest.param(2, (4, 9, 9, 24), -1, False, id="columns_sums_read"),
+    pytest.param(3, (96, 4, 16), -1, True, id="columns_group_sums_staged"),
+    pytest.param(4, (8, 20, 64), -1, True, id="columns_group_sums_read"),
+    pytest.param(5, (1, 2, 256, 256), 1, False, id="reduce_lanes_staged"),
+    pytest.param(6, (1, 2, 256, 256), 1, False, id="reduce_lanes_added"),
+]
+
+
+@pytest.mark.parametrize("site, shape, channel_dim, per_sample", BARRIERS)
+def test_a_dropped_barrier_is_caught(site, shape, channel_dim, per_sample, mutate):
+    """The emulation checks shared memory between barriers: with any one
+    barrier gone, two threads touch a word in the same phase."""
+    x = torch.randn(shape)
+    p1, p2, beta = make_params(x, channel_dim, per_sample, torch.float32)
+    grad = torch.randn_like(x)
+    gpu = (132, 3) if site in (5, 6) else (1, 1)
+    hook = torch.ops.acon._acon_c_backward_cuda_emulated
+    hook(grad, x, p1, p2, beta, channel_dim, *gpu, [True, True])  # unmutated: no error
+    mutate(site, 0)
+    with pytest.raises(RuntimeError, match="emulated shared memory: thread .* with no barrier between"):
+        hook(grad, x, p1, p2, beta, channel_dim, *gpu, [True, True])
+
+
+@pytest.mark.parametrize(
+    "shape, per_sample, width",
+    [
+        pytest.param((8, 16, 7, 7), True, 8, id="teams_of_16_per_sample"),
+        pytest.param((1, 2, 256, 256), False, 16, id="teams_of_32"),
+    ],
+)
+def test_a_narrower_shuffle_width_is_caught(shape, per_sample, width, mutate):
+    """Team sums by shuffles of a width below the team's miss lanes: the
+    parameter gradients are wrong. (A wider width changes nothing: a
+    shuffle-down tree brings lane 0 only lanes below the team's size.)"""
+    x = torch.randn(shape)
+    p1, p2, beta = make_params(x, 1, per_sample, torch.float32)
+    check_against_truth(x, p1, p2, beta, 1, run=run_emulated((132, 3)))
+    mutate(0, width)
+    with pytest.raises(AssertionError):
+        check_against_truth(x, p1, p2, beta, 1, run=run_emulated((132, 3)))
+    mutate(0, 32)
+    check_against_truth(x, p1, p2, beta, 1, run=run_emulated((132, 3)))

@@ -38,6 +38,7 @@ CASES = [
     ((512, 3, 8), "contiguous", False),
     ((96, 2, 100), "features_last", False),
     ((256, 4096), "contiguous", True),
+    ((256, 4096), "contiguous", False),
     ((8, 197, 768), "features_last", False),
     ((32, 197, 768), "features_last", False),
     ((16, 2048, 7, 7), "channels_last", True),
@@ -99,6 +100,32 @@ def test_reduce_has_independent_lanes(shape, layout, per_sample, dtype):
             assert reduce["longest_lane"] <= 32, (sms, blocks)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape, layout, per_sample", CASES, ids=CASE_IDS)
+def test_workspace_is_small(shape, layout, per_sample, dtype):
+    """At every GPU size, the backward's workspace (its float64 partial sums)
+    is at most 5% of the bytes it moves (x, grad_y, grad_x): items are long
+    enough, and per-sample items of whole groups write beta's gradient
+    themselves."""
+    x, cdim = empty_x(shape, layout, dtype)
+    moved = 3 * x.numel() * x.element_size()
+    for sms, blocks in GPU_SIZES:
+        reduce = cases.launch_plan(x, per_sample, cdim, True, sms, blocks)[1]
+        assert reduce["workspace_bytes"] <= 0.05 * moved, (sms, blocks, reduce["workspace_bytes"] / moved)
+
+
+@pytest.mark.parametrize(
+    "shape, channel_dim, per_sample", [((2, 3), 1, False), ((4, 5, 2), 1, True), ((3, 2, 6), -1, True)]
+)
+def test_workspace_of_short_lines(shape, channel_dim, per_sample):
+    """Lines too short for the bound get one slot each: three sums a channel
+    (two with a per-sample beta, whose gradient the items write)."""
+    x = torch.empty(shape)
+    c = x.shape[channel_dim]
+    reduce = cases.launch_plan(x, per_sample, channel_dim, True, 132, 3)[1]
+    assert reduce["workspace_bytes"] == (2 if per_sample else 3) * c * 8
+
+
 @pytest.mark.parametrize("backward", [False, True], ids=["forward", "backward"])
 @pytest.mark.parametrize("dtype", DTYPES + [torch.float64])
 @pytest.mark.parametrize("shape", [(64, 64, 7, 7), (32, 512, 7, 7), (8, 64, 14, 14)])
@@ -136,4 +163,4 @@ def test_plan_table_script():
     out = subprocess.run(
         [sys.executable, "-m", "benchmarks.probes.cuda_plan"], cwd=root, capture_output=True, text=True, check=True
     ).stdout
-    assert len([line for line in out.splitlines() if line.startswith("| ") and "x" in line.split("|")[1]]) == 16
+    assert len([line for line in out.splitlines() if line.startswith("| ") and "x" in line.split("|")[1]]) == 2 * 11

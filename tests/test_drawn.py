@@ -11,8 +11,10 @@ import math
 import pytest
 import torch
 from cases import check_against_truth, empty_x, launch_plan, run_emulated
-from hypothesis import assume, given, settings
-from hypothesis import strategies as st
+
+pytest.importorskip("hypothesis", reason="the drawn tests need hypothesis (the test extra)")
+from hypothesis import assume, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
 
 from acon_cuda.testing import DTYPES, has_cuda_test_hooks
 

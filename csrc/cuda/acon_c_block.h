@@ -94,8 +94,8 @@ namespace acon_cuda::cuda {
 // the checks catch them: a barrier that does nothing, a team sum over
 // another shuffle width.
 struct Mutation {
-  int dropped_barrier = 0;   // a BarrierSite, 0: none
-  int shuffle_width = 0;     // 0: the kernel's own
+  int dropped_barrier = 0; // a BarrierSite, 0: none
+  int shuffle_width = 0;   // 0: the kernel's own
 };
 
 template <typename T>
@@ -111,7 +111,8 @@ class SimBlock {
   template <typename T>
   using Local = SimLocal<T>;
 
-  SimBlock(int64_t index, int64_t count, const Mutation& mutation) : index_(index), count_(count), mutation_(mutation) {}
+  SimBlock(int64_t index, int64_t count, const Mutation& mutation)
+      : index_(index), count_(count), mutation_(mutation) {}
 
   int64_t index() const {
     return index_;

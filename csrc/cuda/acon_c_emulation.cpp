@@ -124,7 +124,13 @@ std::vector<int64_t> acon_c_launch_plan(
   const int64_t bytes = pack_width(static_cast<int>(x.element_size()), backward) * x.element_size();
   const bool aligned = is_aligned(w.x.const_data_ptr(), bytes) && is_aligned(w.out.const_data_ptr(), bytes);
   const CallPlan call = plan_call(
-      l, x.element_size(), backward, backward, true, aligned, runner.multiprocessors * runner.blocks_per_multiprocessor);
+      l,
+      x.element_size(),
+      backward,
+      backward,
+      true,
+      aligned,
+      runner.multiprocessors * runner.blocks_per_multiprocessor);
   const KernelChoice& k = call.kernel;
   const MainPlan& p_main = call.main;
 
@@ -142,8 +148,8 @@ std::vector<int64_t> acon_c_launch_plan(
     const int64_t lanes = 2 * l.channels * r.ab.lanes_y + (units - l.channels) * r.g.lanes_y;
     const int64_t most = std::max(r.ab.units_x, r.g.units_x);
     // The longest lane: the most partial sums one lane adds.
-    const int64_t longest = std::max(
-        ceil_div(p_main.slots, r.ab.lanes_y), units > l.channels ? ceil_div(p_main.chunks, r.g.lanes_y) : 0);
+    const int64_t longest =
+        std::max(ceil_div(p_main.slots, r.ab.lanes_y), units > l.channels ? ceil_div(p_main.chunks, r.g.lanes_y) : 0);
     const std::vector<int64_t> reduce = {2, r.grid, kThreads, units, most, most, longest, lanes};
     plan.insert(plan.end(), reduce.begin(), reduce.end());
     plan.push_back(p_main.workspace_doubles * static_cast<int64_t>(sizeof(double)));

@@ -503,7 +503,12 @@ ACON_HD int staged_word(int s, int kWidth, int j, int thread) {
 // order, and writes the item's slot. Outputs are numbered so that
 // consecutive threads read consecutive words.
 template <typename scalar_t, int kWidth, typename Shared>
-ACON_HD void columns_block_sum(const KernelArgs<scalar_t>& args, const Item& it, Shared& staged, int output, int thread) {
+ACON_HD void columns_block_sum(
+    const KernelArgs<scalar_t>& args,
+    const Item& it,
+    Shared& staged,
+    int output,
+    int thread) {
   const int tile_vectors = args.tile_vectors;
   const int row_step = kThreads / tile_vectors;
   const int s = output / (kWidth * tile_vectors);
@@ -690,29 +695,34 @@ ACON_HD void runs_block(const Block& block, const KernelArgs<scalar_t>& args) {
   const int64_t teams_per_block = kThreads / team;
   const int64_t stride = block.count() * teams_per_block;
   const bool sums_kept = kBackward && args.partials != nullptr;
-  typename Block::template Local<Item> its;
-  typename Block::template Local<DoubleSums<3>> sums; // a, b and (unless beta_direct) g
+  typename Block::template Local<DoubleSums<3>> sums;    // a, b and (unless beta_direct) g
   typename Block::template Local<DoubleSums<1>> group_g; // beta_direct: g of the piece's group
   for (int64_t first = block.index() * teams_per_block; first < args.items; first += stride) {
-    block.threads([&](int t) {
-      its[t] = locate(first + t / team, args, args.channels);
-      sums[t] = DoubleSums<3>{};
-    });
+    // A thread's item is first + t / team; it is located again in each
+    // step rather than kept (registers).
+    block.threads([&](int t) { sums[t] = DoubleSums<3>{}; });
     for (int64_t piece = 0; piece < args.pieces; ++piece) {
       block.threads([&](int t) {
-        const Item& it = its[t];
+        const Item it = locate(first + t / team, args, args.channels);
         const int64_t g = it.g0 + piece;
         group_g[t] = DoubleSums<1>{};
         if (first + t / team < args.items && g < args.groups) {
-          double& g_sum = args.beta_direct ? group_g[t].v[0] : sums[t].v[2];
+          // g's sum in a value of its own: a reference chosen at run time
+          // would put both sums in local memory.
+          double g_sum = 0.0;
           runs_lane<scalar_t, kWidth, kBackward, kRagged>(
               args, g, it.chunk, it.minor, t % team, sums[t].v[0], sums[t].v[1], g_sum);
+          if (args.beta_direct) {
+            group_g[t].v[0] = g_sum;
+          } else {
+            sums[t].v[2] += g_sum;
+          }
         }
       });
       if (sums_kept && args.beta_direct) {
         block.team_sum(group_g, team);
         block.threads([&](int t) {
-          const Item& it = its[t];
+          const Item it = locate(first + t / team, args, args.channels);
           const int64_t g = it.g0 + piece;
           if (t % team == 0 && first + t / team < args.items && g < args.groups) {
             store_grad<scalar_t>(args.grad_beta, args.beta_float, g * args.channels + it.minor, group_g[t].v[0]);
@@ -723,9 +733,10 @@ ACON_HD void runs_block(const Block& block, const KernelArgs<scalar_t>& args) {
     if (sums_kept) {
       block.team_sum(sums, team);
       block.threads([&](int t) {
+        const Item it = locate(first + t / team, args, args.channels);
         if (t % team == 0 && first + t / team < args.items) {
           for (int s = 0; s < args.kept_sums(); ++s) {
-            *args.partial(s, its[t].slot, its[t].minor) = sums[t].v[s];
+            *args.partial(s, it.slot, it.minor) = sums[t].v[s];
           }
         }
       });
