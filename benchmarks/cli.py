@@ -15,6 +15,8 @@ import time
 
 import torch
 
+import acon_cuda
+
 from . import report as reports
 from .meta_modules import measure_meta_modules
 from .op_cases import DEFAULT_BATCH, DEFAULT_SIZES, QUICK_SIZES, SIZES, measure_case
@@ -101,7 +103,8 @@ def main(argv=None):
     info = reports.machine_info(args.device)
     print(
         f"torch {torch.__version__}, device {args.device} "
-        f"({info.get('gpu') or info.get('cpu')}), {torch.get_num_threads()} CPU threads, "
+        f"({info.get('gpu') or info.get('cpu')}), CPU kernels {acon_cuda.cpu_kernel_isa()} "
+        f"(ATen {torch.backends.cpu.get_cpu_capability()}), {torch.get_num_threads()} CPU threads, "
         f"malloc keeps freed memory: {kept}",
         file=sys.stderr,
     )

@@ -183,16 +183,68 @@ def plot(results, path):
     return True
 
 
-def cpu_model():
-    """The CPU's model name (/proc/cpuinfo), else platform.processor()."""
+# The instruction-set flags the CPU kernel builds and ATen's choice of
+# build rest on (/proc/cpuinfo's names): AVX2 and FMA for the AVX2 build;
+# AVX-512 F, BW, VL and DQ for the AVX512 one.
+CPU_FLAGS = ("avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512dq")
+
+
+def cpuinfo(path="/proc/cpuinfo"):
+    """The first processor's fields in /proc/cpuinfo ({} where it cannot be read)."""
+    fields = {}
     try:
-        with open("/proc/cpuinfo") as f:
+        with open(path) as f:
             for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
+                if not line.strip():
+                    break  # the first processor's block ends at its blank line
+                name, _, value = line.partition(":")
+                fields.setdefault(name.strip(), value.strip())
     except OSError:
         pass
-    return platform.processor() or None
+    return fields
+
+
+def cpu_model(info=None):
+    """The CPU's model name (/proc/cpuinfo), else platform.processor()."""
+    info = cpuinfo() if info is None else info
+    return info.get("model name") or platform.processor() or None
+
+
+def cpu_id(info=None):
+    """Vendor, family, model and stepping (/proc/cpuinfo): which generation a
+    model name as vague as a virtual machine's ("AMD EPYC") is; None where
+    they are not known."""
+    info = cpuinfo() if info is None else info
+    parts = [info.get(key) for key in ("vendor_id", "cpu family", "model", "stepping")]
+    if not any(parts):
+        return None
+    return "{} family {} model {} stepping {}".format(*(p or "?" for p in parts))
+
+
+def cpu_flags(info=None):
+    """Which of CPU_FLAGS the CPU has ({flag: bool}); None where the flags
+    cannot be read (no /proc/cpuinfo)."""
+    info = cpuinfo() if info is None else info
+    flags = info.get("flags")
+    if flags is None:
+        return None
+    present = set(flags.split())
+    return {flag: flag in present for flag in CPU_FLAGS}
+
+
+def allocator(malloc_keeps_freed_memory):
+    """The memory allocator the run's CPU tensors came from: the C library,
+    whether the benchmark set glibc's malloc to keep freed memory
+    (timing.keep_freed_memory; False under --system-malloc or off glibc), and
+    what the environment changes of it (LD_PRELOAD, such as jemalloc or
+    tcmalloc; GLIBC_TUNABLES; None where unset)."""
+    libc, version = platform.libc_ver()
+    return {
+        "libc": f"{libc} {version}".strip() or None,
+        "keeps_freed_memory": malloc_keeps_freed_memory,
+        "ld_preload": os.environ.get("LD_PRELOAD") or None,
+        "glibc_tunables": os.environ.get("GLIBC_TUNABLES") or None,
+    }
 
 
 def git_state(root=ROOT):
@@ -241,9 +293,13 @@ def provenance():
     commit (and whether it had changes), the package's version and build,
     whether the package was imported from this checkout (else the commit
     describes the benchmarks, not the measured code), the CPU model, the
-    build of the CPU kernels that runs, ATen's CPU capability, and the
-    compile flags of the CPU kernels where the build records them (None
-    where it does not)."""
+    build of the CPU kernels that runs, ATen's CPU capability, the
+    ATEN_CPU_CAPABILITY that forced them (None where unset), and the compile
+    flags of the CPU kernels where the build records them (None where it
+    does not); and the CPU: its model, vendor/family/model/stepping, and
+    which of CPU_FLAGS it has. (The thread count is the report's
+    machine["threads"], the allocator its "allocator".)"""
+    info = cpuinfo()
     build = build_info()
     flags = {name: value for name, value in (build or {}).items() if "FLAG" in name or "ARGS" in name}
     package = os.path.realpath(os.path.dirname(acon_cuda.__file__))
@@ -254,9 +310,12 @@ def provenance():
         "acon_cuda_from_checkout": os.path.commonpath([package, os.path.realpath(ROOT)]) == os.path.realpath(ROOT),
         "build": build,
         "compile_flags": flags or None,
-        "cpu_model": cpu_model(),
+        "cpu_model": cpu_model(info),
+        "cpu_id": cpu_id(info),
+        "cpu_flags": cpu_flags(info),
         "cpu_kernel_isa": acon_cuda.cpu_kernel_isa(),
         "aten_cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "aten_cpu_capability_env": os.environ.get("ATEN_CPU_CAPABILITY") or None,
     }
 
 
@@ -270,6 +329,7 @@ def new_report(args, machine, malloc_keeps_freed_memory):
         "machine": machine,
         "provenance": provenance(),
         "malloc_keeps_freed_memory": malloc_keeps_freed_memory,
+        "allocator": allocator(malloc_keeps_freed_memory),
         "args": vars(args),
         "complete": False,
         "wall_s": 0.0,

@@ -83,8 +83,11 @@ def test_results_record_their_provenance(quick_run):
         "build",
         "compile_flags",
         "cpu_model",
+        "cpu_id",
+        "cpu_flags",
         "cpu_kernel_isa",
         "aten_cpu_capability",
+        "aten_cpu_capability_env",
     }
     assert set(prov["git"]) == {"commit", "dirty"}
     if prov["git"]["commit"] is not None:  # a git checkout (not, say, an unpacked sdist)
@@ -92,8 +95,20 @@ def test_results_record_their_provenance(quick_run):
     assert prov["acon_cuda_version"] == acon_cuda.__version__
     assert prov["cpu_kernel_isa"] == acon_cuda.cpu_kernel_isa()
     assert prov["aten_cpu_capability"] == torch.backends.cpu.get_cpu_capability()
-    line = readme.provenance_line(json.loads((out / "results.json").read_text()))
+    assert prov["aten_cpu_capability_env"] == (os.environ.get("ATEN_CPU_CAPABILITY") or None)
+    if prov["cpu_flags"] is not None:  # /proc/cpuinfo was readable
+        assert set(prov["cpu_flags"]) == {"avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512dq"}
+        assert all(isinstance(v, bool) for v in prov["cpu_flags"].values())
+    report = json.loads((out / "results.json").read_text())
+    assert isinstance(report["machine"]["threads"], int) and report["machine"]["threads"] > 0
+    assert set(report["allocator"]) == {"libc", "keeps_freed_memory", "ld_preload", "glibc_tunables"}
+    assert report["allocator"]["keeps_freed_memory"] == report["malloc_keeps_freed_memory"]
+    line = readme.provenance_line(report)
     assert prov["acon_cuda_version"] in line and prov["cpu_kernel_isa"] in line
+    # The README block's header names the machine and the kernel build.
+    header = readme.block(str(out)).split("```")[0]
+    assert f"on {prov['cpu_model']}, CPU kernels {prov['cpu_kernel_isa']}," in header
+    assert f"ATen CPU capability {prov['aten_cpu_capability']}" in header and "not recorded" not in header
 
 
 def test_provenance_outside_a_git_checkout(tmp_path):
@@ -108,6 +123,16 @@ def test_readme_says_what_an_old_report_did_not_record():
     old.pop("provenance", None)
     line = readme.provenance_line(old)
     assert "commit not recorded" in line and "compile flags not recorded" in line
+    for key in ("allocator", "machine"):
+        old.pop(key, None)
+    line = readme.machine_line(old)
+    for what in (
+        "CPU not recorded",
+        "CPU flags not recorded",
+        "ATEN_CPU_CAPABILITY not recorded",
+        "threads not recorded",
+    ):
+        assert what in line
 
 
 def test_bad_arguments_are_refused():
@@ -155,3 +180,27 @@ def test_meta_acon_module_cases_run(monkeypatch):
     assert all(r["saved_bytes"]["meta_acon_c"] < r["saved_bytes"]["paper_meta_acon_c"] for r in rows)
     text = report.meta_table(rows)
     assert "2x16x5x5" in text and "paper / it" in text
+
+
+def test_compute_floor_script_runs(capfd, monkeypatch):
+    import torch
+
+    import acon_cuda
+    from benchmarks.probes import compute_floor
+
+    rows = compute_floor.main(["--repeat", "1", "--calls", "2"])
+    assert [r["case"] for r in rows] == [name for name, _, _ in compute_floor.CASES]
+    assert all(t > 0 for r in rows for t in r["ns"].values())
+    out = capfd.readouterr().out
+    assert f"CPU kernels {acon_cuda.cpu_kernel_isa()}" in out and "ratio" in out
+    # --isa-all: one table per build, each in its own process (here the
+    # baseline build only, which every CPU runs, to stay fast).
+    monkeypatch.setattr(compute_floor, "ISAS", ("default",))
+    assert compute_floor.main(["--isa-all", "--repeat", "1", "--calls", "2"]) == ["default"]
+    out = capfd.readouterr().out
+    assert "CPU kernels DEFAULT (ATen CPU capability DEFAULT, ATEN_CPU_CAPABILITY=default)" in out
+    # A build PyTorch does not run in this process is skipped, not measured.
+    other = "avx2" if torch.backends.cpu.get_cpu_capability() == "DEFAULT" else "default"
+    with pytest.raises(SystemExit) as exit:
+        compute_floor.main(["--repeat", "1", "--calls", "1", "--require-capability", other])
+    assert exit.value.code == compute_floor.SKIPPED and "skipped" in capfd.readouterr().out

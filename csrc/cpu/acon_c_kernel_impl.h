@@ -95,37 +95,7 @@ struct Lanes {
     }
     return at::vec::vec_reduce_all<opmath_t>([](const FVec& x, const FVec& y) { return x + y; }, total);
   }
-
-  // Per float vector j: lanes with an index (in the kStep elements) below
-  // `skip` as false. A run's last vector is loaded ending at the run's end,
-  // so it overlaps the one before by `skip` lanes, which it must not count
-  // again.
-  static void keep_from(int64_t skip, FVec* keep) {
-    for (const auto j : c10::irange(kNumF)) {
-      keep[j] = FVec::arange(static_cast<opmath_t>(j * kWidth), 1) >= FVec(static_cast<opmath_t>(skip));
-    }
-  }
 };
-
-// Where the vectors of a run of n elements start: every full vector, and
-// then either a vector that ends at the run's end, overlapping the one before
-// (n >= kStep: no partial loads, which copy through memory), or a partial
-// one. f(offset, count, skip): `skip` lanes of an overlapping vector were
-// done already.
-template <int64_t kStep, typename F>
-inline void for_each_vector(int64_t n, const F& f) {
-  int64_t i = 0;
-  for (; i + kStep <= n; i += kStep) {
-    f(i, kStep, int64_t(0));
-  }
-  if (i < n) {
-    if (n >= kStep) {
-      f(n - kStep, kStep, kStep - (n - i));
-    } else {
-      f(i, n - i, int64_t(0));
-    }
-  }
-}
 
 // 1 / (1 + t) for t in [0, 1]. The division is the slowest instruction of the
 // kernels; on AVX2 / AVX-512 the hardware reciprocal estimate plus one Newton
@@ -311,7 +281,8 @@ struct RunRow {
   }
 };
 
-// Elementwise pass over rows [r0, r1), one channel per row (inner > 1).
+// Elementwise pass over rows [r0, r1), one channel per row (inner > 1):
+// runs of whole vectors, or shorter than one (a partial vector).
 template <typename scalar_t, bool kGrad>
 void elementwise_rows_channel_runs(const AconCKernelArgs& args, int64_t r0, int64_t r1) {
   using L = Lanes<scalar_t>;
@@ -323,15 +294,15 @@ void elementwise_rows_channel_runs(const AconCKernelArgs& args, int64_t r0, int6
   RunRow<opmath_t> row(args.layout, a.beta, r0);
   for (int64_t r = r0; r < r1; ++r) {
     const Params p = Params::broadcast(a.lines, row.beta, row.c);
-    // An overlapping last vector recomputes values already stored: the same.
-    for_each_vector<L::kStep>(I, [&](int64_t i, int64_t n, int64_t) {
+    for (int64_t i = 0; i < I; i += L::kStep) {
+      const int64_t n = std::min(L::kStep, I - i);
       FVec v[L::kNumF], dyv[L::kNumF];
       load_inputs<scalar_t, kGrad>(a, r * I + i, n, v, dyv);
       for (const auto j : c10::irange(L::kNumF)) {
         v[j] = acon_c_elementwise<kGrad>(v[j], dyv[j], p.d, p.p2, p.bd);
       }
       L::store(a.out + r * I + i, n, v);
-    });
+    }
     row.next(args.layout);
   }
 }
@@ -743,7 +714,8 @@ void backward_block_channels_inner(
 }
 
 // Backward over rows [u0, u1) of each group in [g0, g1), one channel per row
-// (inner > 1).
+// (inner > 1). Each row's terms are added in opmath lanes, reduced by a
+// fixed tree and added to its channel's double sums in row order.
 template <typename scalar_t>
 void backward_block_channel_runs(
     const AconCKernelArgs& args,
@@ -762,56 +734,143 @@ void backward_block_channel_runs(
   const int64_t group_rows = a.outer * C;
   double* own_a = sinks.own;
   double* own_b = own_a + C;
+  // Runs at least a vector long that are not a whole number of vectors,
+  // and shorter than a flush interval (7x7, 14x14 maps), go as one stream of
+  // whole vectors, as in elementwise_stream_channel_runs; the others row by
+  // row, a partial vector at the end of a run that needs one.
+  const bool stream = I >= L::kStep && I % L::kStep != 0 && I < kFlushElements;
 
-  FVec keep[L::kNumF]; // lanes an overlapping last vector counts
-  if (I >= L::kStep && I % L::kStep != 0) {
-    L::keep_from(L::kStep - I % L::kStep, keep);
-  }
   for (int64_t g = g0; g < g1; ++g) {
     const opmath_t* beta = a.beta + g * C;
     double* g_sums = sinks.g_direct ? args.sum_g + g * C : own_b + C;
+    const int64_t r_begin = g * group_rows + u0, r_end = g * group_rows + u1;
     int64_t c = u0 % C;
-    for (int64_t r = g * group_rows + u0; r < g * group_rows + u1; ++r) {
-      const Params p = Params::broadcast(a.lines, beta, c);
-      FVec acc_a[L::kNumF], acc_b[L::kNumF], acc_g[L::kNumF];
-      const auto flush = [&] {
-        own_a[c] += L::sum(acc_a);
-        own_b[c] += L::sum(acc_b);
-        g_sums[c] += L::sum(acc_g);
-        for (const auto j : c10::irange(L::kNumF)) {
-          acc_a[j] = acc_b[j] = acc_g[j] = FVec(0);
-        }
-      };
+    FVec acc_a[L::kNumF], acc_b[L::kNumF], acc_g[L::kNumF];
+    const auto clear = [](FVec* v) {
       for (const auto j : c10::irange(L::kNumF)) {
-        acc_a[j] = acc_b[j] = acc_g[j] = FVec(0);
+        v[j] = FVec(0);
       }
-      int64_t pending = 0;
-      for_each_vector<L::kStep>(I, [&](int64_t i, int64_t n, int64_t skip) {
-        FVec xv[L::kNumF], dyv[L::kNumF];
-        L::load(a.x + r * I + i, n, xv);
-        L::load(a.dy + r * I + i, n, dyv);
-        for (const auto j : c10::irange(L::kNumF)) {
-          auto grad = acon_c_grad(xv[j], dyv[j], p.d, p.p2, p.bd);
-          xv[j] = grad.dx;
-          if (skip > 0) {
-            grad.a = FVec::blendv(FVec(0), grad.a, keep[j]);
-            grad.b = FVec::blendv(FVec(0), grad.b, keep[j]);
-            grad.g = FVec::blendv(FVec(0), grad.g, keep[j]);
+    };
+    // Moves the lanes' sums to channel c's double sums.
+    const auto flush = [&] {
+      own_a[c] += L::sum(acc_a);
+      own_b[c] += L::sum(acc_b);
+      g_sums[c] += L::sum(acc_g);
+      clear(acc_a);
+      clear(acc_b);
+      clear(acc_g);
+    };
+    clear(acc_a);
+    clear(acc_b);
+    clear(acc_g);
+    if (!stream) {
+      for (int64_t r = r_begin; r < r_end; ++r) {
+        const Params p = Params::broadcast(a.lines, beta, c);
+        int64_t pending = 0;
+        for (int64_t i = 0; i < I; i += L::kStep) {
+          const int64_t n = std::min(L::kStep, I - i);
+          FVec xv[L::kNumF], dyv[L::kNumF];
+          L::load(a.x + r * I + i, n, xv);
+          L::load(a.dy + r * I + i, n, dyv);
+          for (const auto j : c10::irange(L::kNumF)) {
+            auto grad = acon_c_grad(xv[j], dyv[j], p.d, p.p2, p.bd);
+            xv[j] = grad.dx;
+            if (n < (j + 1) * L::kWidth) {
+              // The lanes past the run hold zeros, whose terms are not all
+              // zero (0 * inf with an infinite beta): left out.
+              const FVec valid = FVec::arange(static_cast<opmath_t>(j * L::kWidth), 1) < FVec(static_cast<opmath_t>(n));
+              grad.a = FVec::blendv(FVec(0), grad.a, valid);
+              grad.b = FVec::blendv(FVec(0), grad.b, valid);
+              grad.g = FVec::blendv(FVec(0), grad.g, valid);
+            }
+            acc_a[j] = acc_a[j] + grad.a;
+            acc_b[j] = acc_b[j] + grad.b;
+            acc_g[j] = acc_g[j] + grad.g;
           }
+          if (a.out != nullptr) {
+            L::store(a.out + r * I + i, n, xv);
+          }
+          if ((pending += n) >= kFlushElements) {
+            flush();
+            pending = 0;
+          }
+        }
+        flush();
+        c = c + 1 == C ? 0 : c + 1;
+      }
+      continue;
+    }
+    // The stream: row r's terms go to acc_*, those of the lanes a vector
+    // takes from row r + 1 to next_* (I >= kStep: a vector spans at most
+    // two rows). Rows are shorter than kFlushElements a lane.
+    const auto channel_after = [&](int64_t channel) { return channel + 1 == C ? 0 : channel + 1; };
+    const auto params_after = [&](int64_t r, const Params& here) {
+      return r + 1 < r_end ? Params::broadcast(a.lines, beta, channel_after(c)) : here;
+    };
+    FVec next_a[L::kNumF], next_b[L::kNumF], next_g[L::kNumF];
+    clear(next_a);
+    clear(next_b);
+    clear(next_g);
+    Params here = Params::broadcast(a.lines, beta, c);
+    Params after = params_after(r_begin, here);
+    int64_t r = r_begin, pos = 0; // the vector's first element: row r, position pos
+    const int64_t end = r_end * I;
+    for (int64_t f = r_begin * I; f < end; f += L::kStep) {
+      const int64_t n = std::min(L::kStep, end - f);
+      FVec xv[L::kNumF], dyv[L::kNumF];
+      L::load(a.x + f, n, xv);
+      L::load(a.dy + f, n, dyv);
+      const int64_t in_row = I - pos; // lanes of row r
+      for (const auto j : c10::irange(L::kNumF)) {
+        const int64_t lane0 = j * L::kWidth;
+        if (in_row >= lane0 + L::kWidth && n >= lane0 + L::kWidth) {
+          const auto grad = acon_c_grad(xv[j], dyv[j], here.d, here.p2, here.bd);
+          xv[j] = grad.dx;
           acc_a[j] = acc_a[j] + grad.a;
           acc_b[j] = acc_b[j] + grad.b;
           acc_g[j] = acc_g[j] + grad.g;
+          continue;
         }
-        if (a.out != nullptr) {
-          L::store(a.out + r * I + i, n, xv);
+        // Lanes past n (the range's end) count for neither row.
+        const FVec lane = FVec::arange(static_cast<opmath_t>(lane0), 1);
+        const FVec mine = lane < FVec(static_cast<opmath_t>(in_row));
+        const FVec valid = lane < FVec(static_cast<opmath_t>(n));
+        const FVec theirs = FVec::blendv(FVec(0), valid, lane >= FVec(static_cast<opmath_t>(in_row)));
+        const auto grad = acon_c_grad(
+            xv[j],
+            dyv[j],
+            FVec::blendv(after.d, here.d, mine),
+            FVec::blendv(after.p2, here.p2, mine),
+            FVec::blendv(after.bd, here.bd, mine));
+        xv[j] = grad.dx;
+        const FVec own = FVec::blendv(FVec(0), valid, mine);
+        acc_a[j] = acc_a[j] + FVec::blendv(FVec(0), grad.a, own);
+        acc_b[j] = acc_b[j] + FVec::blendv(FVec(0), grad.b, own);
+        acc_g[j] = acc_g[j] + FVec::blendv(FVec(0), grad.g, own);
+        next_a[j] = next_a[j] + FVec::blendv(FVec(0), grad.a, theirs);
+        next_b[j] = next_b[j] + FVec::blendv(FVec(0), grad.b, theirs);
+        next_g[j] = next_g[j] + FVec::blendv(FVec(0), grad.g, theirs);
+      }
+      if (a.out != nullptr) {
+        L::store(a.out + f, n, xv);
+      }
+      pos += L::kStep;
+      if (pos >= I) { // row r is done (the range ends with a row's end)
+        flush();
+        for (const auto j : c10::irange(L::kNumF)) {
+          acc_a[j] = next_a[j];
+          acc_b[j] = next_b[j];
+          acc_g[j] = next_g[j];
         }
-        if ((pending += n) >= kFlushElements) {
-          flush();
-          pending = 0;
-        }
-      });
-      flush();
-      c = c + 1 == C ? 0 : c + 1;
+        clear(next_a);
+        clear(next_b);
+        clear(next_g);
+        pos -= I;
+        ++r;
+        c = channel_after(c);
+        here = after;
+        after = params_after(r, here);
+      }
     }
   }
 }
