@@ -155,7 +155,8 @@ def test_bad_plan_arguments():
 
 
 def test_plan_table_script():
-    """benchmarks/probes/cuda_plan.py (the closing notes' table) runs and prints a row per case and dtype."""
+    """benchmarks/probes/cuda_plan.py (the closing notes' table) runs and prints a row per case and dtype,
+    and README's plan rows are its rows."""
     import subprocess
     import sys
 
@@ -163,4 +164,11 @@ def test_plan_table_script():
     out = subprocess.run(
         [sys.executable, "-m", "benchmarks.probes.cuda_plan"], cwd=root, capture_output=True, text=True, check=True
     ).stdout
-    assert len([line for line in out.splitlines() if line.startswith("| ") and "x" in line.split("|")[1]]) == 2 * 11
+    rows = [line for line in out.splitlines() if line.startswith("| ") and "x" in line.split("|")[1]]
+    assert len(rows) == 2 * 11
+    # README's CUDA section quotes some of them: each quoted row is one of these.
+    with open(root + "/README.md") as f:
+        readme = f.read()
+    section = readme[readme.index("## CUDA kernels") : readme.index("## Known limits")]
+    quoted = [line for line in section.splitlines() if line.startswith("| ") and "x" in line.split("|")[1]]
+    assert quoted and all(line in rows for line in quoted), "README's plan rows differ: rerun the probe"
