@@ -180,44 +180,56 @@ inline Vectorized<float> exp_of_nonpositive(const Vectorized<float>& v) {
 }
 #endif
 
-// S = sigmoid(u) and S_neg = 1 - S = sigmoid(-u), both from t = exp(-|u|),
-// which never overflows: no inf/inf, and 1 - S without cancellation. At
-// u = -inf this gives S = 0 exactly (and S = 1 at +inf), as torch.sigmoid does.
+// S = sigmoid(u) and W = S * (1 - S), from t = exp(-|u|), which never
+// overflows: no inf/inf, and 1 - S = sigmoid(-u) without cancellation. At
+// u = -inf this gives S = 0 exactly (and S = 1 at +inf), as torch.sigmoid
+// does.
 template <typename V>
-inline void sigmoid_pair(const V& u, V& s, V& s_neg) {
+inline void sigmoid_and_slope(const V& u, V& s, V& w) {
   const V t = exp_of_nonpositive(u | V(-0.0)); // exp(-|u|): the sign bit set
   const V r = reciprocal_of_one_plus(t);       // sigmoid(|u|)
   const V q = t * r;                           // sigmoid(-|u|)
   const V nonneg = u >= V(0);
   s = V::blendv(q, r, nonneg);
-  s_neg = V::blendv(r, q, nonneg);
+  w = r * q; // sigmoid(u) * sigmoid(-u) for either sign
 }
 
 // y = d*x*S + p2*x with u = bd*x, written x*(d*S + p2) like the reference.
 template <typename V>
 inline V acon_c_value(const V& x, const V& d, const V& p2, const V& bd) {
-  V s, s_neg;
-  sigmoid_pair(bd * x, s, s_neg);
+  V s, w;
+  sigmoid_and_slope(bd * x, s, w);
   return x * at::vec::fmadd(d, s, p2);
 }
 
 // dx and the three per-element terms of the parameter sums (docs/math.md).
-// Where only dx is used, the compiler drops the rest.
+// Where only dx is used, the compiler drops the rest. a = b * h and g =
+// g_left * g_right are also kept as factors: add_to takes each into its sum
+// in one fused multiply-add (the products are then dead code).
 template <typename V>
 struct AconCGrad {
   V dx, a, b, g;
+  V h, g_left, g_right;
+
+  void add_to(V& sum_a, V& sum_b, V& sum_g) const {
+    sum_a = at::vec::fmadd(b, h, sum_a);
+    sum_b = sum_b + b;
+    sum_g = at::vec::fmadd(g_left, g_right, sum_g);
+  }
 };
 
 template <typename V>
 inline AconCGrad<V> acon_c_grad(const V& x, const V& dy, const V& d, const V& p2, const V& bd) {
   const V u = bd * x;
-  V s, s_neg;
-  sigmoid_pair(u, s, s_neg);
-  const V h = s * at::vec::fmadd(u, s_neg, V(1));
+  V s, w;
+  sigmoid_and_slope(u, s, w);
+  // h = S * (1 + u * (1 - S)) = S + u * (S * (1 - S)): one fused multiply-add.
+  const V h = at::vec::fmadd(u, w, s);
   const V b = dy * x;
   const V dxd = d * x;
   // (d*x) * ((d*x)*S*(1-S)): no (d*x)^2 that could overflow on its own.
-  return {dy * at::vec::fmadd(d, h, p2), b * h, b, (dy * dxd) * (dxd * (s * s_neg))};
+  const V g_left = dy * dxd, g_right = dxd * w;
+  return {dy * at::vec::fmadd(d, h, p2), b * h, b, g_left * g_right, h, g_left, g_right};
 }
 
 // y (forward), or dx alone (kGrad: a backward that wants no parameter sums).
@@ -528,9 +540,7 @@ void backward_narrow_rows(
       for (const auto j : c10::irange(kF)) {
         const auto grad = acon_c_grad(xv[j], dyv[j], d[k][j], p2[k][j], bd[k][j]);
         xv[j] = grad.dx;
-        sa[k][j] = sa[k][j] + grad.a;
-        sb[k][j] = sb[k][j] + grad.b;
-        sg[k][j] = sg[k][j] + grad.g;
+        grad.add_to(sa[k][j], sb[k][j], sg[k][j]);
       }
       if (dx != nullptr) {
         L::store(dx + offset, n[k], xv);
@@ -603,9 +613,7 @@ void backward_wide_rows(
       for (const auto q : c10::irange(kRows)) {
         const auto grad = acon_c_grad(xv[q][j], dyv[q][j], p.d, p.p2, p.bd);
         xv[q][j] = grad.dx;
-        sa = sa + grad.a;
-        sb = sb + grad.b;
-        sg = sg + grad.g;
+        grad.add_to(sa, sb, sg);
       }
       add_to_sums(acc, cj, sa, sb, sg);
     }
@@ -645,7 +653,7 @@ void backward_sample_rows(
         const ChannelParams<FVec, opmath_t> p(lines, betas[q], cj, count);
         const auto grad = acon_c_grad(xv[q][j], dyv[q][j], p.d, p.p2, p.bd);
         xv[q][j] = grad.dx;
-        sa = sa + grad.a;
+        sa = at::vec::fmadd(grad.b, grad.h, sa);
         sb = sb + grad.b;
         // count <= 0: lanes past C (16-bit rows of under kWidth channels).
         if (count == FVec::size()) {
@@ -885,9 +893,7 @@ void backward_block_channel_runs(
         if (in_row >= lane0 + L::kWidth && n >= lane0 + L::kWidth) {
           const auto grad = acon_c_grad(xv[j], dyv[j], here.d, here.p2, here.bd);
           xv[j] = grad.dx;
-          acc_a[j] = acc_a[j] + grad.a;
-          acc_b[j] = acc_b[j] + grad.b;
-          acc_g[j] = acc_g[j] + grad.g;
+          grad.add_to(acc_a[j], acc_b[j], acc_g[j]);
           continue;
         }
         // Lanes past n (the range's end) count for neither row.
