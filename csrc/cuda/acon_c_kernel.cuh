@@ -193,14 +193,14 @@ ACON_HD void store_pack(T* p, const Pack<T, kWidth>& v) {
 
 // The work split, as the plan makes it and the kernels read it.
 struct WorkSplit {
-  // Work items: group_blocks x chunks x units (channels for runs, column
+  // Work items: group blocks x chunks x units (channels for runs, column
   // tiles for columns), numbered with the last fastest. A group block is
   // `span` consecutive groups (the last may have fewer); an item takes the
   // same chunk of each, `pieces` steps of one group (runs) or group_lanes
   // groups (columns). span > 1 only with one chunk a line.
   // An item's slot in the workspace is its (group block, chunk): `slots` =
-  // group_blocks * chunks rows of `channels` sums each.
-  int64_t span, group_blocks, chunks, slots, items, pieces;
+  // ceil(groups / span) * chunks rows of `channels` sums each.
+  int64_t span, chunks, slots, items, pieces;
   // A per-sample beta whose items hold whole groups: each item writes its
   // groups' beta gradients itself, and its slot keeps two sums (a, b).
   bool beta_direct;
