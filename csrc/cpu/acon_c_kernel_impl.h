@@ -991,21 +991,25 @@ void backward_typed(const AconCKernelArgs& args) {
     }
   });
 
-  // Fixed-order combine of the block partials.
-  for (int64_t k = 0; k < blocks; ++k) {
-    const double* own = partial + k * 3 * C;
-    // Without g_direct, block k adds to group k / splits for a per-sample
-    // beta (whole_groups is false then), and to the single row otherwise.
-    // (sum_g is null with grad_beta: no offset taken from it then.)
-    double* g_row = g_direct ? nullptr : lay.per_sample_beta ? args.sum_g + (k / splits) * C : args.sum_g;
-    for (const auto c : c10::irange(C)) {
-      args.sum_a[c] += own[c];
-      args.sum_b[c] += own[C + c];
-      if (!g_direct) {
-        g_row[c] += own[2 * C + c];
+  // Fixed-order combine of the block partials: each channel adds its blocks
+  // in block order, channels split among the threads (with C = 4096 and 21
+  // blocks, one thread's serial combine was 10-15% of the backward).
+  at::parallel_for(0, C, kGrainElements / (3 * blocks) + 1, [&](int64_t c0, int64_t c1) {
+    for (int64_t k = 0; k < blocks; ++k) {
+      const double* own = partial + k * 3 * C;
+      // Without g_direct, block k adds to group k / splits for a per-sample
+      // beta (whole_groups is false then), and to the single row otherwise.
+      // (sum_g is null with grad_beta: no offset taken from it then.)
+      double* g_row = g_direct ? nullptr : lay.per_sample_beta ? args.sum_g + (k / splits) * C : args.sum_g;
+      for (int64_t c = c0; c < c1; ++c) {
+        args.sum_a[c] += own[c];
+        args.sum_b[c] += own[C + c];
+        if (!g_direct) {
+          g_row[c] += own[2 * C + c];
+        }
       }
     }
-  }
+  });
 }
 
 // args with their ParamLines built, in the calling thread's scratch.
