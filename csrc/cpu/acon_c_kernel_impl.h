@@ -469,7 +469,7 @@ using SumLines = Lines<opmath_t, 3>;
 // Adds the SumLines sums in `acc` to the double sums a, b and g (any of
 // them may be null: those sums stay in acc) and zeroes what it moved.
 template <typename opmath_t>
-void move_sums(opmath_t* acc, int64_t C, double* a, double* b, double* g) {
+void move_sums(opmath_t* acc, int64_t C, double* a, double* b, double* g, bool assign = false) {
   using SL = SumLines<opmath_t>;
   double* sinks[3] = {a, b, g};
   for (int64_t c0 = 0; c0 < C; c0 += SL::kLine) {
@@ -480,7 +480,7 @@ void move_sums(opmath_t* acc, int64_t C, double* a, double* b, double* g) {
       }
       opmath_t* s = acc + SL::index(c0) + k * SL::kLine;
       for (int64_t i = 0; i < n; ++i) {
-        sinks[k][c0 + i] += s[i];
+        sinks[k][c0 + i] = (assign ? 0.0 : sinks[k][c0 + i]) + s[i];
         s[i] = opmath_t(0);
       }
     }
@@ -698,8 +698,14 @@ void backward_block_channels_inner(
   double* own_a = sinks.own;
   double* own_b = own_a + C;
   double* own_g = sinks.g_direct ? nullptr : own_b + C;
-
-  std::fill(acc, acc + 3 * args.padded_channels, opmath_t(0));
+  // The block's sums, which its first move writes rather than adds to (the
+  // caller does not zero them); `acc` comes zeroed, and every move zeroes
+  // what it takes, so it leaves zeroed (lines past C hold zeros' terms).
+  bool first_move = true;
+  const auto move_own = [&](double* g_sums) {
+    move_sums(acc, C, own_a, own_b, g_sums, first_move);
+    first_move = false;
+  };
   if (args.grad_beta != nullptr) {
     // One row per sample ((N, C) features with an (N, C) beta): rows in
     // pairs, whatever C, and no per-sample sums to move.
@@ -719,7 +725,7 @@ void backward_block_channels_inner(
           r += 1;
         }
       }
-      move_sums<opmath_t>(acc, C, own_a, own_b, nullptr);
+      move_own(nullptr);
       g += rows;
     }
     return;
@@ -769,7 +775,7 @@ void backward_block_channels_inner(
       pending += rows;
       r0 = r1;
       if (pending == kFlushRows) {
-        move_sums(acc, C, own_a, own_b, own_g);
+        move_own(own_g);
         pending = 0;
       }
     }
@@ -777,7 +783,7 @@ void backward_block_channels_inner(
       move_sums<opmath_t>(acc, C, nullptr, nullptr, args.sum_g + g * C);
     }
   }
-  move_sums(acc, C, own_a, own_b, own_g);
+  move_own(own_g);
 }
 
 // Backward over rows [u0, u1) of each group in [g0, g1), one channel per row
@@ -966,10 +972,16 @@ void backward_typed(const AconCKernelArgs& args) {
   double* partial = thread_scratch<double>(kPartialsSlot, blocks * 3 * C);
   at::parallel_for(0, blocks, 1, [&](int64_t kb, int64_t ke) {
     // Per worker thread, for the channels-innermost kernel.
+    // Zeroed once: the channels-innermost blocks leave it zeroed.
     opmath_t* acc = channels_inner ? thread_scratch<opmath_t>(kAccumulatorSlot, 3 * args.padded_channels) : nullptr;
+    if (channels_inner) {
+      std::fill(acc, acc + 3 * args.padded_channels, opmath_t(0));
+    }
     for (int64_t k = kb; k < ke; ++k) {
       double* own = partial + k * 3 * C;
-      std::fill(own, own + 3 * C, 0.0);
+      if (!channels_inner) { // the runs add to theirs; channels-innermost blocks write theirs
+        std::fill(own, own + 3 * C, 0.0);
+      }
       int64_t g0, g1, u0, u1;
       if (whole_groups) {
         g0 = k * lay.groups / blocks;
