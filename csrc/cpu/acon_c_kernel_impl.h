@@ -139,7 +139,7 @@ constexpr float kLnFltMin = -87.33654f; // ln(FLT_MIN)
 constexpr float kLog2e = 1.44269504088896341f;
 constexpr float kLn2 = 0.693147180559945309f;
 constexpr float kRound = 12582912.0f + 127.0f; // 1.5 * 2^23: rounds to an integer; + the exponent bias
-// exp_u20's polynomial for exp(r) - 1 - r... in Horner form from the fifth degree.
+// exp_u20's coefficients: exp(r) = 1 + r * (c1 + r * (c2 + r * (c3 + r * (c4 + r * c5)))).
 constexpr float kC1 = 0.999999701f, kC2 = 0.499991506f, kC3 = 0.166676521f, kC4 = 0.0418978221f, kC5 = 0.00828929059f;
 } // namespace exp_constants
 #endif
