@@ -98,10 +98,20 @@ struct Mutation {
   int shuffle_width = 0;   // 0: the kernel's own
 };
 
+// The thread whose step SimBlock::threads is running (-1: none, as in a
+// team sum): on the GPU a Local is the thread's own register whatever the
+// index, so a step that reads another thread's value is an error here.
+inline int& sim_running_thread() {
+  static thread_local int t = -1;
+  return t;
+}
+
 template <typename T>
 struct SimLocal {
   std::vector<T> values = std::vector<T>(kThreads);
   T& operator[](int t) {
+    const int running = sim_running_thread();
+    TORCH_CHECK(running < 0 || running == t, "emulated Local: thread ", running, " reads thread ", t, "'s value");
     return values[t];
   }
 };
@@ -125,7 +135,13 @@ class SimBlock {
   // checked against the barriers actually passed (epoch).
   template <typename F>
   void threads(F&& f) const {
+    struct NoneRunning { // also when a step raises
+      ~NoneRunning() {
+        sim_running_thread() = -1;
+      }
+    } none_after;
     for (int t = 0; t < kThreads; ++t) {
+      sim_running_thread() = t;
       f(t);
     }
   }

@@ -735,8 +735,12 @@ ACON_HD void runs_block(const Block& block, const KernelArgs<scalar_t>& args) {
       block.threads([&](int t) {
         const Item it = locate(first + t / team, args, args.channels);
         if (t % team == 0 && first + t / team < args.items) {
-          for (int s = 0; s < args.kept_sums(); ++s) {
-            *args.partial(s, it.slot, it.minor) = sums[t].v[s];
+          // A constant trip count: v[] indexed by a run-time bound could go to local memory.
+#pragma unroll
+          for (int s = 0; s < 3; ++s) {
+            if (s < args.kept_sums()) {
+              *args.partial(s, it.slot, it.minor) = sums[t].v[s];
+            }
           }
         }
       });
