@@ -121,18 +121,17 @@ std::vector<int64_t> acon_c_launch_plan(
   const EmulatedRunner runner = emulated_runner(multiprocessors, blocks_per_multiprocessor);
   const WorkTensors w = make_work_tensors(at::empty_like(x), x, beta, cdim);
   const ChannelLayout& l = w.layout;
-  const int64_t bytes = pack_width(static_cast<int>(x.element_size()), backward) * x.element_size();
+  const int vector = pack_width(static_cast<int>(x.element_size()), backward);
+  const int64_t bytes = vector * x.element_size();
   const bool aligned = is_aligned(w.x.const_data_ptr(), bytes) && is_aligned(w.out.const_data_ptr(), bytes);
-  const CallPlan call = plan_call(
+  const KernelChoice k = choose_kernel(l, vector, aligned);
+  const MainPlan p_main = plan_main(
       l,
+      k,
+      runner.multiprocessors * runner.blocks_per_multiprocessor,
+      backward,
       x.element_size(),
-      backward,
-      backward,
-      true,
-      aligned,
-      runner.multiprocessors * runner.blocks_per_multiprocessor);
-  const KernelChoice& k = call.kernel;
-  const MainPlan& p_main = call.main;
+      moved_streams(backward, true));
 
   int64_t most = 0; // block 0 takes the most items
   for (int64_t t = 0; t < p_main.teams_per_block; ++t) {

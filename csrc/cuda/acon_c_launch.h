@@ -108,11 +108,10 @@ inline int64_t min_item_elements(int sums, int64_t bytes_per_element) {
 }
 
 // How a per-sample beta's items hold whole groups, `line` elements of each
-// (one chunk a line): span groups an item, enough that its two sums stay
-// within the bound.
+// (one chunk a line, so beta_direct): span groups an item, enough that its
+// two sums stay within the bound.
 inline void plan_whole_groups(MainPlan& p, const ChannelLayout& layout, int64_t line, int64_t bytes_per_element) {
   p.chunks = 1;
-  p.beta_direct = true;
   p.span = std::min(layout.groups, std::max<int64_t>(1, ceil_div(min_item_elements(2, bytes_per_element), line)));
 }
 
@@ -307,26 +306,10 @@ bool args_aligned(const KernelArgs<scalar_t>& args, int64_t bytes) {
       (args.grad_y == nullptr || is_aligned(args.grad_y, bytes));
 }
 
-// A call's kernel and plan. A backward keeps sums where parameter
-// gradients are asked for, and moves grad_x where it is.
-struct CallPlan {
-  KernelChoice kernel;
-  MainPlan main;
-};
-
-inline CallPlan plan_call(
-    const ChannelLayout& layout,
-    int64_t element_size,
-    bool backward,
-    bool sums,
-    bool writes_out,
-    bool aligned,
-    int64_t resident_blocks) {
-  CallPlan c;
-  c.kernel = choose_kernel(layout, pack_width(static_cast<int>(element_size), backward), aligned);
-  const int streams = (backward ? 2 : 1) + (writes_out ? 1 : 0);
-  c.main = plan_main(layout, c.kernel, resident_blocks, sums, element_size, streams);
-  return c;
+// The tensors of x's size a call moves: x, grad_y for a backward, and its
+// output unless a backward leaves grad_x out.
+inline int moved_streams(bool backward, bool writes_out) {
+  return (backward ? 2 : 1) + (writes_out ? 1 : 0);
 }
 
 // Parameters in opmath_t: float, double for float64 x.
@@ -375,8 +358,8 @@ void run_acon_c(
       with_kernel_kind<scalar_t, kBackward>(choice, [&](auto kind) {
         using Kind = decltype(kind);
         const int64_t resident = runner.template resident_blocks<scalar_t, Kind, kBackward>();
-        const MainPlan plan =
-            plan_call(w.layout, sizeof(scalar_t), kBackward, sums, args.out != nullptr, aligned, resident).main;
+        const MainPlan plan = plan_main(
+            w.layout, choice, resident, sums, sizeof(scalar_t), moved_streams(kBackward, args.out != nullptr));
         static_cast<WorkSplit&>(args) = plan;
         // The workspace, where parameter gradients are asked for (the
         // kernels skip their sums without it).
