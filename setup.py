@@ -50,7 +50,11 @@ ISA_FLAGS = {
     ],
 }
 CPU_SOURCES = rel(
-    "csrc/*.cpp", "csrc/cpu/acon_c_cpu.cpp", "csrc/cpu/meta_acon_c_cpu.cpp", "csrc/cpu/acon_c_kernel_default.cpp"
+    "csrc/*.cpp",
+    "csrc/cpu/acon_c_cpu.cpp",
+    "csrc/cpu/batch_norm_acon_c_cpu.cpp",
+    "csrc/cpu/meta_acon_c_cpu.cpp",
+    "csrc/cpu/acon_c_kernel_default.cpp",
 )
 if X86_64:
     CPU_SOURCES += list(ISA_FLAGS)

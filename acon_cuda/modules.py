@@ -151,10 +151,14 @@ class AconA(_Acon):
     def reset_parameters(self) -> None:
         nn.init.ones_(self.beta)
 
+    def acon_c_parameters(self) -> Tuple[Tensor, Tensor, Tensor]:
+        """(p1, p2, beta) of the ACON-C this module computes."""
+        ones = self.beta.new_ones(self.width)
+        return ones, torch.zeros_like(ones), self.beta
+
     def forward(self, x: Tensor) -> Tensor:
         self._check_input(x)
-        ones = self.beta.new_ones(self.width)
-        return self._acon_c(x, ones, torch.zeros_like(ones), self.beta)
+        return self._acon_c(x, *self.acon_c_parameters())
 
 
 class AconB(_Acon):
@@ -173,9 +177,13 @@ class AconB(_Acon):
         nn.init.zeros_(self.p)
         nn.init.ones_(self.beta)
 
+    def acon_c_parameters(self) -> Tuple[Tensor, Tensor, Tensor]:
+        """(p1, p2, beta) of the ACON-C this module computes."""
+        return self.p.new_ones(self.width), self.p, self.beta
+
     def forward(self, x: Tensor) -> Tensor:
         self._check_input(x)
-        return self._acon_c(x, self.p.new_ones(self.width), self.p, self.beta)
+        return self._acon_c(x, *self.acon_c_parameters())
 
 
 _INITS = ("paper", "swish")
@@ -209,9 +217,13 @@ class AconC(_Acon):
             nn.init.zeros_(self.p2)
         nn.init.ones_(self.beta)
 
+    def acon_c_parameters(self) -> Tuple[Tensor, Tensor, Tensor]:
+        """(p1, p2, beta) of the ACON-C this module computes."""
+        return self.p1, self.p2, self.beta
+
     def forward(self, x: Tensor) -> Tensor:
         self._check_input(x)
-        return self._acon_c(x, self.p1, self.p2, self.beta)
+        return self._acon_c(x, *self.acon_c_parameters())
 
     def _extra_options(self):
         return [f"init={self.init!r}"]

@@ -42,6 +42,22 @@ TORCH_LIBRARY(acon, m) {
       "Tensor(e!)? bn2_running_var=None, Tensor(f!)? bn2_num_batches_tracked=None, bool bn2_training=True, "
       "bool bn2_track_running_stats=True, float? bn2_momentum=0.1, float bn2_eps=1e-05) -> Tensor");
 
+  // BatchNorm (nn.BatchNorm's forward, given its resolved arguments as
+  // F.batch_norm takes them) followed by ACON-C on axis 1 with a per-channel
+  // beta; CPU kernels only (acon_cuda/batch_norm.py runs the two ops
+  // elsewhere). The forward returns (y, mean, invstd): the statistics it
+  // normalised with, in opmath precision, which the backward takes; with
+  // training (batch statistics) it updates the running statistics given.
+  // output_mask = [x's gradient, weight's and bias's, p1's, p2's and beta's].
+  m.def(
+      "batch_norm_acon_c_forward(Tensor x, Tensor? weight, Tensor? bias, Tensor(a!)? running_mean, "
+      "Tensor(b!)? running_var, Tensor p1, Tensor p2, Tensor beta, bool training, float momentum, float eps) "
+      "-> (Tensor, Tensor, Tensor)");
+  m.def(
+      "batch_norm_acon_c_backward(Tensor grad_y, Tensor x, Tensor? weight, Tensor? bias, Tensor save_mean, "
+      "Tensor save_invstd, Tensor p1, Tensor p2, Tensor beta, bool training, bool[3] output_mask) "
+      "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+
   // Which build of the CPU kernels runs here: "AVX512", "AVX2" or "DEFAULT".
   m.def("cpu_kernel_isa() -> str");
 

@@ -15,32 +15,24 @@
 #include <vector>
 
 namespace acon_cuda::cpu {
-namespace {
 
-// One build of the CPU kernels.
-struct CpuKernels {
-  const char* isa;
-  void (*forward)(const AconCKernelArgs&);
-  void (*backward)(const AconCKernelArgs&);
-};
-
-// The build for PyTorch's own choice of CPU capability, which honours
-// ATEN_CPU_CAPABILITY and what this CPU supports.
 const CpuKernels& cpu_kernels() {
   static const CpuKernels chosen = [] {
 #ifdef ACON_CPU_X86_VARIANTS
     const std::string capability = at::get_cpu_capability();
     if (capability == "AVX512") {
-      return CpuKernels{"AVX512", AVX512::acon_c_forward_kernel, AVX512::acon_c_backward_kernel};
+      return AVX512::kernels("AVX512");
     }
     if (capability == "AVX2") {
-      return CpuKernels{"AVX2", AVX2::acon_c_forward_kernel, AVX2::acon_c_backward_kernel};
+      return AVX2::kernels("AVX2");
     }
 #endif
-    return CpuKernels{"DEFAULT", DEFAULT::acon_c_forward_kernel, DEFAULT::acon_c_backward_kernel};
+    return DEFAULT::kernels("DEFAULT");
   }();
   return chosen;
 }
+
+namespace {
 
 std::string kernel_isa_name() {
   return cpu_kernels().isa;
@@ -93,7 +85,7 @@ at::Tensor acon_c_forward_cpu(
   at::Tensor y = at::empty_like(x);
   if (x.numel() > 0) {
     AconCKernelArgs args{};
-    launch(y, x, p1, p2, beta, cdim, at::Tensor(), args, cpu_kernels().forward);
+    launch(y, x, p1, p2, beta, cdim, at::Tensor(), args, cpu_kernels().acon_c_forward);
   }
   return y;
 }
@@ -144,7 +136,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> acon_c_backward_cpu(
         args.sum_g = sums + 2 * C;
       }
     }
-    launch(want_x ? grad_x : at::Tensor(), x, p1, p2, beta, cdim, grad_y, args, cpu_kernels().backward);
+    launch(want_x ? grad_x : at::Tensor(), x, p1, p2, beta, cdim, grad_y, args, cpu_kernels().acon_c_backward);
   }
   if (!want_params) {
     return {grad_x, masked_out_grad(p1), masked_out_grad(p2), masked_out_grad(beta)};

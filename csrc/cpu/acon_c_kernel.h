@@ -6,6 +6,8 @@
 
 #include "../acon_c.h"
 
+#include <array>
+
 namespace acon_cuda::cpu {
 
 // Per-channel arrays interleaved one cache line at a time: kRows values per
@@ -67,10 +69,56 @@ void* thread_scratch_bytes(int slot, int64_t bytes);
 // padded_channels is a multiple of this (the widest vector of any dtype).
 constexpr int64_t kTableAlign = 64;
 
-#define ACON_DECLARE_CPU_KERNELS(isa)                       \
-  namespace isa {                                           \
-  void acon_c_forward_kernel(const AconCKernelArgs& args);  \
-  void acon_c_backward_kernel(const AconCKernelArgs& args); \
+// The kernels of BatchNorm fused with ACON-C (batch_norm_acon_c_kernel_impl.h),
+// which take per-channel values computed by their op
+// (batch_norm_acon_c_cpu.cpp) rather than parameters.
+struct NormKernelArgs {
+  ChannelLayout layout; // groups == 1: beta is per channel
+  at::ScalarType dtype;
+  int64_t padded_channels; // as in AconCKernelArgs
+  // The kernel's per-channel rows, C doubles each, in the order its element
+  // operation reads them.
+  std::array<const double*, 8> values{};
+  const void* x;
+  const void* grad_y; // backward only
+  void* out;          // y or grad_x; unused by the sums
+};
+
+// One build of the CPU kernels: the acon ops' and the fused BatchNorm's.
+// The sums kernels write kSums rows of C doubles (see their element
+// operations).
+struct CpuKernels {
+  const char* isa;
+  void (*acon_c_forward)(const AconCKernelArgs&);
+  void (*acon_c_backward)(const AconCKernelArgs&);
+  void (*batch_norm_moments)(const NormKernelArgs&, double* sums);
+  void (*batch_norm_acon_c_forward)(const NormKernelArgs&);
+  void (*batch_norm_acon_c_grad_sums)(const NormKernelArgs&, double* sums);
+  void (*batch_norm_acon_c_grad_input)(const NormKernelArgs&);
+};
+
+// The build for PyTorch's own choice of CPU capability, which honours
+// ATEN_CPU_CAPABILITY and what this CPU supports (acon_c_cpu.cpp).
+const CpuKernels& cpu_kernels();
+
+#define ACON_DECLARE_CPU_KERNELS(isa)                                                \
+  namespace isa {                                                                    \
+  void acon_c_forward_kernel(const AconCKernelArgs& args);                           \
+  void acon_c_backward_kernel(const AconCKernelArgs& args);                          \
+  void batch_norm_moments_kernel(const NormKernelArgs& args, double* sums);          \
+  void batch_norm_acon_c_forward_kernel(const NormKernelArgs& args);                 \
+  void batch_norm_acon_c_grad_sums_kernel(const NormKernelArgs& args, double* sums); \
+  void batch_norm_acon_c_grad_input_kernel(const NormKernelArgs& args);              \
+  inline CpuKernels kernels(const char* name) {                                      \
+    return CpuKernels{                                                               \
+        name,                                                                        \
+        acon_c_forward_kernel,                                                       \
+        acon_c_backward_kernel,                                                      \
+        batch_norm_moments_kernel,                                                   \
+        batch_norm_acon_c_forward_kernel,                                            \
+        batch_norm_acon_c_grad_sums_kernel,                                          \
+        batch_norm_acon_c_grad_input_kernel};                                        \
+  }                                                                                  \
   }
 
 ACON_DECLARE_CPU_KERNELS(DEFAULT)

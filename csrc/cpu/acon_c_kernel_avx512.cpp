@@ -3,3 +3,4 @@
 // -DCPU_CAPABILITY=AVX512 ...), and only on x86-64. Called only when
 // at::get_cpu_capability() reports AVX512.
 #include "acon_c_kernel_impl.h"
+#include "batch_norm_acon_c_kernel_impl.h"

@@ -5,3 +5,4 @@
 // (PyTorch's headers define some outside the per-instruction-set namespace).
 #define CPU_CAPABILITY DEFAULT
 #include "acon_c_kernel_impl.h"
+#include "batch_norm_acon_c_kernel_impl.h"

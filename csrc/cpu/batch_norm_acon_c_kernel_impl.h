@@ -1,0 +1,383 @@
+// CPU kernels of BatchNorm fused with ACON-C (batch_norm_acon_c_cpu.cpp), in
+// the same per-instruction-set builds as the acon kernels, whose element
+// functions they share (acon_c_kernel_impl.h, included first).
+//
+// Every pass is one of two shapes over x's ChannelLayout, each parametrised
+// by an element operation that reads kRows per-channel values:
+// - map_channels: out = Op::apply(x[, dy], values) (the forward; grad_x);
+// - reduce_channels: kSums per-channel sums of Op::terms(x[, dy], values)
+//   (the batch statistics; the backward's sums), in blocks that depend on
+//   the problem size only, each summed in a fixed order, then combined in
+//   block order: bit-identical for any thread count.
+#pragma once
+
+#include "acon_c_kernel_impl.h"
+
+namespace acon_cuda::cpu::CPU_CAPABILITY {
+namespace {
+
+// The statistics pass: with u = x - shift (shift = one of the channel's own
+// values, so that u's sums do not cancel), sum u and sum u^2.
+struct ShiftedMoments {
+  static constexpr int kRows = 1;
+  static constexpr int kSums = 2;
+  static constexpr bool kReadsGrad = false;
+  template <typename V>
+  static void terms(const V& x, const V& /*dy*/, const V* p, V* t) {
+    const V u = x - p[0];
+    t[0] = u;
+    t[1] = u * u;
+  }
+};
+
+// z = (x - mean) * scale + shift, the BatchNorm's output (scale = weight *
+// invstd, shift = bias); then ACON-C of z with d, p2 and bd = beta * d.
+// Centred first, so z keeps its precision when |mean| >> std.
+template <typename V>
+inline V normalized(const V& xc, const V* p) {
+  return at::vec::fmadd(xc, p[1], p[2]);
+}
+
+struct NormAconCValue {
+  static constexpr int kRows = 6; // mean, scale, shift, d, p2, bd
+  static constexpr bool kReadsGrad = false;
+  template <typename V>
+  static V apply(const V& x, const V& /*dy*/, const V* p) {
+    return acon_c_value(normalized(x - p[0], p), p[3], p[4], p[5]);
+  }
+};
+
+// The backward's sums: ACON-C's three (in z) and the BatchNorm's two,
+// sum dz and sum dz * (x - mean), dz = dy * dy/dz.
+struct NormAconCGradTerms {
+  static constexpr int kRows = 6;
+  static constexpr int kSums = 5;
+  static constexpr bool kReadsGrad = true;
+  template <typename V>
+  static void terms(const V& x, const V& dy, const V* p, V* t) {
+    const V xc = x - p[0];
+    const auto g = acon_c_grad(normalized(xc, p), dy, p[3], p[4], p[5]);
+    t[0] = g.a;
+    t[1] = g.b;
+    t[2] = g.g;
+    t[3] = g.dx;
+    t[4] = g.dx * xc;
+  }
+};
+
+// grad_x = dz * scale + (x - mean) * e + f, with e and f zero without batch
+// statistics and otherwise folding in the statistics' own gradient
+// (docs/batch_norm.md).
+struct NormAconCGradInput {
+  static constexpr int kRows = 8; // NormAconCValue's, e, f
+  static constexpr bool kReadsGrad = true;
+  template <typename V>
+  static V apply(const V& x, const V& dy, const V* p) {
+    const V xc = x - p[0];
+    const V dz = acon_c_grad(normalized(xc, p), dy, p[3], p[4], p[5]).dx;
+    return at::vec::fmadd(dz, p[1], at::vec::fmadd(xc, p[6], p[7]));
+  }
+};
+
+// The kRows values of the kWidth channels from c on (a line each, see
+// Lines), or of channel c alone in every lane.
+template <int kRows, typename FVec, typename opmath_t>
+inline void load_values(const opmath_t* lines, int64_t c, FVec* p) {
+  const opmath_t* at_c = lines + Lines<opmath_t, kRows>::index(c);
+  for (const auto k : c10::irange(kRows)) {
+    p[k] = FVec::loadu(at_c + k * Lines<opmath_t, kRows>::kLine);
+  }
+}
+
+template <int kRows, typename FVec, typename opmath_t>
+inline void broadcast_values(const opmath_t* lines, int64_t c, FVec* p) {
+  const opmath_t* at_c = lines + Lines<opmath_t, kRows>::index(c);
+  for (const auto k : c10::irange(kRows)) {
+    p[k] = FVec(at_c[k * Lines<opmath_t, kRows>::kLine]);
+  }
+}
+
+// Lanes from `first` on that are below n: where a partial vector's terms count.
+template <typename FVec>
+inline FVec lanes_below(int64_t first, int64_t n) {
+  using T = typename FVec::value_type;
+  return FVec::arange(static_cast<T>(first), 1) < FVec(static_cast<T>(n));
+}
+
+template <typename scalar_t, typename Op>
+void map_channels(const NormKernelArgs& args, const at::opmath_type<scalar_t>* lines) {
+  using L = Lanes<scalar_t>;
+  using FVec = typename L::FVec;
+  const ChannelLayout& lay = args.layout;
+  const int64_t C = lay.channels, I = lay.inner;
+  const auto* x = static_cast<const scalar_t*>(args.x);
+  const auto* dy = static_cast<const scalar_t*>(args.grad_y);
+  auto* out = static_cast<scalar_t*>(args.out);
+  const auto step = [&](int64_t offset, int64_t n, const FVec(*p)[Op::kRows]) {
+    FVec v[L::kNumF], dyv[L::kNumF];
+    L::load(x + offset, n, v);
+    if constexpr (Op::kReadsGrad) {
+      L::load(dy + offset, n, dyv);
+    }
+    for (const auto j : c10::irange(L::kNumF)) {
+      v[j] = Op::apply(v[j], dyv[j], p[j]);
+    }
+    L::store(out + offset, n, v);
+  };
+  const int64_t rows = lay.groups * lay.outer * (I == 1 ? 1 : C);
+  const int64_t row_length = I == 1 ? C : I;
+  at::parallel_for(0, rows, ceil_div(kGrainElements, row_length), [&](int64_t r0, int64_t r1) {
+    FVec p[L::kNumF][Op::kRows];
+    if (I == 1) { // channels innermost: the values change along the row
+      for (int64_t r = r0; r < r1; ++r) {
+        for (int64_t c = 0; c < C; c += L::kStep) {
+          for (const auto j : c10::irange(L::kNumF)) {
+            load_values<Op::kRows>(lines, c + j * L::kWidth, p[j]);
+          }
+          step(r * C + c, std::min(L::kStep, C - c), p);
+        }
+      }
+      return;
+    }
+    for (int64_t r = r0; r < r1; ++r) { // a run of one channel
+      for (const auto j : c10::irange(L::kNumF)) {
+        broadcast_values<Op::kRows>(lines, r % C, p[j]);
+      }
+      for (int64_t i = 0; i < I; i += L::kStep) {
+        step(r * I + i, std::min(L::kStep, I - i), p);
+      }
+    }
+  });
+}
+
+// Sums over a block's channels-innermost rows [u0, u1) into its double
+// partials `own` (kSums lines of C), through opmath sums in `acc`
+// (Lines<opmath_t, kSums>, zeroed) moved into `own` every kFlushRows rows.
+// Rows in memory order, kRowsAtOnce at a time sharing each load of values
+// and sums: going down a column of channels over many rows instead reads
+// as many streams as rows, which measured 2-3x slower.
+constexpr int kRowsAtOnce = 2;
+
+template <typename scalar_t, typename Op>
+void reduce_block_channels_inner(
+    const NormKernelArgs& args,
+    const at::opmath_type<scalar_t>* lines,
+    int64_t u0,
+    int64_t u1,
+    at::opmath_type<scalar_t>* acc,
+    double* own) {
+  using L = Lanes<scalar_t>;
+  using opmath_t = typename L::opmath_t;
+  using FVec = typename L::FVec;
+  using SL = Lines<opmath_t, Op::kSums>;
+  const int64_t C = args.layout.channels;
+  const auto* x = static_cast<const scalar_t*>(args.x);
+  const auto* dy = static_cast<const scalar_t*>(args.grad_y);
+  const auto move = [&] {
+    for (int64_t c = 0; c < C; ++c) {
+      opmath_t* s = acc + SL::index(c);
+      for (const auto k : c10::irange(Op::kSums)) {
+        own[k * C + c] += s[k * SL::kLine];
+        s[k * SL::kLine] = opmath_t(0);
+      }
+    }
+  };
+  // Rows [r, r + kRows) into acc.
+  const auto add_rows = [&](int64_t r, auto rows_constant) {
+    constexpr int kRows = decltype(rows_constant)::value;
+    for (int64_t c = 0; c < C; c += L::kStep) {
+      const int64_t n = std::min(L::kStep, C - c);
+      FVec xv[kRows][L::kNumF], dyv[kRows][L::kNumF];
+      for (const auto q : c10::irange(kRows)) {
+        L::load(x + (r + q) * C + c, n, xv[q]);
+        if constexpr (Op::kReadsGrad) {
+          L::load(dy + (r + q) * C + c, n, dyv[q]);
+        }
+      }
+      // Lanes past C load zeros and add their (possibly non-zero) terms to
+      // the padding, which is never read.
+      for (const auto j : c10::irange(L::kNumF)) {
+        FVec p[Op::kRows], sums[Op::kSums];
+        load_values<Op::kRows>(lines, c + j * L::kWidth, p);
+        load_values<Op::kSums>(acc, c + j * L::kWidth, sums);
+        for (const auto q : c10::irange(kRows)) {
+          FVec t[Op::kSums];
+          Op::terms(xv[q][j], dyv[q][j], p, t);
+          for (const auto k : c10::irange(Op::kSums)) {
+            sums[k] = sums[k] + t[k];
+          }
+        }
+        opmath_t* s = acc + SL::index(c + j * L::kWidth);
+        for (const auto k : c10::irange(Op::kSums)) {
+          sums[k].store(s + k * SL::kLine);
+        }
+      }
+    }
+  };
+  for (int64_t r0 = u0; r0 < u1; r0 += kFlushRows) {
+    const int64_t r1 = std::min(u1, r0 + kFlushRows);
+    int64_t r = r0;
+    for (; r + kRowsAtOnce <= r1; r += kRowsAtOnce) {
+      add_rows(r, std::integral_constant<int, kRowsAtOnce>());
+    }
+    for (; r < r1; ++r) {
+      add_rows(r, std::integral_constant<int, 1>());
+    }
+    move();
+  }
+}
+
+// Sums over a block's runs [u0, u1) (one channel each, inner > 1) into its
+// double partials `own`, each run's lanes reduced by a fixed tree.
+template <typename scalar_t, typename Op>
+void reduce_block_channel_runs(
+    const NormKernelArgs& args,
+    const at::opmath_type<scalar_t>* lines,
+    int64_t u0,
+    int64_t u1,
+    double* own) {
+  using L = Lanes<scalar_t>;
+  using FVec = typename L::FVec;
+  const int64_t C = args.layout.channels, I = args.layout.inner;
+  const auto* x = static_cast<const scalar_t*>(args.x);
+  const auto* dy = static_cast<const scalar_t*>(args.grad_y);
+  for (int64_t r = u0; r < u1; ++r) {
+    const int64_t c = r % C;
+    FVec p[L::kNumF][Op::kRows], sums[Op::kSums][L::kNumF];
+    for (const auto j : c10::irange(L::kNumF)) {
+      broadcast_values<Op::kRows>(lines, c, p[j]);
+    }
+    const auto flush = [&] {
+      for (const auto k : c10::irange(Op::kSums)) {
+        own[k * C + c] += L::sum(sums[k]);
+        for (const auto j : c10::irange(L::kNumF)) {
+          sums[k][j] = FVec(0);
+        }
+      }
+    };
+    for (const auto k : c10::irange(Op::kSums)) {
+      for (const auto j : c10::irange(L::kNumF)) {
+        sums[k][j] = FVec(0);
+      }
+    }
+    int64_t pending = 0;
+    for (int64_t i = 0; i < I; i += L::kStep) {
+      const int64_t n = std::min(L::kStep, I - i);
+      FVec xv[L::kNumF], dyv[L::kNumF];
+      L::load(x + r * I + i, n, xv);
+      if constexpr (Op::kReadsGrad) {
+        L::load(dy + r * I + i, n, dyv);
+      }
+      for (const auto j : c10::irange(L::kNumF)) {
+        FVec t[Op::kSums];
+        Op::terms(xv[j], dyv[j], p[j], t);
+        if (n < (j + 1) * L::kWidth) { // past the run: zeros, whose terms need not be zero
+          const FVec valid = lanes_below<FVec>(j * L::kWidth, n);
+          for (const auto k : c10::irange(Op::kSums)) {
+            t[k] = FVec::blendv(FVec(0), t[k], valid);
+          }
+        }
+        for (const auto k : c10::irange(Op::kSums)) {
+          sums[k][j] = sums[k][j] + t[k];
+        }
+      }
+      if ((pending += n) >= kFlushElements) {
+        flush();
+        pending = 0;
+      }
+    }
+    flush();
+  }
+}
+
+// Op's kSums sums per channel, into `sums` (kSums lines of C doubles).
+template <typename scalar_t, typename Op>
+void reduce_channels(const NormKernelArgs& args, const at::opmath_type<scalar_t>* lines, double* sums) {
+  using opmath_t = at::opmath_type<scalar_t>;
+  const ChannelLayout& lay = args.layout;
+  TORCH_INTERNAL_ASSERT(lay.groups == 1);
+  const int64_t C = lay.channels;
+  const bool channels_inner = lay.inner == 1;
+  const int64_t units = channels_inner ? lay.outer : lay.outer * C;
+  const int64_t numel = lay.outer * C * lay.inner;
+  const int64_t max_blocks = std::clamp<int64_t>(kPartialBudget / (Op::kSums * C), 1, kMaxBlocks);
+  const int64_t blocks = std::clamp<int64_t>(std::min(ceil_div(numel, kBlockElements), units), 1, max_blocks);
+  double* partial = thread_scratch<double>(kPartialsSlot, blocks * Op::kSums * C);
+  std::fill(partial, partial + blocks * Op::kSums * C, 0.0);
+  at::parallel_for(0, blocks, 1, [&](int64_t kb, int64_t ke) {
+    const int64_t acc_size = Op::kSums * args.padded_channels;
+    opmath_t* acc = channels_inner ? thread_scratch<opmath_t>(kAccumulatorSlot, acc_size) : nullptr;
+    if (channels_inner) {
+      std::fill(acc, acc + acc_size, opmath_t(0));
+    }
+    for (int64_t k = kb; k < ke; ++k) {
+      const int64_t u0 = k * units / blocks, u1 = (k + 1) * units / blocks;
+      double* own = partial + k * Op::kSums * C;
+      if (channels_inner) {
+        reduce_block_channels_inner<scalar_t, Op>(args, lines, u0, u1, acc, own);
+      } else {
+        reduce_block_channel_runs<scalar_t, Op>(args, lines, u0, u1, own);
+      }
+    }
+  });
+  std::fill(sums, sums + Op::kSums * C, 0.0);
+  at::parallel_for(0, C, kGrainElements / (Op::kSums * blocks) + 1, [&](int64_t c0, int64_t c1) {
+    for (int64_t k = 0; k < blocks; ++k) {
+      const double* own = partial + k * Op::kSums * C;
+      for (const auto s : c10::irange(Op::kSums)) {
+        for (int64_t c = c0; c < c1; ++c) {
+          sums[s * C + c] += own[s * C + c];
+        }
+      }
+    }
+  });
+}
+
+// The kRows per-channel rows (C doubles each) as Lines in opmath precision,
+// in the calling thread's scratch; padding zero.
+template <typename opmath_t, int kRows>
+const opmath_t* value_lines(const NormKernelArgs& args) {
+  using VL = Lines<opmath_t, kRows>;
+  opmath_t* lines = thread_scratch<opmath_t>(kLinesSlot, kRows * args.padded_channels);
+  std::fill(lines, lines + kRows * args.padded_channels, opmath_t(0));
+  for (int64_t c = 0; c < args.layout.channels; ++c) {
+    for (const auto k : c10::irange(kRows)) {
+      lines[VL::index(c) + k * VL::kLine] = static_cast<opmath_t>(args.values[k][c]);
+    }
+  }
+  return lines;
+}
+
+template <typename Op>
+void run_map(const NormKernelArgs& args) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, args.dtype, "batch_norm_acon_c_cpu", [&] {
+    map_channels<scalar_t, Op>(args, value_lines<at::opmath_type<scalar_t>, Op::kRows>(args));
+  });
+}
+
+template <typename Op>
+void run_reduce(const NormKernelArgs& args, double* sums) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, args.dtype, "batch_norm_acon_c_sums_cpu", [&] {
+    reduce_channels<scalar_t, Op>(args, value_lines<at::opmath_type<scalar_t>, Op::kRows>(args), sums);
+  });
+}
+
+} // namespace
+
+void batch_norm_moments_kernel(const NormKernelArgs& args, double* sums) {
+  run_reduce<ShiftedMoments>(args, sums);
+}
+
+void batch_norm_acon_c_forward_kernel(const NormKernelArgs& args) {
+  run_map<NormAconCValue>(args);
+}
+
+void batch_norm_acon_c_grad_sums_kernel(const NormKernelArgs& args, double* sums) {
+  run_reduce<NormAconCGradTerms>(args, sums);
+}
+
+void batch_norm_acon_c_grad_input_kernel(const NormKernelArgs& args) {
+  run_map<NormAconCGradInput>(args);
+}
+
+} // namespace acon_cuda::cpu::CPU_CAPABILITY
