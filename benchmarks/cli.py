@@ -18,6 +18,7 @@ import torch
 import acon_cuda
 
 from . import report as reports
+from .batch_norm_pairs import measure_batch_norm_pairs
 from .meta_modules import measure_meta_modules
 from .op_cases import DEFAULT_BATCH, DEFAULT_SIZES, QUICK_SIZES, SIZES, measure_case
 from .progress import Progress
@@ -68,6 +69,9 @@ def main(argv=None):
     parser.add_argument("--no-train", action="store_true", help="skip the training steps (ResNet-18, ShuffleNetV2)")
     parser.add_argument("--no-meta", action="store_true", help="skip the Meta-ACON module cases")
     parser.add_argument(
+        "--no-batchnorm", action="store_true", help="skip the BatchNorm pair cases (fused BatchNorm + AconC)"
+    )
+    parser.add_argument(
         "--system-malloc",
         action="store_true",
         help="leave glibc's malloc as it is (page faults on every large allocation)",
@@ -110,7 +114,8 @@ def main(argv=None):
     )
     do_train = not (args.quick or args.no_train)
     do_meta = not (args.quick or args.no_meta)
-    total = len(cases) + do_meta + do_train
+    do_pairs = not (args.quick or args.no_batchnorm)
+    total = len(cases) + do_meta + do_pairs + do_train
     os.makedirs(args.out, exist_ok=True)
     # The provenance (git status included) is taken before the first write:
     # a run into the committed results folder must not see its own files.
@@ -131,8 +136,12 @@ def main(argv=None):
         progress.at(len(cases), "Meta-ACON modules")
         report["meta_modules"] = measure_meta_modules(args.device, batch, layouts, rounds, budget_s)
         write(final=False)
+    if do_pairs:
+        progress.at(len(cases) + do_meta, "BatchNorm pairs")
+        report["batch_norm_pairs"] = measure_batch_norm_pairs(args.device, rounds, budget_s)
+        write(final=False)
     if do_train:
-        progress.at(len(cases) + do_meta, "training steps (ResNet-18, ShuffleNetV2)")
+        progress.at(len(cases) + do_meta + do_pairs, "training steps (ResNet-18, ShuffleNetV2)")
         report["training_steps"] = measure_training_steps(args.device, steps=3)
     progress.close()
 

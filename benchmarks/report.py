@@ -16,6 +16,7 @@ import torch
 
 import acon_cuda
 
+from .batch_norm_pairs import pair_table
 from .op_cases import MODES
 from .training import TRAINING_LABELS
 
@@ -335,6 +336,7 @@ def new_report(args, machine, malloc_keeps_freed_memory):
         "wall_s": 0.0,
         "results": [],
         "meta_modules": None,
+        "batch_norm_pairs": None,
         "training_steps": None,
     }
 
@@ -345,6 +347,8 @@ def text(report):
     out = table(report["results"], device)
     if report["meta_modules"] is not None:
         out += "\n" + meta_table(report["meta_modules"])
+    if report.get("batch_norm_pairs") is not None:
+        out += "\n\n" + pair_table(report["batch_norm_pairs"])
     if report["training_steps"] is not None:
         out += "\n" + training_table(report["training_steps"], device)
     return out

@@ -56,13 +56,14 @@ def time_training_steps(models, x, target, device, steps, rounds):
 
 
 def measure_training_steps(device, steps, rounds=3):
-    """Two training steps with every ReLU converted (one ACON per call site):
-    - torchvision ResNet-18 (batch 16, 112x112): fused against the
-      reference ACON, and the ReLU model for scale;
+    """Two training steps with every ReLU converted (one ACON per call site),
+    as ratios to the stock ReLU model:
+    - torchvision ResNet-18 (batch 16, 112x112): the fused AconC, also with
+      its BatchNorms fused (``fuse_batchnorm``), the reference ACON, and the
+      SiLU model;
     - torchvision ShuffleNetV2 0.5x, the paper's headline model (batch 32,
-      160x160, channels_last): ReLU, SiLU, the paper's eager AconC and
-      MetaAconC, and the fused AconC and MetaAconC, as ratios to the SiLU
-      model."""
+      160x160, channels_last): SiLU, the paper's eager AconC and MetaAconC,
+      and the fused AconC (also with its BatchNorms fused) and MetaAconC."""
     try:
         import torchvision
     except ImportError:
@@ -74,8 +75,8 @@ def measure_training_steps(device, steps, rounds=3):
             16,
             112,
             torch.contiguous_format,
-            ("relu", "fused", "reference"),
-            "fused",
+            ("relu", "silu", "fused", "fused_bn", "reference"),
+            "relu",
         ),
         (
             "shufflenet_v2_x0_5",
@@ -83,12 +84,13 @@ def measure_training_steps(device, steps, rounds=3):
             32,
             160,
             torch.channels_last,
-            ("silu", "relu", "paper", "fused", "paper_meta", "meta"),
-            "silu",
+            ("silu", "relu", "paper", "fused", "fused_bn", "paper_meta", "meta"),
+            "relu",
         ),
     ]
     news = {
         "fused": {"impl": "fused"},
+        "fused_bn": {"impl": "fused"},
         "reference": {"impl": "reference"},
         "paper": {"new": PaperAconC},
         "meta": {"new": "meta_acon_c"},
@@ -106,6 +108,8 @@ def measure_training_steps(device, steps, rounds=3):
                 model = acon_cuda.convert_activations(model, new=lambda: torch.nn.SiLU())
             elif variant != "relu":
                 model = acon_cuda.convert_activations(model, example_input=x[:2], **news[variant])
+            if variant.endswith("_bn"):
+                acon_cuda.fuse_batchnorm(model)
             models[variant] = model
         rows = time_training_steps(models, x, target, device, steps, rounds)
         results.append(
@@ -124,6 +128,7 @@ def measure_training_steps(device, steps, rounds=3):
 # How the report names each variant.
 TRAINING_LABELS = {
     "fused": "AconC, fused op",
+    "fused_bn": "AconC, fused with BN",
     "reference": "AconC, reference",
     "paper": "AconC, paper's code",
     "relu": "ReLU (no ACON)",

@@ -86,7 +86,8 @@ struct NormKernelArgs {
 
 // One build of the CPU kernels: the acon ops' and the fused BatchNorm's.
 // The sums kernels write kSums rows of C doubles (see their element
-// operations).
+// operations); batch_norm_acon_c_grad_sums also stores dz * values[6] into
+// out where out is not null.
 struct CpuKernels {
   const char* isa;
   void (*acon_c_forward)(const AconCKernelArgs&);
@@ -94,7 +95,7 @@ struct CpuKernels {
   void (*batch_norm_moments)(const NormKernelArgs&, double* sums);
   void (*batch_norm_acon_c_forward)(const NormKernelArgs&);
   void (*batch_norm_acon_c_grad_sums)(const NormKernelArgs&, double* sums);
-  void (*batch_norm_acon_c_grad_input)(const NormKernelArgs&);
+  void (*batch_norm_grad_from_dz)(const NormKernelArgs&);
 };
 
 // The build for PyTorch's own choice of CPU capability, which honours
@@ -108,7 +109,7 @@ const CpuKernels& cpu_kernels();
   void batch_norm_moments_kernel(const NormKernelArgs& args, double* sums);          \
   void batch_norm_acon_c_forward_kernel(const NormKernelArgs& args);                 \
   void batch_norm_acon_c_grad_sums_kernel(const NormKernelArgs& args, double* sums); \
-  void batch_norm_acon_c_grad_input_kernel(const NormKernelArgs& args);              \
+  void batch_norm_grad_from_dz_kernel(const NormKernelArgs& args);                   \
   inline CpuKernels kernels(const char* name) {                                      \
     return CpuKernels{                                                               \
         name,                                                                        \
@@ -117,7 +118,7 @@ const CpuKernels& cpu_kernels();
         batch_norm_moments_kernel,                                                   \
         batch_norm_acon_c_forward_kernel,                                            \
         batch_norm_acon_c_grad_sums_kernel,                                          \
-        batch_norm_acon_c_grad_input_kernel};                                        \
+        batch_norm_grad_from_dz_kernel};                                             \
   }                                                                                  \
   }
 

@@ -1,8 +1,9 @@
 // CPU implementation of BatchNorm fused with ACON-C (acon_cuda/batch_norm.py
 // wraps it; docs/batch_norm.md has the formulas). The forward is a
-// statistics pass and an element-wise pass; the backward a sums pass and an
-// element-wise pass, both recomputing the BatchNorm's output from x and the
-// saved per-channel statistics. Per-channel work is done here in double;
+// statistics pass and an element-wise pass; the backward a sums pass that
+// recomputes the BatchNorm's output from x and the saved per-channel
+// statistics and stores dz in grad_x, then an element-wise pass that turns
+// dz into grad_x in place (with batch statistics only). Per-channel work is done here in double;
 // the kernels (batch_norm_acon_c_kernel_impl.h) do the per-element work.
 #include "acon_c_kernel.h"
 
@@ -201,8 +202,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_acon_c_forward_cpu(
         M > 1, "batch_norm_acon_c: expected more than 1 value per channel when training, got input size ", x.sizes());
     const Doubles shift = first_values(args);
     Doubles sums(2 * C);
-    args.values[0] = shift.data();
-    kernels.batch_norm_moments(args, sums.data());
+    NormKernelArgs moments = args;
+    moments.values[0] = shift.data();
+    moments.out = nullptr; // sums only
+    kernels.batch_norm_moments(moments, sums.data());
     Doubles var(C);
     for (const auto c : c10::irange(C)) {
       const double offset = sums[c] / M;
@@ -277,8 +280,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   Doubles sums(5 * C, 0.0);
   const Doubles mean = doubles_of(save_mean, C, 0.0), invstd = doubles_of(save_invstd, C, 0.0);
   const ChannelValues values(mean, invstd, weight, bias, p1, p2, beta, opmath_dtype(x));
-  const bool need_sums = want_norm || want_acon || (want_x && training);
-  if (x.numel() > 0 && (need_sums || want_x)) {
+  if (x.numel() > 0 && (want_x || want_norm || want_acon)) {
     // Without grad_x, x's own layout decides (as in the acon backward).
     const at::Tensor like = want_x ? grad_x : x.is_non_overlapping_and_dense() ? x : at::empty_like(x);
     const WorkTensors w = make_work_tensors(like, x, beta, 1, grad_y);
@@ -286,25 +288,25 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     if (!want_x) {
       args.out = nullptr;
     }
+    // The first pass stores dz * factor: grad_x itself without batch
+    // statistics, dz with them (the second pass needs the sums first).
+    const Doubles factor = training ? Doubles(C, 1.0) : values.scale;
     values.set_rows(args);
+    args.values[6] = factor.data();
     const CpuKernels& kernels = cpu_kernels();
-    if (need_sums) {
-      kernels.batch_norm_acon_c_grad_sums(args, sums.data());
+    kernels.batch_norm_acon_c_grad_sums(args, sums.data());
+    if (want_x && training) { // the batch statistics' own gradient
+      Doubles e(C), f(C);
+      for (const auto c : c10::irange(C)) {
+        e[c] = -values.scale[c] * invstd[c] * invstd[c] * sums[4 * C + c] / M;
+        f[c] = -values.scale[c] * sums[3 * C + c] / M;
+      }
+      args.values = {values.mean.data(), values.scale.data(), e.data(), f.data()};
+      args.grad_y = args.out; // dz, replaced by grad_x element by element
+      kernels.batch_norm_grad_from_dz(args);
     }
-    if (want_x) {
-      Doubles e(C, 0.0), f(C, 0.0);
-      if (training) { // the batch statistics' own gradient
-        for (const auto c : c10::irange(C)) {
-          e[c] = -values.scale[c] * invstd[c] * invstd[c] * sums[4 * C + c] / M;
-          f[c] = -values.scale[c] * sums[3 * C + c] / M;
-        }
-      }
-      args.values[6] = e.data();
-      args.values[7] = f.data();
-      kernels.batch_norm_acon_c_grad_input(args);
-      if (!w.out.is_same(grad_x)) {
-        grad_x.copy_(w.out);
-      }
+    if (want_x && !w.out.is_same(grad_x)) {
+      grad_x.copy_(w.out);
     }
   }
   const auto part = [&](int k) { return Doubles(sums.begin() + k * C, sums.begin() + (k + 1) * C); };

@@ -5,10 +5,11 @@
 // Every pass is one of two shapes over x's ChannelLayout, each parametrised
 // by an element operation that reads kRows per-channel values:
 // - map_channels: out = Op::apply(x[, dy], values) (the forward; grad_x);
-// - reduce_channels: kSums per-channel sums of Op::terms(x[, dy], values)
-//   (the batch statistics; the backward's sums), in blocks that depend on
-//   the problem size only, each summed in a fixed order, then combined in
-//   block order: bit-identical for any thread count.
+// - reduce_channels: kSums per-channel sums that Op::accumulate(x[, dy],
+//   values, sums) adds to (the batch statistics; the backward's sums), and,
+//   where an output is given, the value it returns stored per element; in blocks
+//   that depend on the problem size only, each summed in a fixed order, then
+//   combined in block order: bit-identical for any thread count.
 #pragma once
 
 #include "acon_c_kernel_impl.h"
@@ -23,10 +24,11 @@ struct ShiftedMoments {
   static constexpr int kSums = 2;
   static constexpr bool kReadsGrad = false;
   template <typename V>
-  static void terms(const V& x, const V& /*dy*/, const V* p, V* t) {
+  static V accumulate(const V& x, const V& /*dy*/, const V* p, V* sums) {
     const V u = x - p[0];
-    t[0] = u;
-    t[1] = u * u;
+    sums[0] = sums[0] + u;
+    sums[1] = at::vec::fmadd(u, u, sums[1]);
+    return u; // never stored
   }
 };
 
@@ -47,35 +49,36 @@ struct NormAconCValue {
   }
 };
 
-// The backward's sums: ACON-C's three (in z) and the BatchNorm's two,
-// sum dz and sum dz * (x - mean), dz = dy * dy/dz.
+// The backward's first pass: ACON-C's three sums (in z) and the
+// BatchNorm's two, sum dz and sum dz * (x - mean), dz = dy * dy/dz; it
+// returns dz * p[6] for the caller to store: grad_x itself without batch
+// statistics (p[6] = scale), dz with them (p[6] = 1), which
+// NormGradFromDz then turns into grad_x in place. dz is then rounded to x's
+// dtype between the passes, as the two ops round it.
 struct NormAconCGradTerms {
-  static constexpr int kRows = 6;
+  static constexpr int kRows = 7; // NormAconCValue's, and dz's factor
   static constexpr int kSums = 5;
   static constexpr bool kReadsGrad = true;
   template <typename V>
-  static void terms(const V& x, const V& dy, const V* p, V* t) {
+  static V accumulate(const V& x, const V& dy, const V* p, V* sums) {
     const V xc = x - p[0];
     const auto g = acon_c_grad(normalized(xc, p), dy, p[3], p[4], p[5]);
-    t[0] = g.a;
-    t[1] = g.b;
-    t[2] = g.g;
-    t[3] = g.dx;
-    t[4] = g.dx * xc;
+    g.add_to(sums[0], sums[1], sums[2]);
+    sums[3] = sums[3] + g.dx;
+    sums[4] = at::vec::fmadd(g.dx, xc, sums[4]);
+    return g.dx * p[6];
   }
 };
 
-// grad_x = dz * scale + (x - mean) * e + f, with e and f zero without batch
-// statistics and otherwise folding in the statistics' own gradient
+// grad_x = dz * scale + (x - mean) * e + f, from the dz the first pass
+// stored (read as dy): e and f fold in the batch statistics' own gradient
 // (docs/batch_norm.md).
-struct NormAconCGradInput {
-  static constexpr int kRows = 8; // NormAconCValue's, e, f
+struct NormGradFromDz {
+  static constexpr int kRows = 4; // mean, scale, e, f
   static constexpr bool kReadsGrad = true;
   template <typename V>
-  static V apply(const V& x, const V& dy, const V* p) {
-    const V xc = x - p[0];
-    const V dz = acon_c_grad(normalized(xc, p), dy, p[3], p[4], p[5]).dx;
-    return at::vec::fmadd(dz, p[1], at::vec::fmadd(xc, p[6], p[7]));
+  static V apply(const V& x, const V& dz, const V* p) {
+    return at::vec::fmadd(dz, p[1], at::vec::fmadd(x - p[0], p[2], p[3]));
   }
 };
 
@@ -156,9 +159,9 @@ void map_channels(const NormKernelArgs& args, const at::opmath_type<scalar_t>* l
 // Rows in memory order, kRowsAtOnce at a time sharing each load of values
 // and sums: going down a column of channels over many rows instead reads
 // as many streams as rows, which measured 2-3x slower.
-constexpr int kRowsAtOnce = 2;
+constexpr int kRowsAtOnce = 4;
 
-template <typename scalar_t, typename Op>
+template <typename scalar_t, typename Op, bool kStore>
 void reduce_block_channels_inner(
     const NormKernelArgs& args,
     const at::opmath_type<scalar_t>* lines,
@@ -173,6 +176,7 @@ void reduce_block_channels_inner(
   const int64_t C = args.layout.channels;
   const auto* x = static_cast<const scalar_t*>(args.x);
   const auto* dy = static_cast<const scalar_t*>(args.grad_y);
+  auto* out = static_cast<scalar_t*>(args.out);
   const auto move = [&] {
     for (int64_t c = 0; c < C; ++c) {
       opmath_t* s = acc + SL::index(c);
@@ -187,7 +191,7 @@ void reduce_block_channels_inner(
     constexpr int kRows = decltype(rows_constant)::value;
     for (int64_t c = 0; c < C; c += L::kStep) {
       const int64_t n = std::min(L::kStep, C - c);
-      FVec xv[kRows][L::kNumF], dyv[kRows][L::kNumF];
+      FVec xv[kRows][L::kNumF], dyv[kRows][L::kNumF], stored[kRows][L::kNumF];
       for (const auto q : c10::irange(kRows)) {
         L::load(x + (r + q) * C + c, n, xv[q]);
         if constexpr (Op::kReadsGrad) {
@@ -201,15 +205,16 @@ void reduce_block_channels_inner(
         load_values<Op::kRows>(lines, c + j * L::kWidth, p);
         load_values<Op::kSums>(acc, c + j * L::kWidth, sums);
         for (const auto q : c10::irange(kRows)) {
-          FVec t[Op::kSums];
-          Op::terms(xv[q][j], dyv[q][j], p, t);
-          for (const auto k : c10::irange(Op::kSums)) {
-            sums[k] = sums[k] + t[k];
-          }
+          stored[q][j] = Op::accumulate(xv[q][j], dyv[q][j], p, sums);
         }
         opmath_t* s = acc + SL::index(c + j * L::kWidth);
         for (const auto k : c10::irange(Op::kSums)) {
           sums[k].store(s + k * SL::kLine);
+        }
+      }
+      if constexpr (kStore) {
+        for (const auto q : c10::irange(kRows)) {
+          L::store(out + (r + q) * C + c, n, stored[q]);
         }
       }
     }
@@ -229,7 +234,7 @@ void reduce_block_channels_inner(
 
 // Sums over a block's runs [u0, u1) (one channel each, inner > 1) into its
 // double partials `own`, each run's lanes reduced by a fixed tree.
-template <typename scalar_t, typename Op>
+template <typename scalar_t, typename Op, bool kStore>
 void reduce_block_channel_runs(
     const NormKernelArgs& args,
     const at::opmath_type<scalar_t>* lines,
@@ -241,23 +246,26 @@ void reduce_block_channel_runs(
   const int64_t C = args.layout.channels, I = args.layout.inner;
   const auto* x = static_cast<const scalar_t*>(args.x);
   const auto* dy = static_cast<const scalar_t*>(args.grad_y);
+  auto* out = static_cast<scalar_t*>(args.out);
   for (int64_t r = u0; r < u1; ++r) {
     const int64_t c = r % C;
-    FVec p[L::kNumF][Op::kRows], sums[Op::kSums][L::kNumF];
+    FVec p[L::kNumF][Op::kRows], sums[L::kNumF][Op::kSums];
     for (const auto j : c10::irange(L::kNumF)) {
       broadcast_values<Op::kRows>(lines, c, p[j]);
     }
     const auto flush = [&] {
       for (const auto k : c10::irange(Op::kSums)) {
-        own[k * C + c] += L::sum(sums[k]);
+        FVec lanes[L::kNumF];
         for (const auto j : c10::irange(L::kNumF)) {
-          sums[k][j] = FVec(0);
+          lanes[j] = sums[j][k];
+          sums[j][k] = FVec(0);
         }
+        own[k * C + c] += L::sum(lanes);
       }
     };
-    for (const auto k : c10::irange(Op::kSums)) {
-      for (const auto j : c10::irange(L::kNumF)) {
-        sums[k][j] = FVec(0);
+    for (const auto j : c10::irange(L::kNumF)) {
+      for (const auto k : c10::irange(Op::kSums)) {
+        sums[j][k] = FVec(0);
       }
     }
     int64_t pending = 0;
@@ -269,17 +277,23 @@ void reduce_block_channel_runs(
         L::load(dy + r * I + i, n, dyv);
       }
       for (const auto j : c10::irange(L::kNumF)) {
+        if (n >= (j + 1) * L::kWidth) {
+          xv[j] = Op::accumulate(xv[j], dyv[j], p[j], sums[j]);
+          continue;
+        }
+        // Past the run: zeros, whose terms need not be zero.
         FVec t[Op::kSums];
-        Op::terms(xv[j], dyv[j], p[j], t);
-        if (n < (j + 1) * L::kWidth) { // past the run: zeros, whose terms need not be zero
-          const FVec valid = lanes_below<FVec>(j * L::kWidth, n);
-          for (const auto k : c10::irange(Op::kSums)) {
-            t[k] = FVec::blendv(FVec(0), t[k], valid);
-          }
-        }
         for (const auto k : c10::irange(Op::kSums)) {
-          sums[k][j] = sums[k][j] + t[k];
+          t[k] = FVec(0);
         }
+        xv[j] = Op::accumulate(xv[j], dyv[j], p[j], t);
+        const FVec valid = lanes_below<FVec>(j * L::kWidth, n);
+        for (const auto k : c10::irange(Op::kSums)) {
+          sums[j][k] = sums[j][k] + FVec::blendv(FVec(0), t[k], valid);
+        }
+      }
+      if constexpr (kStore) {
+        L::store(out + r * I + i, n, xv);
       }
       if ((pending += n) >= kFlushElements) {
         flush();
@@ -290,8 +304,9 @@ void reduce_block_channel_runs(
   }
 }
 
-// Op's kSums sums per channel, into `sums` (kSums lines of C doubles).
-template <typename scalar_t, typename Op>
+// Op's kSums sums per channel, into `sums` (kSums lines of C doubles);
+// with kStore, the values its terms return into args.out.
+template <typename scalar_t, typename Op, bool kStore>
 void reduce_channels(const NormKernelArgs& args, const at::opmath_type<scalar_t>* lines, double* sums) {
   using opmath_t = at::opmath_type<scalar_t>;
   const ChannelLayout& lay = args.layout;
@@ -314,9 +329,9 @@ void reduce_channels(const NormKernelArgs& args, const at::opmath_type<scalar_t>
       const int64_t u0 = k * units / blocks, u1 = (k + 1) * units / blocks;
       double* own = partial + k * Op::kSums * C;
       if (channels_inner) {
-        reduce_block_channels_inner<scalar_t, Op>(args, lines, u0, u1, acc, own);
+        reduce_block_channels_inner<scalar_t, Op, kStore>(args, lines, u0, u1, acc, own);
       } else {
-        reduce_block_channel_runs<scalar_t, Op>(args, lines, u0, u1, own);
+        reduce_block_channel_runs<scalar_t, Op, kStore>(args, lines, u0, u1, own);
       }
     }
   });
@@ -358,7 +373,12 @@ void run_map(const NormKernelArgs& args) {
 template <typename Op>
 void run_reduce(const NormKernelArgs& args, double* sums) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, args.dtype, "batch_norm_acon_c_sums_cpu", [&] {
-    reduce_channels<scalar_t, Op>(args, value_lines<at::opmath_type<scalar_t>, Op::kRows>(args), sums);
+    const auto* lines = value_lines<at::opmath_type<scalar_t>, Op::kRows>(args);
+    if (args.out != nullptr) {
+      reduce_channels<scalar_t, Op, true>(args, lines, sums);
+    } else {
+      reduce_channels<scalar_t, Op, false>(args, lines, sums);
+    }
   });
 }
 
@@ -376,8 +396,8 @@ void batch_norm_acon_c_grad_sums_kernel(const NormKernelArgs& args, double* sums
   run_reduce<NormAconCGradTerms>(args, sums);
 }
 
-void batch_norm_acon_c_grad_input_kernel(const NormKernelArgs& args) {
-  run_map<NormAconCGradInput>(args);
+void batch_norm_grad_from_dz_kernel(const NormKernelArgs& args) {
+  run_map<NormGradFromDz>(args);
 }
 
 } // namespace acon_cuda::cpu::CPU_CAPABILITY

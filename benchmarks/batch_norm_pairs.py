@@ -1,0 +1,118 @@
+"""The BatchNorm pair cases: BatchNorm2d followed by AconC, fused
+(``acon_cuda.fuse_batchnorm``), against the same two modules unfused and
+against BatchNorm2d followed by an in-place ReLU (the stock ConvNet pair),
+in training mode, forward and forward+backward (x and every parameter),
+with inputs rotated as in the op cases (op_cases.measure_case).
+"""
+
+import itertools
+import math
+import statistics
+
+import torch
+from torch import nn
+
+import acon_cuda
+
+from .timing import input_copies, median_ms, saved_bytes, wall_ms
+
+# (shape, layout): ResNet-50's stage 1 both ways, a ShuffleNetV2-like narrow
+# map, and a wide 14x14 one (the BatchNorm fusion issue's cases).
+PAIR_CASES = [
+    ((16, 256, 56, 56), "channels_last"),
+    ((16, 256, 56, 56), "contiguous"),
+    ((32, 24, 80, 80), "channels_last"),
+    ((16, 1024, 14, 14), "channels_last"),
+]
+PAIR_MODES = ["forward", "fwd+bwd"]
+
+
+def make_pairs(width, device):
+    """The contenders, each a module from BatchNorm2d (training mode)."""
+    torch.manual_seed(0)
+    pairs = {
+        "fused": nn.Sequential(nn.BatchNorm2d(width), acon_cuda.AconC(width)),
+        "bn_acon_c": nn.Sequential(nn.BatchNorm2d(width), acon_cuda.AconC(width)),
+        "bn_relu": nn.Sequential(nn.BatchNorm2d(width), nn.ReLU(inplace=True)),
+    }
+    acon_cuda.fuse_batchnorm(pairs["fused"])
+    return {key: module.to(device).train() for key, module in pairs.items()}
+
+
+def measure_batch_norm_pairs(device, rounds, budget_s, cases=PAIR_CASES):
+    rows = []
+    for shape, layout in cases:
+        x_bytes = math.prod(shape) * 4
+        copies = input_copies(device, x_bytes)
+        fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+        xs = [torch.randn(shape, device=device).contiguous(memory_format=fmt).requires_grad_() for _ in range(copies)]
+        grads = [torch.randn_like(x) for x in xs]
+        modules = make_pairs(shape[1], device)
+
+        def calls_for(module):
+            wrt = list(module.parameters())
+
+            def forward(i):
+                def call():
+                    with torch.no_grad():
+                        module(xs[i])
+
+                return call
+
+            def both(i):
+                return lambda: torch.autograd.grad(module(xs[i]), [xs[i], *wrt], grads[i])
+
+            def rotation(make_call):
+                calls = itertools.cycle([make_call(i) for i in range(copies)])
+                return lambda: next(calls)()
+
+            return {"forward": rotation(forward), "fwd+bwd": rotation(both)}
+
+        calls = {key: calls_for(module) for key, module in modules.items()}
+        estimate = {}
+        for key, per_mode in calls.items():
+            for mode, call in per_mode.items():
+                for _ in range(copies):
+                    estimate[(key, mode)] = wall_ms(call, device)
+        times = {(key, mode): [] for key in calls for mode in PAIR_MODES}
+        for _ in range(rounds):
+            for key, mode in times:
+                times[(key, mode)].append(median_ms(calls[key][mode], device, budget_s, estimate[(key, mode)]))
+        ms = {}
+        for (key, mode), samples in times.items():
+            ms.setdefault(key, {})[mode] = statistics.median(samples)
+        rows.append(
+            {
+                "shape": list(shape),
+                "layout": layout,
+                "ms": ms,
+                "saved_bytes": {key: saved_bytes(lambda m=m: m(xs[0]), ()) for key, m in modules.items()},
+                "x_bytes": x_bytes,
+            }
+        )
+    return rows
+
+
+def pair_table(rows):
+    """The pair cases as a text table: the fused pair's time as ratios."""
+    head = (
+        f"{'shape':<18} {'layout':<13} {'mode':<8} {'fused ms':>9} {'/ BN+AconC':>10} {'/ BN+ReLU':>9} "
+        f"{'saved/x fused':>13} {'BN+AconC':>8} {'BN+ReLU':>7}"
+    )
+    lines = [
+        "BatchNorm2d + AconC fused (fuse_batchnorm), training mode, against BatchNorm2d + AconC and "
+        "BatchNorm2d + ReLU(inplace=True)",
+        head,
+        "-" * len(head),
+    ]
+    for r in rows:
+        ms = r["ms"]
+        saved = {key: b / r["x_bytes"] for key, b in r["saved_bytes"].items()}
+        for mode in PAIR_MODES:
+            fused = ms["fused"][mode]
+            lines.append(
+                f"{'x'.join(map(str, r['shape'])):<18} {r['layout']:<13} {mode:<8} {fused:>9.2f} "
+                f"{fused / ms['bn_acon_c'][mode]:>10.2f} {fused / ms['bn_relu'][mode]:>9.2f} "
+                f"{saved['fused']:>13.2f} {saved['bn_acon_c']:>8.2f} {saved['bn_relu']:>7.2f}"
+            )
+    return "\n".join(lines)
