@@ -230,14 +230,15 @@ def _describe_value(value: Any) -> str:
     return f"{type(value).__name__} {value!r}" if isinstance(value, (str, int, float)) else f"a {type(value).__name__}"
 
 
-def _example_args(example_input: Any) -> Optional[tuple]:
-    """`example_input` as the tuple of forward's arguments (None if not given)."""
+def _example_args(example_input: Any, caller: str = "convert_activations") -> Optional[tuple]:
+    """`example_input` as the tuple of forward's arguments (None if not given);
+    `caller` names the function in the error."""
     if example_input is None or isinstance(example_input, tuple):
         return example_input
     if isinstance(example_input, torch.Tensor):
         return (example_input,)
     raise TypeError(
-        "convert_activations: example_input must be a tensor or a tuple of forward's arguments, got "
+        f"{caller}: example_input must be a tensor or a tuple of forward's arguments, got "
         f"{_describe_value(example_input)} (one argument of another type goes in a tuple: example_input=(arg,))"
     )
 
