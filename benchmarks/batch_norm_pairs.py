@@ -2,19 +2,19 @@
 (``acon_cuda.fuse_batchnorm``), against the same two modules unfused and
 against BatchNorm2d followed by an in-place ReLU (the stock ConvNet pair),
 in training mode, forward and forward+backward (x and every parameter),
-with inputs rotated as in the op cases (op_cases.measure_case).
+with inputs rotated as in the op cases (op_cases.measure_case) and the
+contenders timed in interleaved blocks (timing.interleaved_medians).
 """
 
 import itertools
 import math
-import statistics
 
 import torch
 from torch import nn
 
 import acon_cuda
 
-from .timing import input_copies, median_ms, saved_bytes, wall_ms
+from .timing import input_copies, interleaved_medians, saved_bytes, wall_ms
 
 # (shape, layout): ResNet-50's stage 1 both ways, a ShuffleNetV2-like narrow
 # map, and a wide 14x14 one (the BatchNorm fusion issue's cases).
@@ -74,13 +74,16 @@ def measure_batch_norm_pairs(device, rounds, budget_s, cases=PAIR_CASES):
             for mode, call in per_mode.items():
                 for _ in range(copies):
                     estimate[(key, mode)] = wall_ms(call, device)
-        times = {(key, mode): [] for key in calls for mode in PAIR_MODES}
-        for _ in range(rounds):
-            for key, mode in times:
-                times[(key, mode)].append(median_ms(calls[key][mode], device, budget_s, estimate[(key, mode)]))
-        ms = {}
-        for (key, mode), samples in times.items():
-            ms.setdefault(key, {})[mode] = statistics.median(samples)
+        # The contenders' blocks in turn, per mode: their ratios are what
+        # the table reports.
+        ms = {key: {} for key in calls}
+        for mode in PAIR_MODES:
+            per_call = {key: calls[key][mode] for key in calls}
+            medians = interleaved_medians(
+                per_call, device, rounds * 5 * budget_s * len(calls), {key: estimate[(key, mode)] for key in calls}
+            )
+            for key, value in medians.items():
+                ms[key][mode] = value
         rows.append(
             {
                 "shape": list(shape),

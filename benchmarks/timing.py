@@ -78,6 +78,27 @@ def median_ms(fn, device, budget_s, once_ms):
     return statistics.median(samples)
 
 
+def interleaved_medians(calls, device, budget_s, estimates, blocks=15):
+    """Median ms per call of each of `calls` (key -> call), timed in blocks
+    taken in turn (A, B, C, A, B, C, ...): drift of the machine's speed over
+    the run (other tenants, clock changes) then hits every contender alike,
+    where consecutive blocks of one contender would each see another state.
+    A block lasts about budget_s / blocks; estimates: key -> a first ms."""
+    number = {key: max(1, int(budget_s * 1e3 / blocks / max(estimates[key], 1e-3))) for key in calls}
+    samples = {key: [] for key in calls}
+    for _ in range(blocks):
+        for key, call in calls.items():
+            if device == "cuda":
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            for _ in range(number[key]):
+                call()
+            if device == "cuda":
+                torch.cuda.synchronize()
+            samples[key].append((time.perf_counter() - start) * 1e3 / number[key])
+    return {key: statistics.median(values) for key, values in samples.items()}
+
+
 def wall_ms(call, device):
     """Wall-clock time of one call, in ms, the GPU's work included."""
     if device == "cuda":

@@ -156,11 +156,13 @@ void map_channels(const NormKernelArgs& args, const at::opmath_type<scalar_t>* l
 // Sums over a block's channels-innermost rows [u0, u1) into its double
 // partials `own` (kSums lines of C), through opmath sums in `acc`
 // (Lines<opmath_t, kSums>, zeroed) moved into `own` every kFlushRows rows.
-// Rows in memory order, kRowsAtOnce at a time sharing each load of values
-// and sums: going down a column of channels over many rows instead reads
-// as many streams as rows, which measured 2-3x slower.
-constexpr int kRowsAtOnce = 4;
-
+// Rows in memory order, one at a time, or two sharing each load of values
+// and sums where that measured faster: rows of at most two vectors (C = 24:
+// the loads are a large part of the work) and rows a multiple of 4 KB long
+// (C = 1024 float). Elsewhere (C = 128 to 512) two measured 10-30% slower
+// than one, and four slower still (registers run out). Going down a column
+// of channels over many rows instead reads as many streams as rows, which
+// measured 2-3x slower.
 template <typename scalar_t, typename Op, bool kStore>
 void reduce_block_channels_inner(
     const NormKernelArgs& args,
@@ -174,6 +176,7 @@ void reduce_block_channels_inner(
   using FVec = typename L::FVec;
   using SL = Lines<opmath_t, Op::kSums>;
   const int64_t C = args.layout.channels;
+  const bool two_rows = C <= 2 * L::kStep || (C * static_cast<int64_t>(sizeof(scalar_t))) % 4096 == 0;
   const auto* x = static_cast<const scalar_t*>(args.x);
   const auto* dy = static_cast<const scalar_t*>(args.grad_y);
   auto* out = static_cast<scalar_t*>(args.out);
@@ -222,8 +225,10 @@ void reduce_block_channels_inner(
   for (int64_t r0 = u0; r0 < u1; r0 += kFlushRows) {
     const int64_t r1 = std::min(u1, r0 + kFlushRows);
     int64_t r = r0;
-    for (; r + kRowsAtOnce <= r1; r += kRowsAtOnce) {
-      add_rows(r, std::integral_constant<int, kRowsAtOnce>());
+    if (two_rows) {
+      for (; r + 2 <= r1; r += 2) {
+        add_rows(r, std::integral_constant<int, 2>());
+      }
     }
     for (; r < r1; ++r) {
       add_rows(r, std::integral_constant<int, 1>());
