@@ -6,12 +6,12 @@ import itertools
 import pytest
 import torch
 import torch.nn.functional as F
+from cases import make_x
 from torch.autograd.graph import saved_tensors_hooks
 
 from acon_cuda import reference
 from acon_cuda.batch_norm import BatchNormAconCFunction, batch_norm_acon_c, batch_norm_acon_c_plain
 from acon_cuda.testing import assert_as_accurate
-from tests.cases import make_x
 
 # (N, C, *spatial): ranks 2 to 5, odd sizes, C = 1, one value per sample
 # and channel, C wider than a vector and not a multiple of one, runs shorter

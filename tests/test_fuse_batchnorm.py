@@ -15,7 +15,7 @@ from torch import nn
 import acon_cuda
 from acon_cuda import AconA, AconB, AconC, MetaAconC
 from acon_cuda.fuse import fuse_batchnorm, fused_pairs
-from acon_cuda.testing import TEST_SEED
+from acon_cuda.testing import DEVICES, TEST_SEED, device_available
 
 torchvision = pytest.importorskip("torchvision")
 
@@ -576,3 +576,53 @@ def save(obj):
     torch.save(obj, buffer)
     buffer.seek(0)
     return buffer
+
+
+def _small_fused_pair_model():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), AconC(8), nn.Conv2d(8, 4, 1))
+    reference_model = copy.deepcopy(model)
+    fuse_batchnorm(model)
+    assert fused_pairs(model) == [("1", "2")]
+    return model, reference_model
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_fused_model_under_torch_compile_fullgraph(training):
+    model, unfused = _small_fused_pair_model()
+    model.train(training)
+    unfused.train(training)
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    x = torch.randn(4, 3, 6, 6).contiguous(memory_format=torch.channels_last)
+    out = compiled(x)
+    want = unfused(x)
+    torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
+    out.square().sum().backward()
+    want.square().sum().backward()
+    for (name, p), q in zip(model.named_parameters(), unfused.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-5, msg=name)
+    for a, b in zip(model.buffers(), unfused.buffers()):
+        torch.testing.assert_close(a, b)
+
+
+def test_fused_model_under_torch_export():
+    model, unfused = _small_fused_pair_model()
+    model.eval()
+    unfused.eval()
+    x = torch.randn(2, 3, 5, 7)
+    program = torch.export.export(model, (x,))
+    torch.testing.assert_close(program.module()(x), unfused(x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_fused_model_on_every_device(device):
+    """Off the CPU the fused module runs BatchNorm, then the ACON op: the
+    same results as the unfused modules."""
+    if not device_available(device):
+        pytest.skip(f"no {device} here")
+    model, unfused = _small_fused_pair_model()
+    model.to(device)
+    unfused.to(device)
+    x = torch.randn(4, 3, 6, 6, device=device)
+    torch.testing.assert_close(model(x), unfused(x), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(model[1].running_mean, unfused[1].running_mean)

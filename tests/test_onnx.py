@@ -107,3 +107,24 @@ def test_training_still_runs_the_fused_op(tmp_path):
     export_and_run(model.eval(), (torch.randn(1, 3, 4, 4),), tmp_path / "m.onnx", True)
     y = model.train()(torch.randn(2, 3, 4, 4))
     assert type(y.grad_fn)._forward_cls is acon_cuda.ops.AconCEagerFunction
+
+
+@EXPORTERS
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_fused_batchnorm_exports_as_batch_normalization(tmp_path, layout, dynamo):
+    """A BatchNorm fused with its AconC (fuse_batchnorm) exports as the two
+    ops it computes, in standard operators (the exporter may then fold the
+    eval-mode BatchNorm into the convolution), and matches."""
+    torch.manual_seed(TEST_SEED)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), AconC(8))
+    model(torch.randn(4, 3, 6, 6))
+    acon_cuda.fuse_batchnorm(model)
+    assert acon_cuda.fused_pairs(model) == [("1", "2")]
+    model.eval()
+    x = torch.randn(2, 3, 6, 7)
+    if layout == "channels_last":
+        model = model.to(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=torch.channels_last)
+    (out,), proto = export_and_run(model, (x,), tmp_path / "fused.onnx", dynamo)
+    assert_standard_onnx(proto)
+    torch.testing.assert_close(out, model(x).detach(), rtol=1e-4, atol=1e-5)
