@@ -1,6 +1,7 @@
 """The BatchNorm pair cases: BatchNorm2d followed by AconC, fused
-(``acon_cuda.fuse_batchnorm``), against the same two modules unfused and
+(``acon_cuda.fuse_batchnorm``), against the same two modules unfused,
 against BatchNorm2d followed by an in-place ReLU (the stock ConvNet pair),
+and against nn.SiLU alone (no BatchNorm: the activation's own floor),
 in training mode, forward and forward+backward (x and every parameter),
 with inputs rotated as in the op cases (op_cases.measure_case) and the
 contenders timed in interleaved blocks (timing.interleaved_medians).
@@ -34,6 +35,7 @@ def make_pairs(width, device):
         "fused": nn.Sequential(nn.BatchNorm2d(width), acon_cuda.AconC(width)),
         "bn_acon_c": nn.Sequential(nn.BatchNorm2d(width), acon_cuda.AconC(width)),
         "bn_relu": nn.Sequential(nn.BatchNorm2d(width), nn.ReLU(inplace=True)),
+        "silu": nn.SiLU(),
     }
     acon_cuda.fuse_batchnorm(pairs["fused"])
     return {key: module.to(device).train() for key, module in pairs.items()}
@@ -100,11 +102,11 @@ def pair_table(rows):
     """The pair cases as a text table: the fused pair's time as ratios."""
     head = (
         f"{'shape':<18} {'layout':<13} {'mode':<8} {'fused ms':>9} {'/ BN+AconC':>10} {'/ BN+ReLU':>9} "
-        f"{'saved/x fused':>13} {'BN+AconC':>8} {'BN+ReLU':>7}"
+        f"{'/ SiLU':>7} {'saved/x fused':>13} {'BN+AconC':>8} {'BN+ReLU':>7}"
     )
     lines = [
-        "BatchNorm2d + AconC fused (fuse_batchnorm), training mode, against BatchNorm2d + AconC and "
-        "BatchNorm2d + ReLU(inplace=True)",
+        "\nBatchNorm2d + AconC fused (fuse_batchnorm), training mode, float32, against BatchNorm2d + AconC, "
+        "BatchNorm2d + ReLU(inplace=True) and nn.SiLU alone",
         head,
         "-" * len(head),
     ]
@@ -116,6 +118,12 @@ def pair_table(rows):
             lines.append(
                 f"{'x'.join(map(str, r['shape'])):<18} {r['layout']:<13} {mode:<8} {fused:>9.2f} "
                 f"{fused / ms['bn_acon_c'][mode]:>10.2f} {fused / ms['bn_relu'][mode]:>9.2f} "
+                f"{fused / ms['silu'][mode]:>7.2f} "
                 f"{saved['fused']:>13.2f} {saved['bn_acon_c']:>8.2f} {saved['bn_relu']:>7.2f}"
             )
+    lines.append(
+        "/ X: the fused pair's time over X's (lower is better); saved/x: bytes autograd keeps for the backward,\n"
+        "over x's (the ReLU pair keeps the BatchNorm's input and the ReLU's output, which the next layer keeps\n"
+        "anyway in a network)."
+    )
     return "\n".join(lines)

@@ -348,7 +348,7 @@ def text(report):
     if report["meta_modules"] is not None:
         out += "\n" + meta_table(report["meta_modules"])
     if report.get("batch_norm_pairs") is not None:
-        out += "\n\n" + pair_table(report["batch_norm_pairs"])
+        out += "\n" + pair_table(report["batch_norm_pairs"])
     if report["training_steps"] is not None:
         out += "\n" + training_table(report["training_steps"], device)
     return out

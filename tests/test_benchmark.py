@@ -204,3 +204,21 @@ def test_compute_floor_script_runs(capfd, monkeypatch):
     with pytest.raises(SystemExit) as exit:
         compute_floor.main(["--repeat", "1", "--calls", "1", "--require-capability", other])
     assert exit.value.code == compute_floor.SKIPPED and "skipped" in capfd.readouterr().out
+
+
+def test_batch_norm_pair_cases_report_their_own_measurements():
+    """The pair table's ratios come from the run's times; the fused pair keeps
+    x for the backward, the unfused pair the BatchNorm's output as well."""
+    from benchmarks.batch_norm_pairs import PAIR_MODES, measure_batch_norm_pairs, pair_table
+
+    rows = measure_batch_norm_pairs("cpu", rounds=1, budget_s=0.01, cases=[((4, 8, 6, 5), "channels_last")])
+    (row,) = rows
+    for key in ("fused", "bn_acon_c", "bn_relu", "silu"):
+        for mode in PAIR_MODES:
+            assert row["ms"][key][mode] > 0
+    # Beside x, per-channel tensors only (parameters, statistics).
+    assert row["x_bytes"] <= row["saved_bytes"]["fused"] < 1.5 * row["x_bytes"]
+    assert row["saved_bytes"]["bn_acon_c"] >= 2 * row["x_bytes"]
+    text = pair_table(rows)
+    fused = row["ms"]["fused"]["fwd+bwd"]
+    assert f"{fused / row['ms']['bn_relu']['fwd+bwd']:.2f}" in text
