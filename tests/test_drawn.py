@@ -117,3 +117,49 @@ def test_drawn_launch_plans_hold_their_invariants(shape, layout, dtype, per_samp
     assert 1 <= main["most_items"] <= main["teams_per_block"] * turns
     if main["kind"] == "runs":
         assert 0 < main["busy_permille"] <= 1000
+
+
+@settings(max_examples=60, deadline=None)
+@given(data=st.data())
+def test_fused_batch_norm_matches_the_two_ops(data):
+    """batch_norm_acon_c against F.batch_norm then acon_c, in float64: drawn
+    rank, sizes (one value per channel excluded where batch statistics are
+    used), memory order, BatchNorm mode and momentum; output, every gradient
+    and the running statistics."""
+    from acon_cuda.batch_norm import batch_norm_acon_c, batch_norm_acon_c_plain
+
+    rank = data.draw(st.integers(2, 5))
+    shape = [data.draw(st.integers(1, 6)) for _ in range(rank)]
+    shape[1] = data.draw(st.integers(1, 40))
+    training, affine, track = (data.draw(st.booleans()) for _ in range(3))
+    track = track or not training  # running statistics are needed without batch statistics
+    assume(not training or math.prod(shape) // shape[1] > 1)
+    momentum = data.draw(st.sampled_from([0.1, 0.5, 1.0]))
+    order = data.draw(st.permutations(range(rank)))
+    gen = torch.Generator().manual_seed(data.draw(st.integers(0, 2**31 - 1)))
+    c = shape[1]
+    dense = torch.randn([shape[i] for i in order], generator=gen, dtype=torch.float64) * 2 + 1
+    x = dense.permute([order.index(i) for i in range(rank)])
+
+    def draw_tensor(*size, low=0.0):
+        return (
+            torch.rand(*size, generator=gen, dtype=torch.float64) + low
+            if low
+            else torch.randn(*size, generator=gen, dtype=torch.float64)
+        )
+
+    weight, bias = (draw_tensor(c), draw_tensor(c)) if affine else (None, None)
+    running = (draw_tensor(c), draw_tensor(c, low=0.5)) if track else (None, None)
+    acon = (draw_tensor(c), draw_tensor(1, c), draw_tensor(c, low=0.5))
+    grad = draw_tensor(*shape)
+
+    def run(fn):
+        leaves = [t.clone().requires_grad_() if t is not None else None for t in (x, weight, bias, *acon)]
+        stats = [t.clone() if t is not None else None for t in running]
+        y = fn(leaves[0], *stats, leaves[1], leaves[2], training, momentum, 1e-5, *leaves[3:])
+        y.backward(grad)
+        return [y.detach()] + [t.grad for t in leaves if t is not None] + [t for t in stats if t is not None]
+
+    for got, want in zip(run(batch_norm_acon_c), run(batch_norm_acon_c_plain)):
+        scale = max(want.abs().max().item(), 1.0)
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10 * scale)
