@@ -626,3 +626,29 @@ def test_fused_model_on_every_device(device):
     x = torch.randn(4, 3, 6, 6, device=device)
     torch.testing.assert_close(model(x), unfused(x), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(model[1].running_mean, unfused[1].running_mean)
+
+
+def test_fused_shufflenet_keeps_no_more_for_backward_than_relu():
+    """With every ReLU converted to AconC and the BatchNorms fused,
+    ShuffleNetV2 keeps no more bytes for the backward than the stock ReLU
+    model (the ACON's input is not kept beside the BatchNorm's)."""
+    torchvision = pytest.importorskip("torchvision")
+
+    def saved(model, x):
+        storages = {}
+
+        def pack(t):
+            storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            model(x)
+        return sum(storages.values())
+
+    torch.manual_seed(TEST_SEED)
+    x = torch.randn(4, 3, 64, 64).contiguous(memory_format=torch.channels_last)
+    relu = torchvision.models.shufflenet_v2_x0_5().to(memory_format=torch.channels_last)
+    acon = acon_cuda.convert_activations(copy.deepcopy(relu), example_input=x[:2])
+    unfused = saved(acon, x)
+    fuse_batchnorm(acon)
+    assert saved(acon, x) <= saved(relu, x) < unfused
