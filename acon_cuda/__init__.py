@@ -19,7 +19,7 @@ __version__ = check_build()  # a clear error, before loading the extension
 from . import _C, reference  # noqa: E402, F401  (_C registers torch.ops.acon.*)
 from .batch_norm import batch_norm_acon_c  # noqa: E402
 from .convert import convert_activations  # noqa: E402
-from .fuse import fuse_batchnorm, fused_pairs  # noqa: E402
+from .fuse import fuse_batchnorm, fused_pairs, unfuse_batchnorm  # noqa: E402
 from .modules import AconA, AconB, AconC, MetaAconC, param_groups  # noqa: E402
 from .ops import acon_c, cpu_kernel_isa  # noqa: E402
 
@@ -36,4 +36,5 @@ __all__ = [
     "fused_pairs",
     "param_groups",
     "reference",
+    "unfuse_batchnorm",
 ]

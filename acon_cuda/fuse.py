@@ -17,13 +17,13 @@ Nothing is added or removed: the two modules change class in place.
   parameters in the same op and does not call ``act``.
 
 Which pairs are fused is read from ``torch.fx`` graphs of the model's blocks,
-one level deep (``convert.py``'s ``_TracedModel``); a block that cannot be
-traced is run once on ``example_input`` instead, watching which op or module
+one level deep (``convert.py``'s ``_TracedModel``); a block whose graph would
+not show everything (it cannot be traced, it enters grad-mode or autocast
+regions, it stores on modules) is not trusted, and neither are the modules it
+holds. A run of ``example_input`` can veto pairs, watching which op or module
 reads each BatchNorm's output (``_Observer``).
 """
 
-import dis
-import inspect
 import re
 import warnings
 from collections import Counter, defaultdict
@@ -42,18 +42,18 @@ from torch.utils._pytree import tree_leaves
 
 from .batch_norm import batch_norm_acon_c
 from .convert import (
-    _TORCH_DIR,
-    _code_objects,
     _dry_run,
     _example_args,
     _find_orphans,
     _function_name,
+    _is_torch_nn_builtin,
     _OneLevelTracer,
+    _state_the_graph_drops,
     _TracedModel,
 )
 from .modules import AconA, AconB, AconC, MetaAconC, _Acon
 
-__all__ = ["fuse_batchnorm", "fused_pairs"]
+__all__ = ["fuse_batchnorm", "fused_pairs", "unfuse_batchnorm"]
 
 _FUSABLE_ACON = (AconA, AconB, AconC)
 _RUN_FIRST = "pass example_input= or run a forward pass first"
@@ -73,15 +73,20 @@ def fuse_batchnorm(model: nn.Module, example_input: Any = None) -> nn.Module:
     ``state_dict`` keys and values, ``model.parameters()`` and ``isinstance``
     checks are as before, so checkpoints load into fused and unfused models
     alike. The reprs say what is fused with what; ``fused_pairs(model)``
-    lists the pairs. Calling it again fuses nothing more.
+    lists the pairs; ``unfuse_batchnorm(model)`` undoes it. Calling it again
+    checks every pair again, as the model is then.
 
     A pair is fused only when all of these hold:
 
     - the BatchNorm is called once, in a forward that ``torch.fx`` can trace
-      one level deep (in train and in eval mode, where the graphs differ),
-      and its output is read by one call of the ACON module and nothing else,
-      directly or through ``nn.Identity`` modules (timm's ``drop_block`` and
+      one level deep (in train and in eval mode, where the graphs differ)
+      and that enters no grad-mode, autocast or checkpointing region and
+      stores nothing on a module (a graph holds neither), and its output is
+      read by one call of the ACON module and nothing else, directly or
+      through ``nn.Identity`` modules (timm's ``drop_block`` and
       ``drop_path`` when off);
+    - no block that cannot be traced holds either module (it could call
+      them in ways no graph shows);
     - every call of the ACON module takes a fused BatchNorm's output (one
       ACON module after two BatchNorms is fine when both are fused);
     - the BatchNorm is an ``nn.BatchNorm1d/2d/3d`` or a subclass that keeps
@@ -106,26 +111,23 @@ def fuse_batchnorm(model: nn.Module, example_input: Any = None) -> nn.Module:
         model: the model, changed in place.
         example_input: a tensor, or a tuple of ``forward``'s arguments. The
             model then runs once on it, in eval mode without gradients, its
-            buffers restored afterwards (lazy modules take their widths, so
-            lazily built ACON modules can be fused). A block that ``torch.fx``
-            cannot trace (data-dependent control flow) is checked by that
-            run: a pair of its modules is fused when the run shows the
-            BatchNorm's output read by the ACON module only, each call of the
-            ACON module reading a fused BatchNorm's output, and the block's
-            ``forward`` naming each of the two no more often than it ran (a
-            call on a branch the example did not take cannot be checked).
-            For traced blocks the run can only veto a pair. Without
-            example_input, the pairs of untraceable blocks are left.
+            buffers and attributes restored afterwards (lazy modules take
+            their widths, so lazily built ACON modules can be fused). The run
+            can veto a pair (an op the graphs do not show reads the
+            BatchNorm's output), never allow one: it shows one path through
+            each forward, not the branches it did not take, so the pairs of
+            blocks ``torch.fx`` cannot trace are left either way.
 
     One ``UserWarning`` names every BatchNorm -> ACON pair left unfused (a
     BatchNorm whose output an ACON module reads, or a BatchNorm next to an
     ACON module in a block that cannot be traced), and why; none when all
     were fused. A left pair computes as before, in two ops.
 
-    Calls that no graph shows are not seen without example_input (a forward
-    that cannot be traced calling a module of a traced child block
-    directly). Replace no fused module afterwards (the BatchNorm holds its
-    ACON module). ``nn.DataParallel`` replicas would share the original ACON
+    Fuse last: changes to a fused model's modules (replacing or slicing
+    them, ``nn.SyncBatchNorm.convert_sync_batchnorm``,
+    ``convert_activations``, hooks added afterwards) are not seen, and the
+    BatchNorm holds its ACON module; call ``unfuse_batchnorm`` first, then
+    fuse again. ``nn.DataParallel`` replicas would share the original ACON
     module: use DistributedDataParallel.
 
     Raises TypeError when ``model`` is not a module or ``example_input`` not
@@ -134,6 +136,9 @@ def fuse_batchnorm(model: nn.Module, example_input: Any = None) -> nn.Module:
     if not isinstance(model, nn.Module):
         raise TypeError(f"fuse_batchnorm: model must be an nn.Module instance, got {type(model).__name__}")
     example = _example_args(example_input, "fuse_batchnorm")
+    # Pairs fused by an earlier call are checked again, as the model is now
+    # (a caller may have fused a submodule alone, or changed the model).
+    unfuse_batchnorm(model)
     analysis = _Analysis(model, example)
     fused, left = analysis.decide()
     for pair in fused:
@@ -153,6 +158,23 @@ def fused_pairs(model: nn.Module) -> List[Tuple[str, str]]:
             act = module._fused_acon if module._fused_acon is not None else module.act
             pairs.append((path, paths.get(id(act), module._fused_acon_path)))
     return pairs
+
+
+def unfuse_batchnorm(model: nn.Module) -> nn.Module:
+    """Undoes ``fuse_batchnorm``: every fused BatchNorm and ACON module of
+    ``model`` gets its own class back and computes alone again. Returns
+    ``model``, changed in place. Call it before changing a fused model's
+    modules (``nn.SyncBatchNorm.convert_sync_batchnorm``,
+    ``convert_activations``, replacing or slicing modules, adding hooks), and
+    ``fuse_batchnorm`` after."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"unfuse_batchnorm: model must be an nn.Module instance, got {type(model).__name__}")
+    for module in model.modules():
+        if isinstance(module, _Fused):
+            module.__class__ = type(module)._unfused_class
+            for name in ("_fused_acon", "_fused_acon_path", "_fused_into"):
+                module.__dict__.pop(name, None)
+    return model
 
 
 # --- The fused classes -------------------------------------------------------
@@ -373,18 +395,40 @@ class _Analysis:
         self.model = model
         self.paths = {id(m): p for p, m in model.named_modules()}
         self.order = {id(m): i for i, m in enumerate(model.modules())}
+        # Tracing runs each forward's Python: what it stores on a module
+        # (`self.feature = y`, a call counter) is undone afterwards, and a
+        # block that stores anything is not trusted to its graph, which
+        # does not show the store.
+        before = _attributes(model)
         self.traced = _TracedModel(model, (_BatchNorm,))  # BatchNorms (timm's BatchNormAct2d too) are leaves
         # A forward that reads self.training traces differently in the other
         # mode: both graphs count.
         self.graphs: List[Tuple[nn.Module, fx.Graph]] = []
         self.modes: Dict[int, str] = {}  # id(graph) -> its mode, for blocks with a graph per mode
+        others: Dict[int, Optional[fx.Graph]] = {}
         for block_id, graph in list(self.traced.graphs.items()):
             block = self.traced.block_of(block_id)
             other, error = _graph_in_other_mode(block, graph)
+            if error is None:
+                # Grad mode, autocast, checkpointing: a graph drops them, and
+                # with them which tensors carry gradients.
+                dropped = _state_the_graph_drops(block)
+                if dropped:
+                    error = f"its forward uses {', '.join(dropped)}, which its graph does not hold"
+            else:
+                error = f"{error} (in {'eval' if block.training else 'train'} mode)"
             if error is not None:
-                self.traced.untraced[block_id] = f"{error} (in {'eval' if block.training else 'train'} mode)"
+                self.traced.untraced[block_id] = error
                 del self.traced.graphs[block_id]
                 continue
+            others[block_id] = other
+        for changed, names in _restore_attributes(before):
+            if id(changed) in self.traced.graphs:
+                self.traced.untraced[id(changed)] = f"its forward stores on the module ({', '.join(names)})"
+                del self.traced.graphs[id(changed)]
+        for block_id, graph in self.traced.graphs.items():
+            block = self.traced.block_of(block_id)
+            other = others[block_id]
             self.graphs.append((block, graph))
             if other is not None:
                 self.graphs.append((block, other))
@@ -610,20 +654,29 @@ class _Analysis:
         return [note]
 
     def dataflow_problems(self, bn: _BatchNorm, act: _Acon) -> List[str]:
-        """Whether the BatchNorm's output goes to `act` and nowhere else."""
-        if id(bn) in self.sites:
-            # The run can only veto what the graphs allow.
-            return self.graph_problems(bn, act) or _unique(self.run_problems(bn, act, required=False))
-        orphan = self.orphans.get(id(bn))
-        if orphan is None:
+        """Whether the BatchNorm's output goes to `act` and nowhere else. A
+        run of example_input shows one path through a forward, not the
+        branches it did not take: it can veto a pair, never allow one."""
+        problems = self.holder_problems(bn, act)
+        if problems:
+            return problems
+        if id(bn) not in self.sites:
             return ["no traced forward calls the BatchNorm, so what reads its output is not known"]
-        if self.observed is None:
-            return [
-                f"torch.fx cannot trace {self.traced.describe(orphan.parent)} "
-                f"({self.traced.untraced[id(orphan.parent)]}); pass example_input= to find what reads the "
-                "BatchNorm's output by running the model once"
-            ]
-        return _unique(self.run_problems(bn, act, required=True) + self.reference_problems(bn))
+        return self.graph_problems(bn, act) or _unique(self.run_problems(bn, act))
+
+    def holder_problems(self, *modules: nn.Module) -> List[str]:
+        """A block that cannot be traced and holds one of `modules` (at any
+        depth) may call it directly: those calls are not known."""
+        problems = []
+        for block_id, why in self.traced.untraced.items():
+            block = self.traced.block_of(block_id)
+            if _is_torch_nn_builtin(block):
+                continue
+            held = [m for m in modules if m is not block and any(m is d for d in block.modules())]
+            if held:
+                names = " and ".join(f"'{self.path(m)}'" for m in held)
+                problems.append(f"torch.fx cannot trace {self.traced.describe(block)} ({why}), which holds {names}")
+        return problems
 
     def graph_problems(self, bn: _BatchNorm, act: _Acon) -> List[str]:
         sites = self.sites[id(bn)]
@@ -658,12 +711,12 @@ class _Analysis:
         mode = self.modes.get(id(node.graph))
         return f" (in {mode} mode)" if mode else ""
 
-    def run_problems(self, bn: _BatchNorm, act: _Acon, required: bool) -> List[str]:
+    def run_problems(self, bn: _BatchNorm, act: _Acon) -> List[str]:
         """What the example's run says: each call's output read by `act` once,
-        and by nothing else (`required`: at least one call)."""
+        and by nothing else."""
         calls = self.observed.calls[id(bn)] if self.observed else []
         if not calls:
-            return ["the BatchNorm did not run on example_input"] if required else []
+            return []
         problems = []
         for call in calls:
             others = [r.what for r in call.readers if r.module is not act]
@@ -679,21 +732,6 @@ class _Analysis:
             if count > 1:
                 problems.append(f"the ACON module read the BatchNorm's output {count} times (on example_input)")
         return problems
-
-    def reference_problems(self, module: nn.Module) -> List[str]:
-        """A module of an untraceable block: its parent's forward must not name
-        it more often than it ran (a branch the example did not take)."""
-        orphan = self.orphans.get(id(module))
-        if orphan is None or self.observed is None:
-            return []
-        names = _references(orphan.parent, orphan.attr)
-        ran = len(self.observed.calls[id(module)])
-        if names > ran:
-            return [
-                f"{self.forward_of(orphan.parent)} names self.{orphan.attr} at {names} places but it ran {ran} "
-                "time(s) on example_input: a call the example did not reach cannot be checked"
-            ]
-        return []
 
     @staticmethod
     def applies_own_act(module: Any, own_fused: Set[int]) -> bool:
@@ -726,12 +764,8 @@ class _Analysis:
                 problems.append(f"the ACON module is also called on {what} in {self.forward_of(block)}")
         if id(act) in self.orphans:
             known = True
-            if self.observed is None:
-                parent = self.orphans[id(act)].parent
-                problems.append(f"torch.fx cannot trace {self.traced.describe(parent)}, which calls the ACON module")
-            elif not self.observed.calls[id(act)]:
-                problems.append("the ACON module did not run on example_input")
-            problems += self.reference_problems(act)
+            parent = self.orphans[id(act)].parent
+            problems.append(f"torch.fx cannot trace {self.traced.describe(parent)}, which calls the ACON module")
         for holder in self.holders.get(id(act), []):
             known = True
             if not self.applies_own_act(holder, own_fused):
@@ -755,48 +789,48 @@ class _Analysis:
         return _unique(problems)
 
 
+# A module's own dicts of parameters, buffers and children: what its
+# __dict__ holds besides its plain attributes.
+_MODULE_DICTS = ("_parameters", "_buffers", "_modules")
+
+
+def _attributes(model: nn.Module) -> Dict[nn.Module, Dict[str, Any]]:
+    """Each module's plain attributes (its __dict__ less parameters, buffers
+    and children), by module."""
+    return {m: {k: v for k, v in m.__dict__.items() if k not in _MODULE_DICTS} for m in model.modules()}
+
+
+def _restore_attributes(before: Dict[nn.Module, Dict[str, Any]]) -> List[Tuple[nn.Module, List[str]]]:
+    """Puts each module's plain attributes back as `before` holds them; returns
+    the modules whose attributes had changed, with the names."""
+    changed = []
+    for module, attributes in before.items():
+        now = {k: v for k, v in module.__dict__.items() if k not in _MODULE_DICTS}
+        names = sorted(k for k in attributes.keys() | now.keys() if k not in now or now[k] is not attributes.get(k))
+        if names:
+            for name in now.keys() - attributes.keys():
+                del module.__dict__[name]
+            module.__dict__.update(attributes)
+            changed.append((module, names))
+    return changed
+
+
 def _graph_in_other_mode(block: nn.Module, graph: fx.Graph) -> Tuple[Optional[fx.Graph], Optional[str]]:
     """(the block's graph traced in the other train/eval mode if it differs,
     else None; the error if it cannot be traced in that mode)."""
-    mode = block.training
+    # Every module below the block flips too: a forward may read a child's
+    # mode (`if self.bn.training:`).
+    modes = [(module, module.training) for module in block.modules()]
     try:
-        block.training = not mode
+        block.train(not block.training)
         other = _OneLevelTracer().trace(block)
     except Exception as error:  # fx raises many kinds on untraceable code
         return None, f"{type(error).__name__}: {error}".splitlines()[0]
     finally:
-        block.training = mode
+        for module, mode in modes:
+            module.training = mode
     same = other.python_code("self").src == graph.python_code("self").src
     return (None if same else other), None
-
-
-def _references(block: nn.Module, attr: str) -> int:
-    """How many times the block's forward (and the methods of its class it
-    calls) read ``self.<attr>``, by its bytecode."""
-    count = 0
-    seen: Set[Any] = set()
-
-    def scan(function: Any, depth: int) -> None:
-        nonlocal count
-        code = getattr(inspect.unwrap(function), "__code__", None)
-        if code is None or depth > 3 or code.co_filename.startswith(_TORCH_DIR):
-            return
-        for inner in _code_objects(code):
-            if inner in seen:
-                continue
-            seen.add(inner)
-            for instruction in dis.get_instructions(inner):
-                if instruction.opname not in ("LOAD_ATTR", "LOAD_METHOD"):
-                    continue
-                if instruction.argval == attr:
-                    count += 1
-                else:
-                    method = getattr(type(block), instruction.argval, None)
-                    if inspect.isfunction(method):
-                        scan(method, depth + 1)
-
-    scan(type(block).forward, 0)
-    return count
 
 
 def _unique(items: Sequence[str]) -> List[str]:

@@ -14,7 +14,7 @@ from torch import nn
 
 import acon_cuda
 from acon_cuda import AconA, AconB, AconC, MetaAconC
-from acon_cuda.fuse import fuse_batchnorm, fused_pairs
+from acon_cuda.fuse import fuse_batchnorm, fused_pairs, unfuse_batchnorm
 from acon_cuda.testing import DEVICES, TEST_SEED, device_available
 
 torchvision = pytest.importorskip("torchvision")
@@ -509,33 +509,25 @@ def untraceable_model():
     ).double()
 
 
-def test_untraceable_block_is_reported_without_example_input():
-    left = left_pairs(fuse_warning(untraceable_model()))
-    assert list(left) == [f"{i}.bn (BatchNorm2d) -> {i}.act (AconC)" for i in (0, 2, 4)]
-    reasons = left["0.bn (BatchNorm2d) -> 0.act (AconC)"]
-    assert reasons.startswith("torch.fx cannot trace '0' (DataDependent) (TraceError: ")
-    assert reasons.endswith("pass example_input= to find what reads the BatchNorm's output by running the model once")
-
-
-def test_untraceable_block_is_fused_through_example_input():
+@pytest.mark.parametrize("with_example", [False, True], ids=["no_example", "example"])
+def test_untraceable_block_is_left(with_example):
+    """A run of example_input shows one path through a forward, not the
+    branches it did not take: pairs in a block fx cannot trace are left, with
+    or without it, and the run changes no buffer or mode."""
     torch.manual_seed(TEST_SEED)
     model = untraceable_model().train()
+    before = copy.deepcopy(model)
     x = torch.randn(4, 3, 5, 5, dtype=torch.float64)
-    unfused = copy.deepcopy(model)
-    left = left_pairs(fuse_warning(model, example_input=x))
-    # The branch the example did not take calls self.act too; in 4, what the
-    # ACON module reads is not the BatchNorm's output.
-    assert left == {
-        "2.bn (BatchNorm2d) -> 2.act (AconC)": (
-            "'2.forward' names self.act at 2 places but it ran 1 time(s) on example_input: a call the example did "
-            "not reach cannot be checked"
-        )
-    }
-    assert fused_pairs(model) == [("0.bn", "0.act")]
-    # The run in eval mode without gradients changed no buffer, and left the modes as they were.
-    assert all(torch.equal(a, b) for a, b in zip(model.buffers(), unfused.buffers()))
+    left = left_pairs(fuse_warning(model, example_input=x if with_example else None))
+    # (The run shows 4's output changed in place before the ACON reads it: no pair.)
+    sites = (0, 2) if with_example else (0, 2, 4)
+    assert list(left) == [f"{i}.bn (BatchNorm2d) -> {i}.act (AconC)" for i in sites]
+    reasons = left["0.bn (BatchNorm2d) -> 0.act (AconC)"]
+    assert reasons.startswith("torch.fx cannot trace '0' (DataDependent) (TraceError: ")
+    assert "which holds '0.bn' and '0.act'" in reasons
+    assert fused_pairs(model) == []
+    assert all(torch.equal(a, b) for a, b in zip(model.buffers(), before.buffers()))
     assert all(m.training for m in model.modules())
-    check_same_training(model, unfused, x)
 
 
 def test_example_input_that_does_not_run_raises():
@@ -652,3 +644,115 @@ def test_fused_shufflenet_keeps_no_more_for_backward_than_relu():
     unfused = saved(acon, x)
     fuse_batchnorm(acon)
     assert saved(acon, x) <= saved(relu, x) < unfused
+
+
+# --- What the graphs alone would miss (found by review) ---------------------------
+
+
+class _ReadsChildMode(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.bn, self.act = nn.BatchNorm2d(3), AconC(3)
+
+    def forward(self, x):
+        y = self.bn(x)
+        if self.bn.training:  # a child's mode, not self.training
+            return self.act(y)
+        return self.act(y) + y
+
+
+class _ReadsGradMode(_ReadsChildMode):
+    def forward(self, x):
+        y = self.bn(x)
+        if torch.is_grad_enabled():
+            return self.act(y)
+        return self.act(y) + y
+
+
+class _NoGradBetween(_ReadsChildMode):
+    def forward(self, x):
+        y = self.bn(x)
+        with torch.no_grad():
+            return self.act(y)
+
+
+class _StoresFeature(_ReadsChildMode):
+    def forward(self, x):
+        y = self.bn(x)
+        self.feature = y
+        return self.act(y)
+
+
+class _UntraceableSibling(nn.Module):
+    """b cannot be traced and holds a's ACON module, which it calls."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Sequential(nn.BatchNorm2d(3), AconC(3))
+        self.b = _DataDependentCaller(self.a[1])
+
+    def forward(self, x):
+        return self.a(x) + self.b(x)
+
+
+class _DataDependentCaller(nn.Module):
+    def __init__(self, act):
+        super().__init__()
+        self.act = act
+
+    def forward(self, x):
+        return self.act(x) if x.sum() > -1e9 else x
+
+
+@pytest.mark.parametrize(
+    "make, reason",
+    [
+        (_ReadsChildMode, "also read by add (in eval mode)"),
+        (_ReadsGradMode, "torch.is_grad_enabled"),
+        (_NoGradBetween, "uses the context manager torch.autograd.grad_mode.no_grad"),
+        (_StoresFeature, "its forward stores on the module (feature)"),
+        (_UntraceableSibling, "which holds 'a.1'"),
+    ],
+)
+def test_pairs_a_graph_does_not_show_are_left(make, reason):
+    torch.manual_seed(TEST_SEED)
+    model = make().double()
+    unfused = copy.deepcopy(model)
+    message = fuse_warning(model)
+    assert reason in message, message
+    assert fused_pairs(model) == []
+    assert "feature" not in model.__dict__  # tracing left nothing behind
+    x = torch.randn(2, 3, 4, 4, dtype=torch.float64)
+    for mode in (True, False):
+        model.train(mode)
+        unfused.train(mode)
+        torch.testing.assert_close(model(x), unfused(x))
+
+
+def test_fusing_again_checks_earlier_pairs():
+    """A submodule fused alone, whose ACON module its parent also calls on
+    something else: fusing the parent leaves the pair, unfused again."""
+    torch.manual_seed(TEST_SEED)
+    inner = nn.Sequential(nn.BatchNorm2d(3), AconC(3))
+    model = nn.Sequential(inner, inner[1]).double()
+    fuse_quietly(inner)
+    assert fused_pairs(inner) == [("0", "1")]
+    unfused = copy.deepcopy(model)
+    unfuse_batchnorm(unfused)
+    message = fuse_warning(model)
+    assert "the ACON module is also called on" in message, message
+    assert fused_pairs(model) == []
+    x = torch.randn(2, 3, 4, 4, dtype=torch.float64)
+    torch.testing.assert_close(model(x), unfused(x))
+
+
+def test_unfuse_restores_the_classes_for_model_surgery():
+    torch.manual_seed(TEST_SEED)
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4), AconC(4)).double()
+    classes = [type(m) for m in model.modules()]
+    fuse_quietly(model)
+    assert unfuse_batchnorm(model) is model
+    assert [type(m) for m in model.modules()] == classes and fused_pairs(model) == []
+    assert not any(name.startswith("_fused") for m in model.modules() for name in m.__dict__)
+    model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # surgery on the unfused model
+    assert isinstance(model[1], nn.SyncBatchNorm)
