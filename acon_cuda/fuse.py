@@ -206,10 +206,14 @@ def _batch_norm_then_acon(bn: _BatchNorm, x: Tensor, act: _Acon) -> Tensor:
     running_mean = bn.running_mean if keep_buffers else None
     running_var = bn.running_var if keep_buffers else None
     rank = x.dim()
-    if not (-rank <= act.channel_dim < rank and act.channel_dim % rank == 1):
+    if (
+        not (-rank <= act.channel_dim < rank and act.channel_dim % rank == 1)
+        or x.shape[1] != bn.num_features
+        or not x.is_floating_point()
+    ):
         # An input rank where the ACON's axis is not the channels (a
-        # BatchNorm1d fused for (N, C) input, given (N, C, L)): the two ops,
-        # as unfused.
+        # BatchNorm1d fused for (N, C) input, given (N, C, L)), or an input
+        # the BatchNorm rejects: the two ops, as unfused (and their errors).
         y = F.batch_norm(
             x, running_mean, running_var, bn.weight, bn.bias, bn_training, exponential_average_factor, bn.eps
         )
