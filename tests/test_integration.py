@@ -293,7 +293,8 @@ def supported_isas():
 @pytest.mark.parametrize("isa", supported_isas())
 def test_each_cpu_kernel_build_matches_reference(isa):
     """Each instruction-set build, forced through ATEN_CPU_CAPABILITY in a
-    fresh process, passes the reference comparison."""
+    fresh process, passes the reference comparison, and its BatchNorm-fused
+    kernels the comparison with the two ops."""
     here = os.path.dirname(os.path.abspath(__file__))
     env = dict(os.environ, ATEN_CPU_CAPABILITY=isa)
     check = (
@@ -301,23 +302,27 @@ def test_each_cpu_kernel_build_matches_reference(isa):
         f"sys.exit(0 if isa == {isa.upper()!r} else 'runs ' + isa)"
     )
     subprocess.run([sys.executable, "-c", check], env=env, check=True, timeout=120)
-    selection = "cpu and (float32 or bfloat16 or float64) and not strided and not transposed and not params"
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pytest",
-            "-q",
-            "-x",
-            "-p",
-            "no:cacheprovider",
-            os.path.join(here, "test_acon_c.py"),
-            "-k",
-            selection,
-        ],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    selections = {
+        "test_acon_c.py": "cpu and (float32 or bfloat16 or float64) and not strided and not transposed and not params",
+        "test_batch_norm_acon_c.py": "not strided and not transposed",
+    }
+    for test_file, selection in selections.items():
+        result = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "pytest",
+                "-q",
+                "-x",
+                "-p",
+                "no:cacheprovider",
+                os.path.join(here, test_file),
+                "-k",
+                selection,
+            ],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]

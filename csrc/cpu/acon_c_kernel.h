@@ -81,7 +81,7 @@ struct NormKernelArgs {
   std::array<const double*, 8> values{};
   const void* x;
   const void* grad_y; // backward only
-  void* out;          // y or grad_x; unused by the sums
+  void* out;          // y, grad_x, or dz (where the backward's sums pass stores it)
 };
 
 // One build of the CPU kernels: the acon ops' and the fused BatchNorm's.
