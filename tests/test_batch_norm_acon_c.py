@@ -265,3 +265,18 @@ def test_reference_acon_is_what_follows_batch_norm():
     y = batch_norm_acon_c(x, *[t.clone() for t in running], weight, bias, False, 0.1, 1e-5, *acon)
     z = F.batch_norm(x, *running, weight, bias, False, 0.1, 1e-5)
     torch.testing.assert_close(y, reference.acon_c(z, *acon, 1), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_opcheck(training):
+    """The ops' schemas (running statistics mutated), fake kernels and
+    autograd-free dispatch, as torch.library.opcheck checks them."""
+    x, weight, bias, running, acon = make_case((4, 5, 3, 3), "channels_last", torch.float64, True, True)
+    utils = ("test_schema", "test_faketensor", "test_aot_dispatch_dynamic")
+    forward = torch.ops.acon.batch_norm_acon_c_forward.default
+    args = (x, weight, bias, *[t.clone() for t in running], *acon, training, 0.1, 1e-5)
+    torch.library.opcheck(forward, args, test_utils=utils)
+    y, mean, invstd = forward(*args)
+    grad = torch.randn_like(y)
+    backward_args = (grad, x, weight, bias, mean, invstd, *acon, training, [True, True, True])
+    torch.library.opcheck(torch.ops.acon.batch_norm_acon_c_backward.default, backward_args, test_utils=utils)
