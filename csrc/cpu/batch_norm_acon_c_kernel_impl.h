@@ -50,7 +50,7 @@ struct NormAconCValue {
 };
 
 // The backward's first pass: ACON-C's three sums (in z) and the
-// BatchNorm's two, sum dz and sum dz * (x - mean), dz = dy * dy/dz; it
+// BatchNorm's two, sum dz and sum dz * (x - mean), dz = dy * ACON-C'(z); it
 // returns dz * p[6] for the caller to store: grad_x itself without batch
 // statistics (p[6] = scale), dz with them (p[6] = 1), which
 // NormGradFromDz then turns into grad_x in place. dz is then rounded to x's
