@@ -31,6 +31,13 @@ def assert_same(actual, expected, what="", scale=None):
     if not expected.is_floating_point():
         assert torch.equal(actual, expected), what
     elif expected.numel():
+        # A model trained on a batch of 2 can overflow in eval on some draws:
+        # then both must overflow alike, and the rest agree.
+        finite = expected.isfinite()
+        assert torch.equal(actual.isfinite(), finite), f"{what}: not finite in other places"
+        actual, expected = actual[finite], expected[finite]
+        if not expected.numel():
+            return
         scale = expected.abs().max().item() if scale is None else scale
         error = (actual - expected).abs().max().item()
         assert error <= TOL * scale, f"{what}: error {error:.3g} at scale {scale:.3g}"
