@@ -82,21 +82,16 @@ class BatchNormAconCFunction(torch.autograd.Function):
             ctx.training,
             [want_x, want_norm, want_acon],
         )
-        grad_x, grad_w, grad_b, grad_p1, grad_p2, grad_beta = grads
-        keep = lambda g, need: g if need else None  # noqa: E731
-        return (
-            keep(grad_x, needs[0]),
-            None,
-            None,
-            keep(grad_w, needs[3]),
-            keep(grad_b, needs[4]),
-            None,
-            None,
-            None,
-            keep(grad_p1, needs[8]),
-            keep(grad_p2, needs[9]),
-            keep(grad_beta, needs[10]),
-        )
+        # The op's outputs are the gradients of inputs 0, 3, 4, 8, 9, 10.
+        out = [None] * 11
+        for position, grad in zip(_GRAD_POSITIONS, grads):
+            if needs[position]:
+                out[position] = grad
+        return tuple(out)
+
+
+# Where forward's inputs x, weight, bias, p1, p2, beta stand in its argument list.
+_GRAD_POSITIONS = (0, 3, 4, 8, 9, 10)
 
 
 def _differentiable_grads(ctx, grad_y, x, weight, bias, save_mean, save_invstd, p1, p2, beta):
@@ -105,8 +100,7 @@ def _differentiable_grads(ctx, grad_y, x, weight, bias, save_mean, save_invstd, 
     again from x by differentiable ops; otherwise the saved running ones
     are constants."""
     inputs = (x, weight, bias, p1, p2, beta)
-    positions = (0, 3, 4, 8, 9, 10)
-    wanted = [i for i, pos in enumerate(positions) if ctx.needs_input_grad[pos] and inputs[i] is not None]
+    wanted = [i for i, pos in enumerate(_GRAD_POSITIONS) if ctx.needs_input_grad[pos] and inputs[i] is not None]
     shape = [1, -1] + [1] * (x.dim() - 2)
     if ctx.training:
         var, mean = torch.var_mean(x, dim=[d for d in range(x.dim()) if d != 1], unbiased=False, keepdim=True)
@@ -121,7 +115,7 @@ def _differentiable_grads(ctx, grad_y, x, weight, bias, save_mean, save_invstd, 
     got = torch.autograd.grad(y, [inputs[i] for i in wanted], grad_y, create_graph=True, allow_unused=True)
     out = [None] * 11
     for i, g in zip(wanted, got):
-        out[positions[i]] = g if g is not None else torch.zeros_like(inputs[i])
+        out[_GRAD_POSITIONS[i]] = g if g is not None else torch.zeros_like(inputs[i])
     return tuple(out)
 
 

@@ -7,7 +7,6 @@ with inputs rotated as in the op cases (op_cases.measure_case) and the
 contenders timed in interleaved blocks (timing.interleaved_medians).
 """
 
-import itertools
 import math
 
 import torch
@@ -15,7 +14,7 @@ from torch import nn
 
 import acon_cuda
 
-from .timing import input_copies, interleaved_medians, saved_bytes, wall_ms
+from .timing import input_copies, interleaved_medians, rotation, saved_bytes, warm_up
 
 # (shape, layout): ResNet-50's stage 1 both ways, a ShuffleNetV2-like narrow
 # map, and a wide 14x14 one (the BatchNorm fusion issue's cases).
@@ -64,18 +63,12 @@ def measure_batch_norm_pairs(device, rounds, budget_s, cases=PAIR_CASES):
             def both(i):
                 return lambda: torch.autograd.grad(module(xs[i]), [xs[i], *wrt], grads[i])
 
-            def rotation(make_call):
-                calls = itertools.cycle([make_call(i) for i in range(copies)])
-                return lambda: next(calls)()
-
-            return {"forward": rotation(forward), "fwd+bwd": rotation(both)}
+            return {"forward": rotation(forward, copies), "fwd+bwd": rotation(both, copies)}
 
         calls = {key: calls_for(module) for key, module in modules.items()}
-        estimate = {}
-        for key, per_mode in calls.items():
-            for mode, call in per_mode.items():
-                for _ in range(copies):
-                    estimate[(key, mode)] = wall_ms(call, device)
+        estimate = warm_up(
+            {(key, mode): call for key, per_mode in calls.items() for mode, call in per_mode.items()}, device, copies
+        )
         # The contenders' blocks in turn, per mode: their ratios are what
         # the table reports.
         ms = {key: {} for key in calls}

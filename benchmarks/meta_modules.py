@@ -3,7 +3,6 @@
 MetaAconC and nn.SiLU.
 """
 
-import itertools
 import math
 import statistics
 
@@ -12,7 +11,7 @@ import torch
 import acon_cuda
 
 from .paper import PaperMetaAconC
-from .timing import input_copies, median_ms, saved_bytes, wall_ms
+from .timing import input_copies, median_ms, rotation, saved_bytes, warm_up
 
 # Meta-ACON module cases (None: --batch): the Meta-ACON issue's sizes.
 META_SHAPES = [(None, 256, 28, 28), (None, 2048, 7, 7), (4, 64, 8, 8)]
@@ -48,14 +47,10 @@ def measure_meta_modules(device, batch, layouts, rounds, budget_s):
                 def call(i):
                     return lambda: torch.autograd.grad(module(xs[i]), [xs[i], *wrt], grads[i])
 
-                calls = itertools.cycle([call(i) for i in range(copies)])
-                return lambda: next(calls)()
+                return rotation(call, copies)
 
             calls = {key: call_for(module) for key, module in modules.items()}
-            estimate = {}
-            for key, call in calls.items():
-                for _ in range(copies):
-                    estimate[key] = wall_ms(call, device)
+            estimate = warm_up(calls, device, copies)
             times = {key: [] for key in calls}
             for _ in range(rounds):
                 for key in calls:

@@ -4,7 +4,6 @@ backward (from the forward's saved state) and forward+backward, on the
 sizes of SIZES.
 """
 
-import itertools
 import math
 import statistics
 import time
@@ -16,7 +15,7 @@ import acon_cuda
 from acon_cuda import reference
 
 from .paper import paper_acon_c
-from .timing import input_copies, median_ms, saved_bytes, wall_ms
+from .timing import input_copies, median_ms, rotation, saved_bytes, warm_up
 
 MODES = ["forward", "backward", "fwd+bwd"]
 # x-sized tensors each mode must move at least (read x, write y; read x and
@@ -95,10 +94,6 @@ def measure_case(name, layout, dtype, device, rounds, budget_s, batch):
         torch.cuda.synchronize()
     compile_s = time.perf_counter() - start
 
-    def rotation(make_call):
-        calls = itertools.cycle([make_call(i) for i in range(copies)])
-        return lambda: next(calls)()
-
     def calls_for(fn):
         # SiLU has no parameters: its backward reaches x only.
         def wrt(i):
@@ -119,19 +114,18 @@ def measure_case(name, layout, dtype, device, rounds, budget_s, batch):
         def both(i):
             return lambda: torch.autograd.grad(fn(*leaves[i], channel_dim), wrt(i), grads[i])
 
-        return {"forward": rotation(forward), "backward": rotation(backward), "fwd+bwd": rotation(both)}
+        return {
+            "forward": rotation(forward, copies),
+            "backward": rotation(backward, copies),
+            "fwd+bwd": rotation(both, copies),
+        }
 
     calls = {key: calls_for(fn) for key, fn in contenders.items()}
     buffers = [torch.empty_like(s[0]) for s in sets]
-    calls["copy"] = {"forward": rotation(lambda i: lambda: buffers[i].copy_(sets[i][0]))}
+    calls["copy"] = {"forward": rotation(lambda i: lambda: buffers[i].copy_(sets[i][0]), copies)}
 
-    # Warm-up, one call per input copy (nothing lazy is timed), which also
-    # gives each call's first time estimate.
-    estimate = {}
-    for key, per_mode in calls.items():
-        for mode, call in per_mode.items():
-            for _ in range(copies):
-                estimate[(key, mode)] = wall_ms(call, device)
+    flat = {(key, mode): call for key, per_mode in calls.items() for mode, call in per_mode.items()}
+    estimate = warm_up(flat, device, copies)
     times = {(key, mode): [] for key, per_mode in calls.items() for mode in per_mode}
     for _ in range(rounds):
         for key, mode in times:

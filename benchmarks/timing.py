@@ -5,6 +5,7 @@ returning freed memory.
 """
 
 import ctypes
+import itertools
 import math
 import platform
 import statistics
@@ -38,6 +39,23 @@ def keep_freed_memory():
     libc = ctypes.CDLL("libc.so.6")
     m_trim_threshold, m_mmap_threshold = -1, -3
     return bool(libc.mallopt(m_mmap_threshold, 1 << 30) and libc.mallopt(m_trim_threshold, 1 << 30))
+
+
+def rotation(make_call, copies):
+    """One call that runs make_call(i)'s call for i = 0, 1, ..., copies - 1,
+    0, ... in turn: each input copy in rotation."""
+    calls = itertools.cycle([make_call(i) for i in range(copies)])
+    return lambda: next(calls)()
+
+
+def warm_up(calls, device, copies):
+    """Runs each call once per input copy (nothing lazy is timed); returns
+    each call's last wall-clock ms, a first estimate for the timing."""
+    estimate = {}
+    for key, call in calls.items():
+        for _ in range(copies):
+            estimate[key] = wall_ms(call, device)
+    return estimate
 
 
 def saved_bytes(fn, inputs):

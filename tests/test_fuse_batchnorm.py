@@ -435,19 +435,22 @@ def test_unfusable_pairs_are_left_and_named_in_one_warning(with_example):
     assert_same(model(*inputs), unfused(*inputs))
 
 
+class _TwoBranches(nn.Module):
+    """Two BatchNorms and one ACON module that both branches call."""
+
+    def __init__(self):
+        super().__init__()
+        self.bn_a = nn.BatchNorm2d(3)
+        self.bn_b = nn.BatchNorm2d(3)
+        self.act = AconC(3)
+
+    def forward(self, x):
+        return self.act(self.bn_a(x)) * self.act(self.bn_b(x + 1))
+
+
 def test_shared_acon_after_two_fused_batchnorms_is_fused():
-    class TwoBranches(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.bn_a = nn.BatchNorm2d(3)
-            self.bn_b = nn.BatchNorm2d(3)
-            self.act = AconC(3)
-
-        def forward(self, x):
-            return self.act(self.bn_a(x)) * self.act(self.bn_b(x + 1))
-
     torch.manual_seed(TEST_SEED)
-    model = TwoBranches().double()
+    model = _TwoBranches().double()
     unfused = copy.deepcopy(model)
     fuse_quietly(model)
     assert fused_pairs(model) == [("bn_a", "act"), ("bn_b", "act")]
@@ -456,13 +459,7 @@ def test_shared_acon_after_two_fused_batchnorms_is_fused():
 
 
 def test_shared_acon_left_with_every_batchnorm_it_follows():
-    class TwoBranches(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.bn_a = nn.BatchNorm2d(3)
-            self.bn_b = nn.BatchNorm2d(3)
-            self.act = AconC(3)
-
+    class TwoBranches(_TwoBranches):
         def forward(self, x):
             y = self.bn_b(x)
             return self.act(self.bn_a(x)) * self.act(y) + y

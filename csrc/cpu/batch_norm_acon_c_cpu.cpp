@@ -52,10 +52,19 @@ void write_doubles(const at::Tensor& t, const Doubles& values) {
   }
 }
 
-// values rounded to the kernels' opmath precision, as the saved statistics
-// hold them: the forward and backward then see the same numbers.
-at::Tensor opmath_tensor(const Doubles& values, const at::Tensor& x) {
-  at::Tensor t = at::empty({static_cast<int64_t>(values.size())}, x.options().dtype(opmath_dtype(x)));
+// v rounded to the kernels' opmath precision (float, or double for float64 x).
+double rounded(double v, at::ScalarType opmath) {
+  return opmath == at::kFloat ? static_cast<double>(static_cast<float>(v)) : v;
+}
+
+// values rounded to opmath precision in place, and a tensor of them: the
+// saved statistics, so that the forward and backward see the same numbers.
+at::Tensor opmath_tensor(Doubles& values, const at::Tensor& x) {
+  const at::ScalarType opmath = opmath_dtype(x);
+  for (double& v : values) {
+    v = rounded(v, opmath);
+  }
+  at::Tensor t = at::empty({static_cast<int64_t>(values.size())}, x.options().dtype(opmath));
   write_doubles(t, values);
   return t;
 }
@@ -123,14 +132,13 @@ struct ChannelValues {
     const int64_t C = mean.size();
     const Doubles w = doubles_of(weight, C, 1.0), p1 = doubles_of(p1_t, C, 0.0), beta = doubles_of(beta_t, C, 0.0);
     // Rounded as the opmath arithmetic of the reference rounds them.
-    const auto round = [&](double v) { return opmath == at::kFloat ? static_cast<double>(static_cast<float>(v)) : v; };
     scale.resize(C);
     d.resize(C);
     bd.resize(C);
     for (const auto c : c10::irange(C)) {
-      scale[c] = round(w[c] * invstd[c]);
-      d[c] = round(p1[c] - p2[c]);
-      bd[c] = round(beta[c] * d[c]);
+      scale[c] = rounded(w[c] * invstd[c], opmath);
+      d[c] = rounded(p1[c] - p2[c], opmath);
+      bd[c] = rounded(beta[c] * d[c], opmath);
     }
   }
   void set_rows(NormKernelArgs& args) const {
@@ -235,8 +243,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_acon_c_forward_cpu(
     }
   }
   at::Tensor save_mean = opmath_tensor(mean, x), save_invstd = opmath_tensor(invstd, x);
-  const ChannelValues values(
-      doubles_of(save_mean, C, 0.0), doubles_of(save_invstd, C, 0.0), weight, bias, p1, p2, beta, opmath_dtype(x));
+  const ChannelValues values(mean, invstd, weight, bias, p1, p2, beta, opmath_dtype(x));
   values.set_rows(args);
   kernels.batch_norm_acon_c_forward(args);
   if (!w.out.is_same(y)) {
