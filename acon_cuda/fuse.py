@@ -41,6 +41,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_leaves
 
 from .batch_norm import batch_norm_acon_c
+from .meta_acon import batch_norm_meta_acon_c, batch_norm_meta_acon_c_serves
 from .convert import (
     _dry_run,
     _example_args,
@@ -55,7 +56,7 @@ from .modules import AconA, AconB, AconC, MetaAconC, _Acon
 
 __all__ = ["fuse_batchnorm", "fused_pairs", "unfuse_batchnorm"]
 
-_FUSABLE_ACON = (AconA, AconB, AconC)
+_FUSABLE_ACON = (AconA, AconB, AconC, MetaAconC)
 _RUN_FIRST = "pass example_input= or run a forward pass first"
 
 
@@ -205,23 +206,26 @@ def _batch_norm_then_acon(bn: _BatchNorm, x: Tensor, act: _Acon) -> Tensor:
     keep_buffers = not bn.training or bn.track_running_stats
     running_mean = bn.running_mean if keep_buffers else None
     running_var = bn.running_var if keep_buffers else None
+    norm_args = (running_mean, running_var, bn.weight, bn.bias, bn_training, exponential_average_factor, bn.eps)
     rank = x.dim()
+    meta = isinstance(act, MetaAconC)
     if (
         not (-rank <= act.channel_dim < rank and act.channel_dim % rank == 1)
         or x.shape[1] != bn.num_features
         or not x.is_floating_point()
+        or (meta and not batch_norm_meta_acon_c_serves(act, x))
     ):
         # An input rank where the ACON's axis is not the channels (a
-        # BatchNorm1d fused for (N, C) input, given (N, C, L)), or an input
-        # the BatchNorm rejects: the two ops, as unfused (and their errors).
-        y = F.batch_norm(
-            x, running_mean, running_var, bn.weight, bn.bias, bn_training, exponential_average_factor, bn.eps
-        )
+        # BatchNorm1d fused for (N, C) input, given (N, C, L)), an input
+        # the BatchNorm rejects, or a MetaAconC call the fused op does not
+        # take (another device, tracing, autocast...): the two ops, as
+        # unfused (and their errors).
+        y = F.batch_norm(x, *norm_args)
         return getattr(type(act), "_unfused_class", type(act)).forward(act, y)
+    if meta:
+        return batch_norm_meta_acon_c(act, x, *norm_args)
     p1, p2, beta = act.acon_c_parameters()
-    return batch_norm_acon_c(
-        x, running_mean, running_var, bn.weight, bn.bias, bn_training, exponential_average_factor, bn.eps, p1, p2, beta
-    )
+    return batch_norm_acon_c(x, *norm_args, p1, p2, beta)
 
 
 class _Fused:
@@ -620,13 +624,13 @@ class _Analysis:
                 f"the ACON module is already fused into {into} and returns its input, so this BatchNorm's output "
                 "is not activated: a module changed after fuse_batchnorm"
             ]
-        if isinstance(act, MetaAconC):
-            return ["MetaAconC is not fused (its beta is computed from its input)"]
         base = _acon_base(act)
         if base is None:
-            return [f"{type(act).__name__} is not an AconA, AconB or AconC"]
+            return [f"{type(act).__name__} is not an AconA, AconB, AconC or MetaAconC"]
         problems = []
-        if type(act).forward is not base.forward or type(act).acon_c_parameters is not base.acon_c_parameters:
+        # MetaAconC's parameters are its own (its beta comes from its generator).
+        same_parameters = base is MetaAconC or type(act).acon_c_parameters is base.acon_c_parameters
+        if type(act).forward is not base.forward or not same_parameters:
             problems.append(f"{type(act).__name__} overrides forward or acon_c_parameters")
         if act.width is None:
             problems.append("the ACON module is lazy (its width is not known yet): " + _RUN_FIRST)

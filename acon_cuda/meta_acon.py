@@ -50,6 +50,8 @@ from . import ops
 
 __all__ = [
     "autocast_enabled",
+    "batch_norm_meta_acon_c",
+    "batch_norm_meta_acon_c_serves",
     "has_plain_submodules",
     "meta_acon_c",
     "meta_acon_c_modules",
@@ -58,6 +60,7 @@ __all__ = [
 ]
 
 _meta_op = torch.ops.acon._meta_acon_c.default
+_batch_norm_meta_op = torch.ops.acon._batch_norm_meta_acon_c.default
 # Device types with acon kernels; others (meta: shape inference without
 # data) take the plain path, whose ops have kernels for them.
 _KERNEL_DEVICES = ("cpu", "cuda")
@@ -234,9 +237,13 @@ def meta_acon_c_modules(module, x: Tensor, cdim: int, acon_c) -> Tensor:
     return _activation(module, x, cdim, torch.sigmoid(h).flatten(1), acon_c)
 
 
-def meta_acon_c(module, x: Tensor, cdim: int) -> Tensor:
-    """The fused Meta-ACON of ``module`` (a MetaAconC) on x."""
-    if (
+def _eager_op_serves(x: Tensor) -> bool:
+    """Whether a plain eager call on x may take the ops with C++ autograd
+    nodes: tracing, transforms, export, forward-mode AD, autocast and the
+    meta device need ordinary ops; so do inference mode (the eager op's one
+    kernel is its autograd kernel, which inference mode skips) and empty
+    inputs (BatchNorm of an empty batch)."""
+    return not (
         torch.compiler.is_compiling()
         or torch._C._are_functorch_transforms_active()
         or torch.onnx.is_in_onnx_export()
@@ -246,30 +253,62 @@ def meta_acon_c(module, x: Tensor, cdim: int) -> Tensor:
         or autocast_enabled(x)
         or torch.is_inference_mode_enabled()
         or x.numel() == 0
-    ):
-        # Tracing, transforms, export, forward-mode AD, autocast and the
-        # meta device need ordinary ops; so do inference mode (the eager
-        # op's one kernel is its autograd kernel, which inference mode
-        # skips) and empty inputs (BatchNorm of an empty batch).
-        return meta_acon_c_plain(module, x, cdim, ops.acon_c)
-    # One op, whose C++ autograd node (csrc/meta_acon_c.cpp) runs the
-    # generator's ATen calls around the fused acon ops and resolves each
-    # BatchNorm's mode as batch_norm_mode does.
+    )
+
+
+def _op_args(module):
+    """The eager ops' arguments from p1 to the generator's last: p1, p2,
+    the products' weights and biases, then with norm=True the BatchNorms'
+    parameters, buffers and settings (the schema's bn1_* and bn2_*)."""
     # p1 and p2 from _parameters (fast), or as attributes where a
     # parametrization computes them.
     p1, p2 = (module._parameters.get(name) for name in ("p1", "p2"))
     if p1 is None or p2 is None:
         p1, p2 = module.p1, module.p2
+    if not module.norm:
+        return (p1, p2, *_generator_params(module))
+    w1, b1, w2, b2, g1, c1, g2, c2 = _generator_params(module)
+    _, bn1, _, bn2 = _generator_modules(module)
+    s1, s2 = bn1._buffers, bn2._buffers
+    return (
+        p1, p2, w1, b1, w2, b2,
+        g1, c1, s1.get("running_mean"), s1.get("running_var"), s1.get("num_batches_tracked"),
+        bn1.training, bn1.track_running_stats, bn1.momentum, bn1.eps,
+        g2, c2, s2.get("running_mean"), s2.get("running_var"), s2.get("num_batches_tracked"),
+        bn2.training, bn2.track_running_stats, bn2.momentum, bn2.eps,
+    )  # fmt: skip
+
+
+def meta_acon_c(module, x: Tensor, cdim: int) -> Tensor:
+    """The fused Meta-ACON of ``module`` (a MetaAconC) on x."""
+    if not _eager_op_serves(x):
+        return meta_acon_c_plain(module, x, cdim, ops.acon_c)
+    # One op, whose C++ autograd node (csrc/meta_acon_c.cpp) runs the
+    # generator's ATen calls around the fused acon ops and resolves each
+    # BatchNorm's mode as batch_norm_mode does.
+    args = _op_args(module)
     if module.norm:
-        w1, b1, w2, b2, g1, c1, g2, c2 = _generator_params(module)
-        _, bn1, _, bn2 = _generator_modules(module)
-        s1, s2 = bn1._buffers, bn2._buffers
-        return _meta_op(
-            x, p1, p2, w1, b1, w2, b2, cdim, True,
-            g1, c1, s1.get("running_mean"), s1.get("running_var"), s1.get("num_batches_tracked"),
-            bn1.training, bn1.track_running_stats, bn1.momentum, bn1.eps,
-            g2, c2, s2.get("running_mean"), s2.get("running_var"), s2.get("num_batches_tracked"),
-            bn2.training, bn2.track_running_stats, bn2.momentum, bn2.eps,
-        )  # fmt: skip
-    w1, b1, w2, b2 = _generator_params(module)
-    return _meta_op(x, p1, p2, w1, b1, w2, b2, cdim)
+        return _meta_op(x, *args[:6], cdim, True, *args[6:])
+    return _meta_op(x, *args, cdim)
+
+
+def batch_norm_meta_acon_c_serves(module, x: Tensor) -> bool:
+    """Whether :func:`batch_norm_meta_acon_c` takes x: plain eager calls on
+    CPU tensors, ``module`` with ``impl="fused"`` and plain submodules.
+    Other calls run the BatchNorm and the module apart."""
+    return _eager_op_serves(x) and x.device.type == "cpu" and module.impl == "fused" and has_plain_submodules(module)
+
+
+def batch_norm_meta_acon_c(
+    module, x: Tensor, running_mean, running_var, weight, bias, training: bool, momentum: float, eps: float
+) -> Tensor:
+    """``F.batch_norm`` of x (its arguments, resolved as nn.BatchNorm
+    resolves them), then ``module``, a MetaAconC on channel axis 1, as one
+    op (``_batch_norm_meta_acon_c``): the pairs ``fuse_batchnorm`` makes,
+    where :func:`batch_norm_meta_acon_c_serves`. Its node runs the fused
+    BatchNorm + ACON-C passes with the generator in between (its means from
+    the statistics pass, beta's gradient from the sums pass)."""
+    module._check_call(x, lazy=False, plain=True)
+    args = _op_args(module)
+    norm_args = (x, weight, bias, running_mean, running_var, training, momentum, eps)
+    return _batch_norm_meta_op(*norm_args, *args[:6], module.norm, *args[6:])

@@ -58,12 +58,16 @@ def warm_up(calls, device, copies):
     return estimate
 
 
-def saved_bytes(fn, inputs):
-    """Bytes autograd keeps for backward (distinct storages, as packed)."""
+def saved_bytes(fn, inputs, exclude=()):
+    """Bytes autograd keeps for backward (distinct storages, as packed),
+    leaving out the storages of the tensors in `exclude` (such as a model's
+    parameters, which exist whether or not a backward keeps them)."""
     seen = {}
+    excluded = {t.untyped_storage().data_ptr() for t in exclude}
 
     def pack(t):
-        seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        if t.untyped_storage().data_ptr() not in excluded:
+            seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):

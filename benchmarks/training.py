@@ -75,7 +75,7 @@ def measure_training_steps(device, steps, rounds=3):
             16,
             112,
             torch.contiguous_format,
-            ("relu", "silu", "fused", "fused_bn", "reference"),
+            ("relu", "silu", "fused", "fused_bn", "reference", "meta", "meta_bn"),
             "relu",
         ),
         (
@@ -84,7 +84,7 @@ def measure_training_steps(device, steps, rounds=3):
             32,
             160,
             torch.channels_last,
-            ("silu", "relu", "paper", "fused", "fused_bn", "paper_meta", "meta"),
+            ("silu", "relu", "paper", "fused", "fused_bn", "paper_meta", "meta", "meta_bn"),
             "relu",
         ),
     ]
@@ -94,6 +94,7 @@ def measure_training_steps(device, steps, rounds=3):
         "reference": {"impl": "reference"},
         "paper": {"new": PaperAconC},
         "meta": {"new": "meta_acon_c"},
+        "meta_bn": {"new": "meta_acon_c"},
         "paper_meta": {"new": PaperMetaAconC},
     }
     results = []
@@ -134,5 +135,6 @@ TRAINING_LABELS = {
     "relu": "ReLU (no ACON)",
     "silu": "SiLU (no ACON)",
     "meta": "MetaAconC",
+    "meta_bn": "MetaAconC, fused with BN",
     "paper_meta": "MetaAconC, paper's code",
 }

@@ -41,6 +41,20 @@ TORCH_LIBRARY(acon, m) {
       "Tensor? bn2_weight=None, Tensor? bn2_bias=None, Tensor(d!)? bn2_running_mean=None, "
       "Tensor(e!)? bn2_running_var=None, Tensor(f!)? bn2_num_batches_tracked=None, bool bn2_training=True, "
       "bool bn2_track_running_stats=True, float? bn2_momentum=0.1, float bn2_eps=1e-05) -> Tensor");
+  // Internal, eager and CPU only: a BatchNorm of x (F.batch_norm's resolved
+  // arguments, training meaning batch statistics; its running statistics
+  // updated) followed by MetaAconC on axis 1, in the fused passes
+  // (acon_cuda/fuse.py's pairs). Elsewhere the two run apart.
+  m.def(
+      "_batch_norm_meta_acon_c(Tensor x, Tensor? weight, Tensor? bias, Tensor(g!)? running_mean, "
+      "Tensor(h!)? running_var, bool training, float momentum, float eps, "
+      "Tensor p1, Tensor p2, Tensor w1, Tensor? b1, Tensor w2, Tensor? b2, bool norm=False, "
+      "Tensor? bn1_weight=None, Tensor? bn1_bias=None, Tensor(a!)? bn1_running_mean=None, "
+      "Tensor(b!)? bn1_running_var=None, Tensor(c!)? bn1_num_batches_tracked=None, bool bn1_training=True, "
+      "bool bn1_track_running_stats=True, float? bn1_momentum=0.1, float bn1_eps=1e-05, "
+      "Tensor? bn2_weight=None, Tensor? bn2_bias=None, Tensor(d!)? bn2_running_mean=None, "
+      "Tensor(e!)? bn2_running_var=None, Tensor(f!)? bn2_num_batches_tracked=None, bool bn2_training=True, "
+      "bool bn2_track_running_stats=True, float? bn2_momentum=0.1, float bn2_eps=1e-05) -> Tensor");
 
   // BatchNorm (nn.BatchNorm's forward, given its resolved arguments as
   // F.batch_norm takes them) followed by ACON-C on axis 1 with a per-channel

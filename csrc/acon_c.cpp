@@ -202,8 +202,16 @@ WorkTensors make_work_tensors(
     const at::Tensor& beta,
     int64_t channel_dim,
     const at::Tensor& grad_y) {
+  return make_work_tensors(out, x, beta.numel() != x.size(channel_dim), channel_dim, grad_y);
+}
+
+WorkTensors make_work_tensors(
+    const at::Tensor& out,
+    const at::Tensor& x,
+    bool per_sample_beta,
+    int64_t channel_dim,
+    const at::Tensor& grad_y) {
   WorkTensors w;
-  const bool per_sample_beta = beta.numel() != x.size(channel_dim);
   std::vector<int64_t> perm = memory_order(out, per_sample_beta);
   w.out = out;
   if (!is_contiguous_in_order(out, perm)) {

@@ -52,6 +52,14 @@ WorkTensors make_work_tensors(
     const at::Tensor& beta,
     int64_t channel_dim,
     const at::Tensor& grad_y = at::Tensor());
+// The same, per sample (groups = N, batch outermost) or not, before any beta
+// exists (Meta-ACON after BatchNorm generates it from a first pass over x).
+WorkTensors make_work_tensors(
+    const at::Tensor& out,
+    const at::Tensor& x,
+    bool per_sample_beta,
+    int64_t channel_dim,
+    const at::Tensor& grad_y = at::Tensor());
 
 // t's layout as groups = N samples of [outer, channels, inner], where t is
 // dense with its batch axis outermost (what empty_like gives for a dense x);

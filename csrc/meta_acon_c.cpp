@@ -9,7 +9,16 @@
 // BatchNorm's mode resolved here as nn.BatchNorm2d.forward does. The traced
 // path (meta_acon_c_plain in acon_cuda/meta_acon.py) computes the same in
 // ordinary ops.
+//
+// A second op, acon::_batch_norm_meta_acon_c, is Meta-ACON after a BatchNorm
+// of x (the pairs fuse_batchnorm makes), on the CPU: the same node runs the
+// fused BatchNorm + ACON-C passes (cpu/batch_norm_acon_c_cpu.h), whose
+// statistics pass gives the generator its means (of the BatchNorm's output)
+// and whose sums pass gives beta's gradient, with the generator in between:
+// no pass over x beyond the fused AconC pair's, and x the only x-sized
+// tensor kept.
 #include "acon_c.h"
+#include "cpu/batch_norm_acon_c_cpu.h"
 #include "meta_acon_c_generator.h"
 
 #include <torch/autograd.h>
@@ -34,6 +43,7 @@ struct PerInput {
   T x, p1, p2;
   T w1, b1, w2, b2; // fc1's and fc2's weight and bias
   T bn1_weight, bn1_bias, bn2_weight, bn2_bias;
+  T input_bn_weight, input_bn_bias; // the BatchNorm of x (_batch_norm_meta_acon_c)
 };
 
 // Pointers to the fields of `in`, a PerInput (const or not), in the order in
@@ -51,7 +61,9 @@ auto in_order(P& in) {
       &in.bn1_weight,
       &in.bn1_bias,
       &in.bn2_weight,
-      &in.bn2_bias};
+      &in.bn2_bias,
+      &in.input_bn_weight,
+      &in.input_bn_bias};
 }
 
 // Everything MetaAconCNode computes from.
@@ -60,7 +72,23 @@ struct NodeInputs {
   bool norm = false;
   BatchNormMode bn1, bn2; // unused without norm
   int64_t cdim = 1;
+  // _batch_norm_meta_acon_c: x goes through a BatchNorm first (channel axis 1).
+  bool input_bn = false;
+  BatchNormMode input_bn_mode;
 };
+
+// The BatchNorm of x as the fused CPU passes take it.
+cpu::NormArgs input_norm_args(const NodeInputs& in) {
+  const BatchNormMode& m = in.input_bn_mode;
+  return {
+      in.tensors.input_bn_weight,
+      in.tensors.input_bn_bias,
+      m.running_mean,
+      m.running_var,
+      m.use_batch_stats,
+      m.momentum,
+      m.eps};
+}
 
 // in's BatchNorms with their parameters.
 std::pair<BatchNorm, BatchNorm> batch_norms(const NodeInputs& in) {
@@ -74,6 +102,9 @@ struct GeneratorSaved {
   at::Tensor mean;         // fc1's input
   at::Tensor fc2_in;       // fc1's output, through bn1 with norm
   BatchNormSaved bn1, bn2; // undefined without norm
+  // With input_bn: the statistics it normalised x with, and each sample's
+  // mean of x minus them (cpu::NormAconCForward).
+  at::Tensor input_bn_mean, input_bn_invstd, sample_offsets;
 };
 
 // Pointers to the tensors the backward reads, in the order save and restore
@@ -88,6 +119,11 @@ auto saved_tensors(Inputs& in, Saved& s) {
        &in.bn1.running_var,
        &in.bn2.running_mean,
        &in.bn2.running_var,
+       &in.input_bn_mode.running_mean,
+       &in.input_bn_mode.running_var,
+       &s.input_bn_mean,
+       &s.input_bn_invstd,
+       &s.sample_offsets,
        &s.beta,
        &s.mean,
        &s.fc2_in,
@@ -105,7 +141,7 @@ void save(AutogradContext* ctx, NodeInputs in, const GeneratorSaved& s) {
   // without batch statistics): saved with their version, so that a later
   // forward updating them in place makes this backward raise instead of
   // using the new values.
-  for (BatchNormMode* mode : {&in.bn1, &in.bn2}) {
+  for (BatchNormMode* mode : {&in.bn1, &in.bn2, &in.input_bn_mode}) {
     if (mode->use_batch_stats) {
       mode->running_mean = mode->running_var = at::Tensor();
     }
@@ -121,6 +157,9 @@ void save(AutogradContext* ctx, NodeInputs in, const GeneratorSaved& s) {
   ctx->saved_data["bn2_use_batch_stats"] = in.bn2.use_batch_stats;
   ctx->saved_data["bn2_eps"] = in.bn2.eps;
   ctx->saved_data["cdim"] = in.cdim;
+  ctx->saved_data["input_bn"] = in.input_bn;
+  ctx->saved_data["input_bn_use_batch_stats"] = in.input_bn_mode.use_batch_stats;
+  ctx->saved_data["input_bn_eps"] = in.input_bn_mode.eps;
 }
 
 // What save kept; the BatchNorms' momentum is not among it.
@@ -139,15 +178,18 @@ std::pair<NodeInputs, GeneratorSaved> restore(AutogradContext* ctx) {
   in.bn2.use_batch_stats = ctx->saved_data["bn2_use_batch_stats"].toBool();
   in.bn2.eps = ctx->saved_data["bn2_eps"].toDouble();
   in.cdim = ctx->saved_data["cdim"].toInt();
+  in.input_bn = ctx->saved_data["input_bn"].toBool();
+  in.input_bn_mode.use_batch_stats = ctx->saved_data["input_bn_use_batch_stats"].toBool();
+  in.input_bn_mode.eps = ctx->saved_data["input_bn_eps"].toDouble();
   return {in, s};
 }
 
-// beta and what the backward reads besides the inputs.
-GeneratorSaved generate(const NodeInputs& in) {
+// beta from the (N, C) means of the activation's input, and what the
+// generator's backward reads, into s.
+void generate(const NodeInputs& in, const at::Tensor& mean, GeneratorSaved& s) {
   const PerInput<at::Tensor>& t = in.tensors;
   const auto [bn1, bn2] = batch_norms(in);
-  GeneratorSaved s;
-  s.mean = sample_channel_means(t.x, in.cdim);
+  s.mean = mean;
   const at::Tensor fc1_out = product(s.mean, t.w1.flatten(1).t(), t.b1);
   s.fc2_in = fc1_out;
   if (in.norm) {
@@ -161,7 +203,6 @@ GeneratorSaved generate(const NodeInputs& in) {
     std::tie(h, s.bn2.save_mean, s.bn2.save_invstd) = batch_norm(fc2_out, bn2);
   }
   s.beta = h.sigmoid_();
-  return s;
 }
 
 // grad_x[n, ..., c, ...] += scale * term[n, c], in place, in one
@@ -173,25 +214,23 @@ void add_sample_channel_(const at::Tensor& grad_x, const at::Tensor& term, int64
   grad_x.add_(term.view(shape), scale);
 }
 
-// The gradients `wanted` asks for (others may be computed too).
-PerInput<at::Tensor> meta_acon_c_backward(
-    const at::Tensor& grad_y,
+// The generator's backward from beta's gradient: the gradients of its
+// parameters that `wanted` asks for, into grads, and the gradient of its
+// input means (N, C) where want_means (undefined otherwise).
+at::Tensor generator_backward(
+    const at::Tensor& grad_beta,
     const NodeInputs& in,
     const GeneratorSaved& s,
-    const PerInput<bool>& wanted) {
+    const PerInput<bool>& wanted,
+    bool want_means,
+    PerInput<at::Tensor>& grads) {
   const PerInput<at::Tensor>& t = in.tensors;
   const auto [bn1, bn2] = batch_norms(in);
-  const bool want_generator = wanted.x || wanted.w1 || wanted.b1 || wanted.w2 || wanted.b2 || wanted.bn1_weight ||
-      wanted.bn1_bias || wanted.bn2_weight || wanted.bn2_bias;
-  const bool want_p = wanted.p1 || wanted.p2;
-  PerInput<at::Tensor> grads;
-  at::Tensor grad;
-  std::tie(grads.x, grads.p1, grads.p2, grad) =
-      call_acon_c_backward(grad_y, t.x, t.p1, t.p2, s.beta, in.cdim, {wanted.x, want_p || want_generator});
-  if (!want_generator) {
-    return grads;
+  if (!(want_means || wanted.w1 || wanted.b1 || wanted.w2 || wanted.b2 || wanted.bn1_weight || wanted.bn1_bias ||
+        wanted.bn2_weight || wanted.bn2_bias)) {
+    return {};
   }
-  grad = at::sigmoid_backward(grad.view(s.beta.sizes()), s.beta);
+  at::Tensor grad = at::sigmoid_backward(grad_beta.view(s.beta.sizes()), s.beta);
   if (in.norm) {
     std::tie(grad, grads.bn2_weight, grads.bn2_bias) =
         batch_norm_backward(grad, bn2, s.bn2, {true, wanted.bn2_weight, wanted.bn2_bias});
@@ -219,11 +258,56 @@ PerInput<at::Tensor> meta_acon_c_backward(
     grads.w1 = small_product_runs(grad_t, s.mean) ? product(grad_t, s.mean).view(t.w1.sizes())
                                                   : product(s.mean.t(), grad).t().view(t.w1.sizes());
   }
+  return want_means ? product(grad, t.w1.flatten(1)) : at::Tensor();
+}
+
+// The gradients `wanted` asks for (others may be computed too).
+PerInput<at::Tensor> meta_acon_c_backward(
+    const at::Tensor& grad_y,
+    const NodeInputs& in,
+    const GeneratorSaved& s,
+    const PerInput<bool>& wanted) {
+  const PerInput<at::Tensor>& t = in.tensors;
+  PerInput<at::Tensor> grads;
+  if (in.input_bn) {
+    // The fused passes call the generator's backward between their two: the
+    // means' gradient enters x's, and the BatchNorm's weight's and bias's.
+    const bool want_norm = wanted.input_bn_weight || wanted.input_bn_bias;
+    const bool want_means = wanted.x || want_norm;
+    std::tie(grads.x, grads.input_bn_weight, grads.input_bn_bias, grads.p1, grads.p2, std::ignore) =
+        cpu::batch_norm_acon_c_backward(
+            grad_y,
+            t.x,
+            t.input_bn_weight,
+            t.input_bn_bias,
+            s.input_bn_mean,
+            s.input_bn_invstd,
+            t.p1,
+            t.p2,
+            s.beta,
+            in.input_bn_mode.use_batch_stats,
+            {wanted.x, want_norm, true},
+            s.sample_offsets,
+            [&](const at::Tensor& grad_beta) {
+              return generator_backward(grad_beta, in, s, wanted, want_means, grads);
+            });
+    return grads;
+  }
+  const bool want_generator = wanted.x || wanted.w1 || wanted.b1 || wanted.w2 || wanted.b2 || wanted.bn1_weight ||
+      wanted.bn1_bias || wanted.bn2_weight || wanted.bn2_bias;
+  const bool want_p = wanted.p1 || wanted.p2;
+  at::Tensor grad_beta;
+  std::tie(grads.x, grads.p1, grads.p2, grad_beta) =
+      call_acon_c_backward(grad_y, t.x, t.p1, t.p2, s.beta, in.cdim, {wanted.x, want_p || want_generator});
+  if (!want_generator) {
+    return grads;
+  }
+  const at::Tensor grad_means = generator_backward(grad_beta, in, s, wanted, wanted.x, grads);
   if (wanted.x) {
     // The mean's gradient, the same along the reduced axes: added into the
     // acon op's dx in place, by one broadcasting pass.
     const double count = static_cast<double>(t.x.numel() / (t.x.size(0) * t.x.size(in.cdim)));
-    add_sample_channel_(grads.x, product(grad, t.w1.flatten(1)), in.cdim, 1.0 / count);
+    add_sample_channel_(grads.x, grad_means, in.cdim, 1.0 / count);
   }
   return grads;
 }
@@ -233,23 +317,22 @@ PerInput<at::Tensor> meta_acon_c_backward(
 // differentiates this, so that the gradients are differentiable.
 at::Tensor differentiable_meta_acon_c(const NodeInputs& in) {
   const PerInput<at::Tensor>& t = in.tensors;
-  const at::Tensor& x = t.x;
+  // The running statistics are saved only where used (see save).
+  const auto normalise =
+      [](const at::Tensor& v, const at::Tensor& weight, const at::Tensor& bias, const BatchNormMode& m) {
+        return at::batch_norm(v, weight, bias, m.running_mean, m.running_var, m.use_batch_stats, 0.0, m.eps, false);
+      };
+  const at::Tensor x = in.input_bn ? normalise(t.x, t.input_bn_weight, t.input_bn_bias, in.input_bn_mode) : t.x;
   const std::vector<int64_t> axes = reduced_axes(x, in.cdim);
   const at::ScalarType opmath = opmath_dtype(x);
   at::Tensor h = axes.empty() ? x : at::mean(x, axes, false, opmath).to(x.scalar_type());
-  // The running statistics are saved only where used (see save).
-  const auto normalise = [](const at::Tensor& v, const BatchNorm& bn) {
-    const BatchNormMode& m = bn.mode;
-    return at::batch_norm(v, bn.weight, bn.bias, m.running_mean, m.running_var, m.use_batch_stats, 0.0, m.eps, false);
-  };
-  const auto [bn1, bn2] = batch_norms(in);
   h = at::linear(h, t.w1.flatten(1), t.b1);
   if (in.norm) {
-    h = normalise(h, bn1);
+    h = normalise(h, t.bn1_weight, t.bn1_bias, in.bn1);
   }
   h = at::linear(h, t.w2.flatten(1), t.b2);
   if (in.norm) {
-    h = normalise(h, bn2);
+    h = normalise(h, t.bn2_weight, t.bn2_bias, in.bn2);
   }
   std::vector<int64_t> shape(x.dim(), 1);
   shape[in.cdim] = x.size(in.cdim);
@@ -271,7 +354,13 @@ variable_list autograd_inputs(const NodeInputs& in) {
       tensors.push_back(*t);
     }
   }
-  for (const at::Tensor* t : {&in.bn1.running_mean, &in.bn1.running_var, &in.bn2.running_mean, &in.bn2.running_var}) {
+  for (const at::Tensor* t :
+       {&in.bn1.running_mean,
+        &in.bn1.running_var,
+        &in.bn2.running_mean,
+        &in.bn2.running_var,
+        &in.input_bn_mode.running_mean,
+        &in.input_bn_mode.running_var}) {
     if (t->defined()) {
       tensors.push_back(*t);
     }
@@ -287,10 +376,28 @@ class MetaAconCNode : public torch::autograd::Function<MetaAconCNode> {
   // of its own: `tensors` is autograd_inputs(in), passed for their edges
   // (forward reads only their count); `in` names them.
   static at::Tensor forward(AutogradContext* ctx, at::TensorList tensors, const NodeInputs& in) {
-    const GeneratorSaved s = generate(in);
+    const PerInput<at::Tensor>& t = in.tensors;
+    GeneratorSaved s;
+    at::Tensor y;
+    if (in.input_bn) {
+      // The generator runs between the fused passes, on the means of the
+      // BatchNorm's output that the statistics pass gives.
+      const cpu::NormAconCForward out =
+          cpu::batch_norm_acon_c_forward(t.x, input_norm_args(in), t.p1, t.p2, at::Tensor(), [&](const at::Tensor& m) {
+            generate(in, m, s);
+            return s.beta;
+          });
+      y = out.y;
+      s.input_bn_mean = out.save_mean;
+      s.input_bn_invstd = out.save_invstd;
+      s.sample_offsets = out.sample_offsets;
+    } else {
+      generate(in, sample_channel_means(t.x, in.cdim), s);
+      y = call_acon_c_forward(t.x, t.p1, t.p2, s.beta, in.cdim);
+    }
     save(ctx, in, s);
     ctx->saved_data["autograd_inputs"] = static_cast<int64_t>(tensors.size());
-    return call_acon_c_forward(in.tensors.x, in.tensors.p1, in.tensors.p2, s.beta, in.cdim);
+    return y;
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
@@ -513,8 +620,10 @@ at::Tensor opt(const std::optional<at::Tensor>& t) {
   return t.value_or(at::Tensor());
 }
 
-// The _meta_acon_c schema's arguments (csrc/acon.cpp), in its order.
-at::Tensor meta_acon_c_autograd(
+// The _meta_acon_c schema's arguments (csrc/acon.cpp), in its order, after
+// the BatchNorm of x for _batch_norm_meta_acon_c (none for _meta_acon_c).
+at::Tensor meta_acon_c_node(
+    const std::optional<cpu::NormArgs>& input_bn,
     const at::Tensor& x,
     const at::Tensor& p1,
     const at::Tensor& p2,
@@ -556,7 +665,9 @@ at::Tensor meta_acon_c_autograd(
       bn_param(bn1_weight),
       bn_param(bn1_bias),
       bn_param(bn2_weight),
-      bn_param(bn2_bias)};
+      bn_param(bn2_bias),
+      input_bn ? input_bn->weight : at::Tensor(),
+      input_bn ? input_bn->bias : at::Tensor()};
   in.norm = norm;
   const BatchNormModule bn1{
       opt(bn1_running_mean),
@@ -576,6 +687,14 @@ at::Tensor meta_acon_c_autograd(
       bn2_eps};
   check_meta_acon_c_args(in.tensors, norm, bn1, bn2, channel_dim);
   in.cdim = at::maybe_wrap_dim(channel_dim, x.dim());
+  if (input_bn) {
+    TORCH_CHECK(x.is_cpu(), "_batch_norm_meta_acon_c: x is on ", x.device(), "; the fused op runs on the CPU only");
+    TORCH_CHECK_VALUE(in.cdim == 1, "_batch_norm_meta_acon_c: the channel axis must be 1, the BatchNorm's");
+    cpu::check_batch_norm_acon_c_args(x, p1, p2, at::Tensor(), *input_bn);
+    in.input_bn = true;
+    in.input_bn_mode = {
+        input_bn->running_mean, input_bn->running_var, input_bn->training, input_bn->momentum, input_bn->eps};
+  }
   if (norm) {
     in.bn1 = batch_norm_mode(bn1);
     in.bn2 = batch_norm_mode(bn2);
@@ -588,9 +707,138 @@ at::Tensor meta_acon_c_autograd(
   return MetaAconCNode::apply(at::TensorList(autograd_inputs(in)), in);
 }
 
+at::Tensor meta_acon_c_autograd(
+    const at::Tensor& x,
+    const at::Tensor& p1,
+    const at::Tensor& p2,
+    const at::Tensor& w1,
+    const std::optional<at::Tensor>& b1,
+    const at::Tensor& w2,
+    const std::optional<at::Tensor>& b2,
+    int64_t channel_dim,
+    bool norm,
+    const std::optional<at::Tensor>& bn1_weight,
+    const std::optional<at::Tensor>& bn1_bias,
+    const std::optional<at::Tensor>& bn1_running_mean,
+    const std::optional<at::Tensor>& bn1_running_var,
+    const std::optional<at::Tensor>& bn1_num_batches_tracked,
+    bool bn1_training,
+    bool bn1_track_running_stats,
+    std::optional<double> bn1_momentum,
+    double bn1_eps,
+    const std::optional<at::Tensor>& bn2_weight,
+    const std::optional<at::Tensor>& bn2_bias,
+    const std::optional<at::Tensor>& bn2_running_mean,
+    const std::optional<at::Tensor>& bn2_running_var,
+    const std::optional<at::Tensor>& bn2_num_batches_tracked,
+    bool bn2_training,
+    bool bn2_track_running_stats,
+    std::optional<double> bn2_momentum,
+    double bn2_eps) {
+  return meta_acon_c_node(
+      std::nullopt,
+      x,
+      p1,
+      p2,
+      w1,
+      b1,
+      w2,
+      b2,
+      channel_dim,
+      norm,
+      bn1_weight,
+      bn1_bias,
+      bn1_running_mean,
+      bn1_running_var,
+      bn1_num_batches_tracked,
+      bn1_training,
+      bn1_track_running_stats,
+      bn1_momentum,
+      bn1_eps,
+      bn2_weight,
+      bn2_bias,
+      bn2_running_mean,
+      bn2_running_var,
+      bn2_num_batches_tracked,
+      bn2_training,
+      bn2_track_running_stats,
+      bn2_momentum,
+      bn2_eps);
+}
+
+// The _batch_norm_meta_acon_c schema's arguments: the BatchNorm of x as
+// F.batch_norm takes it (training: batch statistics), then _meta_acon_c's
+// but channel_dim (1).
+at::Tensor batch_norm_meta_acon_c_autograd(
+    const at::Tensor& x,
+    const std::optional<at::Tensor>& weight,
+    const std::optional<at::Tensor>& bias,
+    const std::optional<at::Tensor>& running_mean,
+    const std::optional<at::Tensor>& running_var,
+    bool training,
+    double momentum,
+    double eps,
+    const at::Tensor& p1,
+    const at::Tensor& p2,
+    const at::Tensor& w1,
+    const std::optional<at::Tensor>& b1,
+    const at::Tensor& w2,
+    const std::optional<at::Tensor>& b2,
+    bool norm,
+    const std::optional<at::Tensor>& bn1_weight,
+    const std::optional<at::Tensor>& bn1_bias,
+    const std::optional<at::Tensor>& bn1_running_mean,
+    const std::optional<at::Tensor>& bn1_running_var,
+    const std::optional<at::Tensor>& bn1_num_batches_tracked,
+    bool bn1_training,
+    bool bn1_track_running_stats,
+    std::optional<double> bn1_momentum,
+    double bn1_eps,
+    const std::optional<at::Tensor>& bn2_weight,
+    const std::optional<at::Tensor>& bn2_bias,
+    const std::optional<at::Tensor>& bn2_running_mean,
+    const std::optional<at::Tensor>& bn2_running_var,
+    const std::optional<at::Tensor>& bn2_num_batches_tracked,
+    bool bn2_training,
+    bool bn2_track_running_stats,
+    std::optional<double> bn2_momentum,
+    double bn2_eps) {
+  const cpu::NormArgs input_bn{opt(weight), opt(bias), opt(running_mean), opt(running_var), training, momentum, eps};
+  return meta_acon_c_node(
+      input_bn,
+      x,
+      p1,
+      p2,
+      w1,
+      b1,
+      w2,
+      b2,
+      1,
+      norm,
+      bn1_weight,
+      bn1_bias,
+      bn1_running_mean,
+      bn1_running_var,
+      bn1_num_batches_tracked,
+      bn1_training,
+      bn1_track_running_stats,
+      bn1_momentum,
+      bn1_eps,
+      bn2_weight,
+      bn2_bias,
+      bn2_running_mean,
+      bn2_running_var,
+      bn2_num_batches_tracked,
+      bn2_training,
+      bn2_track_running_stats,
+      bn2_momentum,
+      bn2_eps);
+}
+
 } // namespace
 } // namespace acon_cuda
 
 TORCH_LIBRARY_IMPL(acon, Autograd, m) {
   m.impl("_meta_acon_c", &acon_cuda::meta_acon_c_autograd);
+  m.impl("_batch_norm_meta_acon_c", &acon_cuda::batch_norm_meta_acon_c_autograd);
 }

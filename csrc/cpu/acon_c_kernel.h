@@ -73,21 +73,25 @@ constexpr int64_t kTableAlign = 64;
 // which take per-channel values computed by their op
 // (batch_norm_acon_c_cpu.cpp) rather than parameters.
 struct NormKernelArgs {
-  ChannelLayout layout; // groups == 1: beta is per channel
+  // groups > 1 (one per sample) for Meta-ACON after BatchNorm: its beta, and
+  // the sums its generator needs, are per sample and channel.
+  ChannelLayout layout;
   at::ScalarType dtype;
   int64_t padded_channels; // as in AconCKernelArgs
   // The kernel's per-channel rows, C doubles each, in the order its element
-  // operation reads them.
+  // operation reads them; a row whose bit is set in grouped_rows holds
+  // groups * C doubles (group-major), one set of values per group.
   std::array<const double*, 8> values{};
+  uint32_t grouped_rows = 0;
   const void* x;
   const void* grad_y; // backward only
   void* out;          // y, grad_x, or dz (where the backward's sums pass stores it)
 };
 
 // One build of the CPU kernels: the acon ops' and the fused BatchNorm's.
-// The sums kernels write kSums rows of C doubles (see their element
-// operations); batch_norm_acon_c_grad_sums also stores dz * values[6] into
-// out where out is not null.
+// The sums kernels write kSums rows of C doubles per group (group-major; see
+// their element operations); batch_norm_acon_c_grad_sums also stores
+// dz * values[6] into out where out is not null.
 struct CpuKernels {
   const char* isa;
   void (*acon_c_forward)(const AconCKernelArgs&);

@@ -10,6 +10,9 @@
 //   where an output is given, the value it returns stored per element; in blocks
 //   that depend on the problem size only, each summed in a fixed order, then
 //   combined in block order: bit-identical for any thread count.
+// With groups > 1 (a sample each: Meta-ACON after BatchNorm) the values may
+// differ per group and the sums are per group and channel; no block spans
+// two groups.
 #pragma once
 
 #include "acon_c_kernel_impl.h"
@@ -100,6 +103,12 @@ inline void broadcast_values(const opmath_t* lines, int64_t c, FVec* p) {
   }
 }
 
+// How far apart the groups' sets of value lines lie (0: one set for all).
+template <int kRows>
+inline int64_t group_line_stride(const NormKernelArgs& args) {
+  return args.grouped_rows != 0 ? kRows * args.padded_channels : 0;
+}
+
 // Lanes from `first` on that are below n: where a partial vector's terms count.
 template <typename FVec>
 inline FVec lanes_below(int64_t first, int64_t n) {
@@ -127,15 +136,18 @@ void map_channels(const NormKernelArgs& args, const at::opmath_type<scalar_t>* l
     }
     L::store(out + offset, n, v);
   };
-  const int64_t rows = lay.groups * lay.outer * (I == 1 ? 1 : C);
+  const int64_t group_rows = lay.outer * (I == 1 ? 1 : C);
+  const int64_t rows = lay.groups * group_rows;
   const int64_t row_length = I == 1 ? C : I;
+  const int64_t group_stride = group_line_stride<Op::kRows>(args);
   at::parallel_for(0, rows, ceil_div(kGrainElements, row_length), [&](int64_t r0, int64_t r1) {
     FVec p[L::kNumF][Op::kRows];
     if (I == 1) { // channels innermost: the values change along the row
       for (int64_t r = r0; r < r1; ++r) {
+        const auto* group_lines = lines + r / group_rows * group_stride;
         for (int64_t c = 0; c < C; c += L::kStep) {
           for (const auto j : c10::irange(L::kNumF)) {
-            load_values<Op::kRows>(lines, c + j * L::kWidth, p[j]);
+            load_values<Op::kRows>(group_lines, c + j * L::kWidth, p[j]);
           }
           step(r * C + c, std::min(L::kStep, C - c), p);
         }
@@ -144,7 +156,7 @@ void map_channels(const NormKernelArgs& args, const at::opmath_type<scalar_t>* l
     }
     for (int64_t r = r0; r < r1; ++r) { // a run of one channel
       for (const auto j : c10::irange(L::kNumF)) {
-        broadcast_values<Op::kRows>(lines, r % C, p[j]);
+        broadcast_values<Op::kRows>(lines + r / group_rows * group_stride, r % C, p[j]);
       }
       for (int64_t i = 0; i < I; i += L::kStep) {
         step(r * I + i, std::min(L::kStep, I - i), p);
@@ -309,44 +321,52 @@ void reduce_block_channel_runs(
   }
 }
 
-// Op's kSums sums per channel, into `sums` (kSums lines of C doubles);
-// with kStore, the values its terms return into args.out.
+// Op's kSums sums per group and channel, into `sums` (kSums lines of C
+// doubles per group); with kStore, the values its terms return into args.out.
 template <typename scalar_t, typename Op, bool kStore>
 void reduce_channels(const NormKernelArgs& args, const at::opmath_type<scalar_t>* lines, double* sums) {
   using opmath_t = at::opmath_type<scalar_t>;
   const ChannelLayout& lay = args.layout;
-  TORCH_INTERNAL_ASSERT(lay.groups == 1);
-  const int64_t C = lay.channels;
+  const int64_t C = lay.channels, G = lay.groups;
   const bool channels_inner = lay.inner == 1;
+  // Units: rows of C channels, or runs of one channel; per group.
   const int64_t units = channels_inner ? lay.outer : lay.outer * C;
   const int64_t numel = lay.outer * C * lay.inner;
-  const int64_t max_blocks = std::clamp<int64_t>(kPartialBudget / (Op::kSums * C), 1, kMaxBlocks);
+  const int64_t max_blocks = std::clamp<int64_t>(kPartialBudget / (Op::kSums * C * G), 1, kMaxBlocks);
+  // Blocks per group.
   const int64_t blocks = std::clamp<int64_t>(std::min(ceil_div(numel, kBlockElements), units), 1, max_blocks);
-  double* partial = thread_scratch<double>(kPartialsSlot, blocks * Op::kSums * C);
-  std::fill(partial, partial + blocks * Op::kSums * C, 0.0);
-  at::parallel_for(0, blocks, 1, [&](int64_t kb, int64_t ke) {
+  const int64_t group_stride = group_line_stride<Op::kRows>(args);
+  const int64_t sums_size = Op::kSums * C;
+  double* partial = thread_scratch<double>(kPartialsSlot, G * blocks * sums_size);
+  std::fill(partial, partial + G * blocks * sums_size, 0.0);
+  at::parallel_for(0, G * blocks, 1, [&](int64_t kb, int64_t ke) {
     const int64_t acc_size = Op::kSums * args.padded_channels;
     opmath_t* acc = channels_inner ? thread_scratch<opmath_t>(kAccumulatorSlot, acc_size) : nullptr;
     if (channels_inner) {
       std::fill(acc, acc + acc_size, opmath_t(0));
     }
     for (int64_t k = kb; k < ke; ++k) {
-      const int64_t u0 = k * units / blocks, u1 = (k + 1) * units / blocks;
-      double* own = partial + k * Op::kSums * C;
+      const int64_t g = k / blocks, b = k % blocks;
+      const int64_t u0 = g * units + b * units / blocks, u1 = g * units + (b + 1) * units / blocks;
+      const auto* group_lines = lines + g * group_stride;
+      double* own = partial + k * sums_size;
       if (channels_inner) {
-        reduce_block_channels_inner<scalar_t, Op, kStore>(args, lines, u0, u1, acc, own);
+        reduce_block_channels_inner<scalar_t, Op, kStore>(args, group_lines, u0, u1, acc, own);
       } else {
-        reduce_block_channel_runs<scalar_t, Op, kStore>(args, lines, u0, u1, own);
+        reduce_block_channel_runs<scalar_t, Op, kStore>(args, group_lines, u0, u1, own);
       }
     }
   });
-  std::fill(sums, sums + Op::kSums * C, 0.0);
-  at::parallel_for(0, C, kGrainElements / (Op::kSums * blocks) + 1, [&](int64_t c0, int64_t c1) {
-    for (int64_t k = 0; k < blocks; ++k) {
-      const double* own = partial + k * Op::kSums * C;
-      for (const auto s : c10::irange(Op::kSums)) {
-        for (int64_t c = c0; c < c1; ++c) {
-          sums[s * C + c] += own[s * C + c];
+  std::fill(sums, sums + G * sums_size, 0.0);
+  at::parallel_for(0, C, kGrainElements / (Op::kSums * blocks * G) + 1, [&](int64_t c0, int64_t c1) {
+    for (int64_t g = 0; g < G; ++g) {
+      double* group_sums = sums + g * sums_size;
+      for (int64_t b = 0; b < blocks; ++b) {
+        const double* own = partial + (g * blocks + b) * sums_size;
+        for (const auto s : c10::irange(Op::kSums)) {
+          for (int64_t c = c0; c < c1; ++c) {
+            group_sums[s * C + c] += own[s * C + c];
+          }
         }
       }
     }
@@ -354,15 +374,23 @@ void reduce_channels(const NormKernelArgs& args, const at::opmath_type<scalar_t>
 }
 
 // The kRows per-channel rows (C doubles each) as Lines in opmath precision,
-// in the calling thread's scratch; padding zero.
+// in the calling thread's scratch, padding zero: one set, or one per group
+// (group_line_stride apart) where some rows differ per group.
 template <typename opmath_t, int kRows>
 const opmath_t* value_lines(const NormKernelArgs& args) {
   using VL = Lines<opmath_t, kRows>;
-  opmath_t* lines = thread_scratch<opmath_t>(kLinesSlot, kRows * args.padded_channels);
-  std::fill(lines, lines + kRows * args.padded_channels, opmath_t(0));
-  for (int64_t c = 0; c < args.layout.channels; ++c) {
+  const int64_t C = args.layout.channels;
+  const int64_t sets = args.grouped_rows != 0 ? args.layout.groups : 1;
+  const int64_t stride = kRows * args.padded_channels;
+  opmath_t* lines = thread_scratch<opmath_t>(kLinesSlot, sets * stride);
+  std::fill(lines, lines + sets * stride, opmath_t(0));
+  for (int64_t g = 0; g < sets; ++g) {
     for (const auto k : c10::irange(kRows)) {
-      lines[VL::index(c) + k * VL::kLine] = static_cast<opmath_t>(args.values[k][c]);
+      const double* row = args.values[k] + ((args.grouped_rows >> k) & 1 ? g * C : 0);
+      opmath_t* line = lines + g * stride + k * VL::kLine;
+      for (int64_t c = 0; c < C; ++c) {
+        line[VL::index(c)] = static_cast<opmath_t>(row[c]);
+      }
     }
   }
   return lines;
