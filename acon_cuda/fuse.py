@@ -41,7 +41,6 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_leaves
 
 from .batch_norm import batch_norm_acon_c
-from .meta_acon import batch_norm_meta_acon_c, batch_norm_meta_acon_c_serves
 from .convert import (
     _dry_run,
     _example_args,
@@ -52,6 +51,7 @@ from .convert import (
     _state_the_graph_drops,
     _TracedModel,
 )
+from .meta_acon import batch_norm_meta_acon_c, batch_norm_meta_acon_c_serves
 from .modules import AconA, AconB, AconC, MetaAconC, _Acon
 
 __all__ = ["fuse_batchnorm", "fused_pairs", "unfuse_batchnorm"]
@@ -62,8 +62,10 @@ _RUN_FIRST = "pass example_input= or run a forward pass first"
 
 def fuse_batchnorm(model: nn.Module, example_input: Any = None) -> nn.Module:
     """Makes every BatchNorm whose output goes only into an ACON module
-    (AconA, AconB or AconC) compute BatchNorm and ACON as one op
-    (``batch_norm_acon_c``); returns ``model``, changed in place.
+    (AconA, AconB, AconC or MetaAconC) compute BatchNorm and ACON as one op
+    (``batch_norm_acon_c``; for MetaAconC ``batch_norm_meta_acon_c``, whose
+    generator takes its means from the BatchNorm's statistics pass); returns
+    ``model``, changed in place.
 
     The fused modules compute the same results as before, in train and eval
     mode: outputs, gradients, running statistics and ``num_batches_tracked``
@@ -94,8 +96,8 @@ def fuse_batchnorm(model: nn.Module, example_input: Any = None) -> nn.Module:
       its ``forward`` (not ``SyncBatchNorm``, not an uninitialised lazy one),
       or timm's ``BatchNormAct2d`` whose ``act`` and ``drop`` are
       ``nn.Identity``;
-    - the ACON module is an ``AconA``, ``AconB`` or ``AconC`` (``MetaAconC``
-      is not fused) with ``impl="fused"``, as wide as the BatchNorm, whose
+    - the ACON module is an ``AconA``, ``AconB``, ``AconC`` or ``MetaAconC``
+      with ``impl="fused"``, as wide as the BatchNorm, whose
       ``channel_dim`` is the BatchNorm's channel axis 1 for every input rank
       the BatchNorm takes, or that example_input gives it (``channel_dim=-1``
       after a BatchNorm1d fits (N, C) input, not (N, C, L); a fused pair

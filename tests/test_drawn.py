@@ -10,6 +10,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 from cases import check_against_truth, empty_x, launch_plan, run_emulated
 
 pytest.importorskip("hypothesis", reason="the drawn tests need hypothesis (the test extra)")
@@ -163,3 +164,54 @@ def test_fused_batch_norm_matches_the_two_ops(data):
     for got, want in zip(run(batch_norm_acon_c), run(batch_norm_acon_c_plain)):
         scale = max(want.abs().max().item(), 1.0)
         torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10 * scale)
+
+
+@settings(max_examples=40, deadline=None)
+@given(data=st.data())
+def test_fused_batch_norm_meta_acon_c_matches_the_two(data):
+    """BatchNorm then MetaAconC in one op (batch_norm_meta_acon_c) against
+    F.batch_norm then the module, in float64: drawn rank, sizes, memory
+    order (the batch axis anywhere), modes of both and the generator's
+    norm; output, every gradient and every buffer."""
+    import copy
+
+    from acon_cuda import MetaAconC
+    from acon_cuda.meta_acon import batch_norm_meta_acon_c
+
+    rank = data.draw(st.integers(2, 5))
+    shape = [data.draw(st.integers(1, 5)) for _ in range(rank)]
+    shape[0] = data.draw(st.integers(2, 6))  # the generator's BatchNorms normalise over the batch
+    shape[1] = data.draw(st.integers(1, 40))
+    training, affine, track, norm = (data.draw(st.booleans()) for _ in range(4))
+    track = track or not training
+    order = data.draw(st.permutations(range(rank)))
+    gen = torch.Generator().manual_seed(data.draw(st.integers(0, 2**31 - 1)))
+    c = shape[1]
+    dense = torch.randn([shape[i] for i in order], generator=gen, dtype=torch.float64) * 2 + 1
+    x = dense.permute([order.index(i) for i in range(rank)])
+    weight, bias = (torch.randn(c, generator=gen, dtype=torch.float64) for _ in range(2))
+    weight, bias = (weight, bias) if affine else (None, None)
+    running = (
+        torch.randn(c, generator=gen, dtype=torch.float64),
+        torch.rand(c, generator=gen, dtype=torch.float64) + 0.5,
+    )
+    running = running if track else (None, None)
+    module = MetaAconC(c, r=2, norm=norm).double().train(training)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen, dtype=torch.float64))
+    grad = torch.randn(shape, generator=gen, dtype=torch.float64)
+
+    def run(fused):
+        m = copy.deepcopy(module)
+        leaves = [t.clone().requires_grad_() if t is not None else None for t in (x, weight, bias)]
+        stats = [t.clone() if t is not None else None for t in running]
+        args = (leaves[0], *stats, leaves[1], leaves[2], training, 0.1, 1e-5)
+        y = batch_norm_meta_acon_c(m, *args) if fused else m(F.batch_norm(*args))
+        y.backward(grad)
+        grads = [t.grad for t in leaves if t is not None] + [p.grad for p in m.parameters()]
+        return [y.detach(), *grads, *[t for t in stats if t is not None], *m.buffers()]
+
+    for got, want in zip(run(True), run(False)):
+        scale = max(want.abs().max().item(), 1.0)
+        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9 * scale)

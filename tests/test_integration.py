@@ -294,7 +294,7 @@ def supported_isas():
 def test_each_cpu_kernel_build_matches_reference(isa):
     """Each instruction-set build, forced through ATEN_CPU_CAPABILITY in a
     fresh process, passes the reference comparison, and its BatchNorm-fused
-    kernels the comparison with the two ops."""
+    kernels (with AconC and with MetaAconC) the comparison with the two."""
     here = os.path.dirname(os.path.abspath(__file__))
     env = dict(os.environ, ATEN_CPU_CAPABILITY=isa)
     check = (
@@ -305,6 +305,7 @@ def test_each_cpu_kernel_build_matches_reference(isa):
     selections = {
         "test_acon_c.py": "cpu and (float32 or bfloat16 or float64) and not strided and not transposed and not params",
         "test_batch_norm_acon_c.py": "not strided and not transposed",
+        "test_batch_norm_meta_acon_c.py": "not strided and not transposed",
     }
     for test_file, selection in selections.items():
         result = subprocess.run(

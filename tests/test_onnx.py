@@ -110,13 +110,14 @@ def test_training_still_runs_the_fused_op(tmp_path):
 
 
 @EXPORTERS
+@pytest.mark.parametrize("acon", [AconC, MetaAconC])
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
-def test_fused_batchnorm_exports_as_batch_normalization(tmp_path, layout, dynamo):
-    """A BatchNorm fused with its AconC (fuse_batchnorm) exports as the two
-    ops it computes, in standard operators (the exporter may then fold the
-    eval-mode BatchNorm into the convolution), and matches."""
+def test_fused_batchnorm_exports_as_batch_normalization(tmp_path, layout, dynamo, acon):
+    """A BatchNorm fused with its AconC or MetaAconC (fuse_batchnorm) exports
+    as the two ops it computes, in standard operators (the exporter may then
+    fold the eval-mode BatchNorm into the convolution), and matches."""
     torch.manual_seed(TEST_SEED)
-    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), AconC(8))
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), acon(8))
     model(torch.randn(4, 3, 6, 6))
     acon_cuda.fuse_batchnorm(model)
     assert acon_cuda.fused_pairs(model) == [("1", "2")]
