@@ -466,25 +466,34 @@ void elementwise_typed(const AconCKernelArgs& args) {
 template <typename opmath_t>
 using SumLines = Lines<opmath_t, 3>;
 
-// Adds the SumLines sums in `acc` to the double sums a, b and g (any of
-// them may be null: those sums stay in acc) and zeroes what it moved.
-template <typename opmath_t>
-void move_sums(opmath_t* acc, int64_t C, double* a, double* b, double* g, bool assign = false) {
-  using SL = SumLines<opmath_t>;
-  double* sinks[3] = {a, b, g};
+// Adds the kSums sums per channel in `acc` (Lines<opmath_t, kSums>) to the
+// double sums sinks[k] (C each; a null sink: that sum stays in acc), or
+// assigns them, and zeroes what it moved. Line by line, so that the inner
+// loop runs over contiguous values in both.
+template <typename opmath_t, int kSums>
+void move_line_sums(opmath_t* acc, int64_t C, double* const* sinks, bool assign = false) {
+  using SL = Lines<opmath_t, kSums>;
   for (int64_t c0 = 0; c0 < C; c0 += SL::kLine) {
     const int64_t n = std::min(SL::kLine, C - c0);
-    for (const auto k : c10::irange(3)) {
+    for (const auto k : c10::irange(kSums)) {
       if (sinks[k] == nullptr) {
         continue;
       }
       opmath_t* s = acc + SL::index(c0) + k * SL::kLine;
+      double* sink = sinks[k] + c0;
       for (int64_t i = 0; i < n; ++i) {
-        sinks[k][c0 + i] = (assign ? 0.0 : sinks[k][c0 + i]) + s[i];
+        sink[i] = (assign ? 0.0 : sink[i]) + s[i];
         s[i] = opmath_t(0);
       }
     }
   }
+}
+
+// The SumLines sums into a, b and g (any of them may be null).
+template <typename opmath_t>
+void move_sums(opmath_t* acc, int64_t C, double* a, double* b, double* g, bool assign = false) {
+  double* sinks[3] = {a, b, g};
+  move_line_sums<opmath_t, 3>(acc, C, sinks, assign);
 }
 
 // Adds the a, b and g terms of the kWidth channels from c on to `acc`.
