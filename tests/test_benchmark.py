@@ -169,6 +169,14 @@ def test_meta_floor_script_runs(capsys):
     assert "floor (sum of the parts)" in capsys.readouterr().out
 
 
+def test_batch_norm_parts_script_runs(capsys):
+    from benchmarks.probes import batch_norm_parts
+
+    ms = batch_norm_parts.main(["--shape", "2,8,3,3", "--seconds", "0.01"])
+    assert all(t > 0 for t in ms.values())
+    assert "BatchNorm + ReLU, fwd+bwd" in capsys.readouterr().out
+
+
 def test_meta_acon_module_cases_run(monkeypatch):
     from benchmarks import meta_modules, report
 

@@ -5,6 +5,8 @@ each measures what one decision in the code rests on, and runs as
 - ``meta_floor``: what Meta-ACON must cost beyond ACON-C, part by part;
 - ``small_products``: Meta-ACON's small products, our CPU loops against ATen;
 - ``batchnorm_layouts``: what mixed memory layouts cost BatchNorm's backward;
+- ``batch_norm_parts``: the fused BatchNorm + AconC pair's passes beside
+  BatchNorm + ReLU's, on one shape;
 - ``per_call``: the host cost of one call on a tiny tensor;
 - ``compute_floor``: the ops' cost per element against SiLU's, cache-hot on
   one thread, per CPU kernel build;

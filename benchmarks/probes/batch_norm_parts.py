@@ -29,7 +29,8 @@ import argparse
 import torch
 
 import acon_cuda
-from benchmarks.timing import interleaved_medians, keep_freed_memory, rotation, warm_up
+
+from ..timing import interleaved_medians, keep_freed_memory, rotation, warm_up
 
 COPIES = 4  # rotated inputs
 
