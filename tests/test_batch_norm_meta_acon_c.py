@@ -190,6 +190,7 @@ def test_sums_do_not_depend_on_threads(layout):
         (lambda a: a.update(training=False, running_mean=None, running_var=None), "running_mean"),
         (lambda a: a.update(x=torch.randn(2, 3).int()), "x must be"),
         (lambda a: a.update(p2=torch.zeros(4)), "p2"),
+        (lambda a: a.update(x=torch.randn(1, 3, 1)), "more than 1 value per channel"),
     ],
 )
 def test_bad_arguments_raise_before_any_state_changes(change, match):

@@ -267,6 +267,10 @@ void check_batch_norm_acon_c_args(
   TORCH_CHECK_VALUE(
       norm.training || (norm.running_mean.defined() && norm.running_var.defined()),
       "batch_norm_acon_c: running_mean and running_var are needed without batch statistics (training=False)");
+  TORCH_CHECK_VALUE(
+      !norm.training || x.numel() == 0 || x.numel() > x.size(1),
+      "batch_norm_acon_c: expected more than 1 value per channel when training, got input size ",
+      x.sizes());
 }
 
 NormAconCForward batch_norm_acon_c_forward(
@@ -303,9 +307,7 @@ NormAconCForward batch_norm_acon_c_forward(
     moments.out = nullptr; // sums only
     kernels.batch_norm_moments(moments, sums.data());
   }
-  if (norm.training) {
-    TORCH_CHECK_VALUE(
-        M > 1, "batch_norm_acon_c: expected more than 1 value per channel when training, got input size ", x.sizes());
+  if (norm.training) { // M > 1: check_batch_norm_acon_c_args
     const Doubles su = group_totals(sums, G, 2 * C, 0, C), su2 = group_totals(sums, G, 2 * C, 1, C);
     Doubles var(C);
     for (const auto c : c10::irange(C)) {

@@ -32,8 +32,9 @@ using MeansGradFromBetaGrad = std::function<at::Tensor(const at::Tensor& grad_be
 
 // The checks of the fused forward (errors name the argument), before any
 // state changes: x, p1, p2 as acon_c on axis 1, beta per channel (undefined:
-// generated), the BatchNorm's per-channel tensors, and running statistics
-// where training is false.
+// generated), the BatchNorm's per-channel tensors, running statistics
+// where training is false, and more than one value per channel where it is
+// true.
 void check_batch_norm_acon_c_args(
     const at::Tensor& x,
     const at::Tensor& p1,
