@@ -115,7 +115,8 @@ void check_channel_beta(const at::Tensor& x, const at::Tensor& beta) {
       x.size(1),
       "), got shape ",
       beta.sizes(),
-      "; a per-sample beta (Meta-ACON) is not fused");
+      "; Meta-ACON's per-sample beta is fused by fusing a MetaAconC module (fuse_batchnorm), whose op generates "
+      "it between the passes");
 }
 
 // The values every op reads: d = p1 - p2, p2 and bd = beta * d (ACON-C's),
