@@ -210,6 +210,34 @@ def run_emulated(gpu):
     return run
 
 
+# BatchNorm fused with ACON (test_batch_norm_acon_c.py, test_batch_norm_meta_acon_c.py):
+# (N, C, *spatial): ranks 2 to 5, odd sizes, C = 1, one value per sample
+# and channel, C wider than a vector and not a multiple of one, runs shorter
+# than a vector, and some large enough for several reduction blocks.
+BATCH_NORM_SHAPES = [
+    (3, 5),
+    (257, 70),
+    (3, 5, 7),
+    (2, 3, 5, 7),
+    (2, 3, 4, 5, 3),
+    (4, 1, 3, 3),
+    (5, 7, 1, 1),
+    (5, 67, 3, 37),
+    (8, 19, 33, 35),
+    (4, 150, 9, 37),
+]
+BATCH_NORM_LAYOUTS = ["contiguous", "channels_last", "strided", "transposed"]
+# (training, affine, track_running_stats) as nn.BatchNorm resolves them:
+# batch statistics with and without running ones, and running ones alone.
+BATCH_NORM_MODES = [
+    (True, True, True),
+    (True, False, False),
+    (False, True, True),
+    (False, False, True),
+    (True, True, False),
+]
+
+
 # The launch plan's fields, as torch.ops.acon._acon_c_cuda_launch_plan lists
 # them for each kernel of a call (csrc/cuda/acon_c_launch.h).
 PLAN_FIELDS = ["kind", "grid", "threads", "items", "teams_per_block", "most_items", "busy_permille", "lanes"]

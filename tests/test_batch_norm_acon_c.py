@@ -6,32 +6,15 @@ import itertools
 import pytest
 import torch
 import torch.nn.functional as F
+from cases import BATCH_NORM_LAYOUTS as LAYOUTS
+from cases import BATCH_NORM_MODES as MODES
+from cases import BATCH_NORM_SHAPES as SHAPES
 from cases import make_x
 from torch.autograd.graph import saved_tensors_hooks
 
 from acon_cuda import reference
 from acon_cuda.batch_norm import BatchNormAconCFunction, batch_norm_acon_c, batch_norm_acon_c_plain
 from acon_cuda.testing import assert_as_accurate
-
-# (N, C, *spatial): ranks 2 to 5, odd sizes, C = 1, one value per sample
-# and channel, C wider than a vector and not a multiple of one, runs shorter
-# than a vector, and some large enough for several reduction blocks.
-SHAPES = [
-    (3, 5),
-    (257, 70),
-    (3, 5, 7),
-    (2, 3, 5, 7),
-    (2, 3, 4, 5, 3),
-    (4, 1, 3, 3),
-    (5, 7, 1, 1),
-    (5, 67, 3, 37),
-    (8, 19, 33, 35),
-    (4, 150, 9, 37),
-]
-LAYOUTS = ["contiguous", "channels_last", "strided", "transposed"]
-# (training, affine, track_running_stats) as nn.BatchNorm resolves them:
-# batch statistics with and without running ones, and running ones alone.
-MODES = [(True, True, True), (True, False, False), (False, True, True), (False, False, True), (True, True, False)]
 
 
 def make_case(shape, layout, dtype, affine, track, param_dtype=None, seed=0):

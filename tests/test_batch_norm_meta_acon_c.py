@@ -7,8 +7,10 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
+from cases import BATCH_NORM_LAYOUTS as LAYOUTS
+from cases import BATCH_NORM_MODES as MODES
+from cases import BATCH_NORM_SHAPES as SHAPES
 from cases import make_x
-from test_batch_norm_acon_c import LAYOUTS, MODES, SHAPES
 from torch.autograd.graph import saved_tensors_hooks
 
 from acon_cuda import MetaAconC
