@@ -156,11 +156,16 @@ void map_channels(const NormKernelArgs& args, const at::opmath_type<scalar_t>* l
   const int64_t rows = lay.groups * group_rows;
   const int64_t row_length = I == 1 ? C : I;
   const int64_t group_stride = group_line_stride<Op::kRows>(args);
+  // Row r's value lines: no division per row unless they differ per group
+  // (a run of a 7x7 map is a few vectors).
+  const auto lines_of_row = [&](int64_t r) {
+    return group_stride == 0 ? lines : lines + r / group_rows * group_stride;
+  };
   at::parallel_for(0, rows, ceil_div(kGrainElements, row_length), [&](int64_t r0, int64_t r1) {
     FVec p[L::kNumF][Op::kRows];
     if (I == 1) { // channels innermost: the values change along the row
       for (int64_t r = r0; r < r1; ++r) {
-        const auto* group_lines = lines + r / group_rows * group_stride;
+        const auto* group_lines = lines_of_row(r);
         for (int64_t c = 0; c < C; c += L::kStep) {
           for (const auto j : c10::irange(L::kNumF)) {
             load_values<Op::kRows>(group_lines, c + j * L::kWidth, p[j]);
@@ -172,7 +177,7 @@ void map_channels(const NormKernelArgs& args, const at::opmath_type<scalar_t>* l
     }
     for (int64_t r = r0; r < r1; ++r) { // a run of one channel
       for (const auto j : c10::irange(L::kNumF)) {
-        broadcast_values<Op::kRows>(lines + r / group_rows * group_stride, r % C, p[j]);
+        broadcast_values<Op::kRows>(lines_of_row(r), r % C, p[j]);
       }
       for (int64_t i = 0; i < I; i += L::kStep) {
         step(r * I + i, std::min(L::kStep, I - i), p);
