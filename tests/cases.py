@@ -10,13 +10,16 @@ from acon_cuda.testing import DTYPES, ROUNDING, TOLERANCES, opmath_dtype
 # Logical (N, C, *spatial) shapes: odd sizes, C = 1, spatial size 1, ranks
 # 2 to 5, empty batch, empty spatial axis, no channels, C wider than a vector
 # and not a multiple of one, C = 64 (exactly four AVX-512 float vectors: the
-# widest rows whose sums stay in registers), (N, C) features with more rows
+# widest rows whose sums stay in registers), channels-innermost rows wide
+# enough to go in pairs (forward and backward), an odd number of them,
+# (N, C) features with more rows
 # than one flush and an odd count, and some large enough for several
 # reduction blocks and threads, also with fewer samples than blocks (a
 # per-sample beta's sums then come from several blocks).
 SHAPES = [
     (2, 3),
     (6, 1100),
+    (3, 1500, 1, 3),
     (257, 300),
     (3, 5, 7),
     (2, 3, 5, 7),

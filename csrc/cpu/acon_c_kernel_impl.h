@@ -10,6 +10,7 @@
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
+#include <c10/macros/Macros.h>
 #include <c10/util/irange.h>
 
 #include <algorithm>
@@ -62,7 +63,7 @@ struct Lanes {
   static constexpr int64_t kWidth = FVec::size();
   static constexpr int kNumF = kStep / kWidth;
 
-  static void load(const scalar_t* p, int64_t n, FVec* out) {
+  C10_ALWAYS_INLINE static void load(const scalar_t* p, int64_t n, FVec* out) {
     const SVec v = n == kStep ? SVec::loadu(p) : SVec::loadu(p, n);
     if constexpr (kNumF == 1) {
       out[0] = v;
@@ -71,7 +72,7 @@ struct Lanes {
     }
   }
 
-  static void store(scalar_t* p, int64_t n, const FVec* in) {
+  C10_ALWAYS_INLINE static void store(scalar_t* p, int64_t n, const FVec* in) {
     SVec v;
     if constexpr (kNumF == 1) {
       v = in[0];
@@ -101,20 +102,20 @@ struct Lanes {
 // kernels; on AVX2 / AVX-512 the hardware reciprocal estimate plus one Newton
 // step is within a unit or two in the last place of float.
 template <typename V>
-inline V reciprocal_of_one_plus(const V& t) {
+C10_ALWAYS_INLINE V reciprocal_of_one_plus(const V& t) {
   return V(1) / (V(1) + t);
 }
 
 #if defined(CPU_CAPABILITY_AVX512)
 template <>
-inline Vectorized<float> reciprocal_of_one_plus(const Vectorized<float>& t) {
+C10_ALWAYS_INLINE Vectorized<float> reciprocal_of_one_plus(const Vectorized<float>& t) {
   const __m512 a = _mm512_add_ps(_mm512_set1_ps(1.f), t);
   const __m512 r = _mm512_rcp14_ps(a);
   return _mm512_mul_ps(r, _mm512_fnmadd_ps(a, r, _mm512_set1_ps(2.f)));
 }
 #elif defined(CPU_CAPABILITY_AVX2)
 template <>
-inline Vectorized<float> reciprocal_of_one_plus(const Vectorized<float>& t) {
+C10_ALWAYS_INLINE Vectorized<float> reciprocal_of_one_plus(const Vectorized<float>& t) {
   const __m256 a = _mm256_add_ps(_mm256_set1_ps(1.f), t);
   const __m256 r = _mm256_rcp_ps(a);
   return _mm256_mul_ps(r, _mm256_fnmadd_ps(a, r, _mm256_set1_ps(2.f)));
@@ -129,7 +130,7 @@ inline Vectorized<float> reciprocal_of_one_plus(const Vectorized<float>& t) {
 // result is 0 (2^n would not be normal), as exp_u20 gives; NaN stays NaN
 // (max returns its second operand when one is NaN).
 template <typename V>
-inline V exp_of_nonpositive(const V& v) {
+C10_ALWAYS_INLINE V exp_of_nonpositive(const V& v) {
   return v.exp_u20();
 }
 
@@ -146,7 +147,7 @@ constexpr float kC1 = 0.999999701f, kC2 = 0.499991506f, kC3 = 0.166676521f, kC4 
 
 #if defined(CPU_CAPABILITY_AVX512)
 template <>
-inline Vectorized<float> exp_of_nonpositive(const Vectorized<float>& v) {
+C10_ALWAYS_INLINE Vectorized<float> exp_of_nonpositive(const Vectorized<float>& v) {
   using namespace exp_constants;
   const __m512 x = _mm512_max_ps(_mm512_set1_ps(kLnFltMin), v);
   const __m512 k = _mm512_fmadd_ps(x, _mm512_set1_ps(kLog2e), _mm512_set1_ps(kRound));
@@ -163,7 +164,7 @@ inline Vectorized<float> exp_of_nonpositive(const Vectorized<float>& v) {
 }
 #elif defined(CPU_CAPABILITY_AVX2)
 template <>
-inline Vectorized<float> exp_of_nonpositive(const Vectorized<float>& v) {
+C10_ALWAYS_INLINE Vectorized<float> exp_of_nonpositive(const Vectorized<float>& v) {
   using namespace exp_constants;
   const __m256 x = _mm256_max_ps(_mm256_set1_ps(kLnFltMin), v);
   const __m256 k = _mm256_fmadd_ps(x, _mm256_set1_ps(kLog2e), _mm256_set1_ps(kRound));
@@ -180,38 +181,62 @@ inline Vectorized<float> exp_of_nonpositive(const Vectorized<float>& v) {
 }
 #endif
 
+// r where u >= 0, q elsewhere (and where u is NaN). at::vec's blendv takes
+// its mask as a vector, which on AVX-512 costs a conversion from the
+// compare's mask register and one back: the blend here takes the mask
+// register itself.
+template <typename V>
+C10_ALWAYS_INLINE V where_nonnegative(const V& u, const V& r, const V& q) {
+  return V::blendv(q, r, u >= V(0));
+}
+
+#if defined(CPU_CAPABILITY_AVX512)
+template <>
+C10_ALWAYS_INLINE Vectorized<float> where_nonnegative(
+    const Vectorized<float>& u,
+    const Vectorized<float>& r,
+    const Vectorized<float>& q) {
+  return _mm512_mask_blend_ps(_mm512_cmp_ps_mask(u, _mm512_setzero_ps(), _CMP_GE_OQ), q, r);
+}
+#endif
+
 // S = sigmoid(u) and W = S * (1 - S), from t = exp(-|u|), which never
 // overflows: no inf/inf, and 1 - S = sigmoid(-u) without cancellation. At
 // u = -inf this gives S = 0 exactly (and S = 1 at +inf), as torch.sigmoid
 // does.
 template <typename V>
-inline void sigmoid_and_slope(const V& u, V& s, V& w) {
+C10_ALWAYS_INLINE void sigmoid_and_slope(const V& u, V& s, V& w) {
   const V t = exp_of_nonpositive(u | V(-0.0)); // exp(-|u|): the sign bit set
   const V r = reciprocal_of_one_plus(t);       // sigmoid(|u|)
   const V q = t * r;                           // sigmoid(-|u|)
-  const V nonneg = u >= V(0);
-  s = V::blendv(q, r, nonneg);
+  s = where_nonnegative(u, r, q);
   w = r * q; // sigmoid(u) * sigmoid(-u) for either sign
 }
 
 // y = d*x*S + p2*x with u = bd*x, written x*(d*S + p2) like the reference.
 template <typename V>
-inline V acon_c_value(const V& x, const V& d, const V& p2, const V& bd) {
+C10_ALWAYS_INLINE V acon_c_value(const V& x, const V& d, const V& p2, const V& bd) {
   V s, w;
   sigmoid_and_slope(bd * x, s, w);
   return x * at::vec::fmadd(d, s, p2);
 }
 
-// dx and the three per-element terms of the parameter sums (docs/math.md).
-// Where only dx is used, the compiler drops the rest. a = b * h and g =
-// g_left * g_right are also kept as factors: add_to takes each into its sum
-// in one fused multiply-add (the products are then dead code).
+// dx and the three per-element terms of the parameter sums (docs/math.md):
+// a = b * h, b, and g = g_left * g_right. Kept as factors, so add_to takes a
+// and g into their sums in one fused multiply-add each, and the struct holds
+// no more vectors than the compiler keeps in registers (with a and g as
+// fields too, GCC kept it on the stack: four stores per vector).
 template <typename V>
 struct AconCGrad {
-  V dx, a, b, g;
-  V h, g_left, g_right;
+  V dx, b, h, g_left, g_right;
 
-  void add_to(V& sum_a, V& sum_b, V& sum_g) const {
+  V a() const {
+    return b * h;
+  }
+  V g() const {
+    return g_left * g_right;
+  }
+  C10_ALWAYS_INLINE void add_to(V& sum_a, V& sum_b, V& sum_g) const {
     sum_a = at::vec::fmadd(b, h, sum_a);
     sum_b = sum_b + b;
     sum_g = at::vec::fmadd(g_left, g_right, sum_g);
@@ -219,7 +244,7 @@ struct AconCGrad {
 };
 
 template <typename V>
-inline AconCGrad<V> acon_c_grad(const V& x, const V& dy, const V& d, const V& p2, const V& bd) {
+C10_ALWAYS_INLINE AconCGrad<V> acon_c_grad(const V& x, const V& dy, const V& d, const V& p2, const V& bd) {
   const V u = bd * x;
   V s, w;
   sigmoid_and_slope(u, s, w);
@@ -228,20 +253,19 @@ inline AconCGrad<V> acon_c_grad(const V& x, const V& dy, const V& d, const V& p2
   const V b = dy * x;
   const V dxd = d * x;
   // (d*x) * ((d*x)*S*(1-S)): no (d*x)^2 that could overflow on its own.
-  const V g_left = dy * dxd, g_right = dxd * w;
-  return {dy * at::vec::fmadd(d, h, p2), b * h, b, g_left * g_right, h, g_left, g_right};
+  return {dy * at::vec::fmadd(d, h, p2), b, h, dy * dxd, dxd * w};
 }
 
 // y (forward), or dx alone (kGrad: a backward that wants no parameter sums).
 template <bool kGrad, typename V>
-inline V acon_c_elementwise(const V& x, const V& dy, const V& d, const V& p2, const V& bd);
+C10_ALWAYS_INLINE V acon_c_elementwise(const V& x, const V& dy, const V& d, const V& p2, const V& bd);
 
 // d, p2 and bd = beta * d (rounded as the reference rounds it) of the kWidth
 // channels from c on; `count` of them are real channels (beta is not padded).
 template <typename FVec, typename opmath_t>
 struct ChannelParams {
   FVec d, p2, bd;
-  ChannelParams(const opmath_t* lines, const opmath_t* beta, int64_t c, int64_t count) {
+  C10_ALWAYS_INLINE ChannelParams(const opmath_t* lines, const opmath_t* beta, int64_t c, int64_t count) {
     using PL = ParamLines<opmath_t>;
     const opmath_t* p = lines + PL::index(c);
     d = FVec::loadu(p);
@@ -250,7 +274,7 @@ struct ChannelParams {
     bd = b * d;
   }
   // The same values in every lane: channel c alone (rows of one channel).
-  static ChannelParams broadcast(const opmath_t* lines, const opmath_t* beta, int64_t c) {
+  C10_ALWAYS_INLINE static ChannelParams broadcast(const opmath_t* lines, const opmath_t* beta, int64_t c) {
     using PL = ParamLines<opmath_t>;
     const opmath_t* p = lines + PL::index(c);
     return ChannelParams(FVec(p[0]), FVec(p[PL::kLine]), FVec(beta[c] * p[0]));
@@ -284,7 +308,7 @@ struct TypedArgs {
 };
 
 template <bool kGrad, typename V>
-inline V acon_c_elementwise(const V& x, const V& dy, const V& d, const V& p2, const V& bd) {
+C10_ALWAYS_INLINE V acon_c_elementwise(const V& x, const V& dy, const V& d, const V& p2, const V& bd) {
   if constexpr (kGrad) {
     return acon_c_grad(x, dy, d, p2, bd).dx;
   } else {
@@ -294,7 +318,7 @@ inline V acon_c_elementwise(const V& x, const V& dy, const V& d, const V& p2, co
 
 // Loads the x (and, for kGrad, dy) of n elements at `offset`.
 template <typename scalar_t, bool kGrad>
-inline void load_inputs(
+C10_ALWAYS_INLINE void load_inputs(
     const TypedArgs<scalar_t>& a,
     int64_t offset,
     int64_t n,
@@ -306,27 +330,68 @@ inline void load_inputs(
   }
 }
 
-// Elementwise pass (forward, or dx alone) over rows [r0, r1) of group g,
-// channels innermost (inner == 1).
-template <typename scalar_t, bool kGrad>
-void elementwise_rows_channels_inner(const AconCKernelArgs& args, int64_t g, int64_t r0, int64_t r1) {
+// Channels-innermost passes read (and the backward updates) a few opmath
+// values per channel and row: parameter lines, beta, and the backward's sums.
+// Where those of one row take more than kRowValuesBytes, they would not stay
+// in the L1 cache beside the data streams from row to row, so the passes take
+// rows in pairs and read (and update) each vector of them once per pair.
+// Narrower rows go one at a time: two rows' streams interleaved cost the
+// CPU's prefetching more than the values' reloads (on a Zen 4, AVX-512
+// build, one thread, from memory: the backward in pairs 1.5x single rows at
+// C = 256 and 512, the same at 768 and 1024, 0.85x at 2048 and 4096; the
+// forward in pairs 0.7x single rows at C = 2048 and 4096). Four rows at a
+// time measured 1.5-2x slower than pairs: more streams than the L1 cache
+// keeps apart when rows are 4 KB multiples apart.
+constexpr int64_t kRowValuesBytes = 16 << 10;
+
+template <typename opmath_t>
+bool rows_in_pairs(int64_t C, int64_t values_per_channel) {
+  return C * values_per_channel * static_cast<int64_t>(sizeof(opmath_t)) > kRowValuesBytes;
+}
+
+// Elementwise pass (forward, or dx alone) over kRows rows from row r,
+// channels innermost (inner == 1), beta the rows' group's.
+template <typename scalar_t, bool kGrad, int kRows>
+C10_ALWAYS_INLINE void elementwise_channels_inner_rows(
+    const TypedArgs<scalar_t>& a,
+    const at::opmath_type<scalar_t>* beta,
+    int64_t r) {
   using L = Lanes<scalar_t>;
   using opmath_t = typename L::opmath_t;
   using FVec = typename L::FVec;
-  const TypedArgs<scalar_t> a(args);
   const int64_t C = a.C;
-  const opmath_t* beta = a.beta + g * C;
-  for (int64_t r = r0; r < r1; ++r) {
-    for (int64_t c = 0; c < C; c += L::kStep) {
-      const int64_t n = std::min(L::kStep, C - c);
-      FVec v[L::kNumF], dyv[L::kNumF];
-      load_inputs<scalar_t, kGrad>(a, r * C + c, n, v, dyv);
-      for (const auto j : c10::irange(L::kNumF)) {
-        const ChannelParams<FVec, opmath_t> p(a.lines, beta, c + j * L::kWidth, n - j * L::kWidth);
-        v[j] = acon_c_elementwise<kGrad>(v[j], dyv[j], p.d, p.p2, p.bd);
-      }
-      L::store(a.out + r * C + c, n, v);
+  for (int64_t c = 0; c < C; c += L::kStep) {
+    const int64_t n = std::min(L::kStep, C - c);
+    FVec v[kRows][L::kNumF], dyv[kRows][L::kNumF];
+    for (const auto q : c10::irange(kRows)) {
+      load_inputs<scalar_t, kGrad>(a, (r + q) * C + c, n, v[q], dyv[q]);
     }
+    for (const auto j : c10::irange(L::kNumF)) {
+      const ChannelParams<FVec, opmath_t> p(a.lines, beta, c + j * L::kWidth, n - j * L::kWidth);
+      for (const auto q : c10::irange(kRows)) {
+        v[q][j] = acon_c_elementwise<kGrad>(v[q][j], dyv[q][j], p.d, p.p2, p.bd);
+      }
+    }
+    for (const auto q : c10::irange(kRows)) {
+      L::store(a.out + (r + q) * C + c, n, v[q]);
+    }
+  }
+}
+
+// The same over rows [r0, r1) of group g: d, p2 and beta are read per row.
+template <typename scalar_t, bool kGrad>
+void elementwise_rows_channels_inner(const AconCKernelArgs& args, int64_t g, int64_t r0, int64_t r1) {
+  using opmath_t = at::opmath_type<scalar_t>;
+  const TypedArgs<scalar_t> a(args);
+  const opmath_t* beta = a.beta + g * a.C;
+  int64_t r = r0;
+  if (rows_in_pairs<opmath_t>(a.C, 3)) {
+    for (; r + 2 <= r1; r += 2) {
+      elementwise_channels_inner_rows<scalar_t, kGrad, 2>(a, beta, r);
+    }
+  }
+  for (; r < r1; ++r) {
+    elementwise_channels_inner_rows<scalar_t, kGrad, 1>(a, beta, r);
   }
 }
 
@@ -498,7 +563,7 @@ void move_sums(opmath_t* acc, int64_t C, double* a, double* b, double* g, bool a
 
 // Adds the a, b and g terms of the kWidth channels from c on to `acc`.
 template <typename FVec, typename opmath_t>
-inline void add_to_sums(opmath_t* acc, int64_t c, const FVec& a, const FVec& b, const FVec& g) {
+C10_ALWAYS_INLINE void add_to_sums(opmath_t* acc, int64_t c, const FVec& a, const FVec& b, const FVec& g) {
   using SL = SumLines<opmath_t>;
   opmath_t* s = acc + SL::index(c);
   (FVec::loadu(s) + a).store(s);
@@ -566,7 +631,7 @@ void backward_narrow_rows(
 // The n elements at channel c of kRows rows of C channels: x and dy loaded
 // (load_rows), dx stored where it is wanted (store_rows).
 template <typename scalar_t, int kRows>
-inline void load_rows(
+C10_ALWAYS_INLINE void load_rows(
     const scalar_t* x,
     const scalar_t* dy,
     int64_t C,
@@ -581,7 +646,7 @@ inline void load_rows(
 }
 
 template <typename scalar_t, int kRows>
-inline void store_rows(
+C10_ALWAYS_INLINE void store_rows(
     scalar_t* dx,
     int64_t C,
     int64_t c,
@@ -596,9 +661,10 @@ inline void store_rows(
 
 // Backward over kRows rows of C channels (channels innermost), any C: each
 // vector of parameters is loaded, and each vector of sums in `acc`
-// (SumLines) updated, once for the kRows rows. (Channel tiles run over many
-// rows would keep both in registers, but rows a multiple of 4 KB apart alias
-// in the L1 cache: that measured 3-4x slower than this.)
+// (SumLines) updated, once for the kRows rows; the terms are added onto the
+// sums as loaded (no add of a register total to them). (Channel tiles run
+// over many rows would keep both in registers, but rows a multiple of 4 KB
+// apart alias in the L1 cache: that measured 3-4x slower than this.)
 template <typename scalar_t, int kRows>
 void backward_wide_rows(
     const scalar_t* x,
@@ -611,6 +677,7 @@ void backward_wide_rows(
   using L = Lanes<scalar_t>;
   using opmath_t = typename L::opmath_t;
   using FVec = typename L::FVec;
+  using SL = SumLines<opmath_t>;
   for (int64_t c = 0; c < C; c += L::kStep) {
     const int64_t n = std::min(L::kStep, C - c);
     FVec xv[kRows][L::kNumF], dyv[kRows][L::kNumF];
@@ -618,13 +685,16 @@ void backward_wide_rows(
     for (const auto j : c10::irange(L::kNumF)) {
       const int64_t cj = c + j * L::kWidth;
       const ChannelParams<FVec, opmath_t> p(lines, beta, cj, n - j * L::kWidth);
-      FVec sa(0), sb(0), sg(0);
+      opmath_t* s = acc + SL::index(cj);
+      FVec sa = FVec::loadu(s), sb = FVec::loadu(s + SL::kLine), sg = FVec::loadu(s + 2 * SL::kLine);
       for (const auto q : c10::irange(kRows)) {
         const auto grad = acon_c_grad(xv[q][j], dyv[q][j], p.d, p.p2, p.bd);
         xv[q][j] = grad.dx;
         grad.add_to(sa, sb, sg);
       }
-      add_to_sums(acc, cj, sa, sb, sg);
+      sa.store(s);
+      sb.store(s + SL::kLine);
+      sg.store(s + 2 * SL::kLine);
     }
     store_rows<scalar_t, kRows>(dx, C, c, n, xv);
   }
@@ -666,9 +736,9 @@ void backward_sample_rows(
         sb = sb + grad.b;
         // count <= 0: lanes past C (16-bit rows of under kWidth channels).
         if (count == FVec::size()) {
-          grad.g.store(g_out[q] + cj);
+          grad.g().store(g_out[q] + cj);
         } else if (count > 0) {
-          grad.g.store(g_out[q] + cj, count);
+          grad.g().store(g_out[q] + cj, count);
         }
       }
       opmath_t* s = acc + SL::index(cj);
@@ -769,14 +839,14 @@ void backward_block_channels_inner(
             narrow(std::integral_constant<int, kNarrowChunks>());
         }
       } else {
-        // Pairs of rows: four measured 1.5-2x slower (more streams than the
-        // L1 cache keeps apart when rows are 4 KB multiples apart).
+        // d, p2, beta and the three sums per channel (rows_in_pairs).
+        const bool pairs = rows_in_pairs<opmath_t>(C, 6);
         int64_t r = 0;
-        for (; r + 2 <= rows; r += 2) {
+        for (; pairs && r + 2 <= rows; r += 2) {
           backward_wide_rows<scalar_t, 2>(
               a.x + offset + r * C, a.dy + offset + r * C, dx == nullptr ? nullptr : dx + r * C, C, a.lines, beta, acc);
         }
-        if (r < rows) {
+        for (; r < rows; ++r) {
           backward_wide_rows<scalar_t, 1>(
               a.x + offset + r * C, a.dy + offset + r * C, dx == nullptr ? nullptr : dx + r * C, C, a.lines, beta, acc);
         }
@@ -855,19 +925,20 @@ void backward_block_channel_runs(
           L::load(a.x + r * I + i, n, xv);
           L::load(a.dy + r * I + i, n, dyv);
           for (const auto j : c10::irange(L::kNumF)) {
-            auto grad = acon_c_grad(xv[j], dyv[j], p.d, p.p2, p.bd);
+            const auto grad = acon_c_grad(xv[j], dyv[j], p.d, p.p2, p.bd);
             xv[j] = grad.dx;
+            FVec ta = grad.a(), tb = grad.b, tg = grad.g();
             if (n < (j + 1) * L::kWidth) {
               // The lanes past the run hold zeros, whose terms are not all
               // zero (0 * inf with an infinite beta): left out.
               const FVec valid = FVec::arange(static_cast<opmath_t>(j * L::kWidth), 1) < FVec(static_cast<opmath_t>(n));
-              grad.a = FVec::blendv(FVec(0), grad.a, valid);
-              grad.b = FVec::blendv(FVec(0), grad.b, valid);
-              grad.g = FVec::blendv(FVec(0), grad.g, valid);
+              ta = FVec::blendv(FVec(0), ta, valid);
+              tb = FVec::blendv(FVec(0), tb, valid);
+              tg = FVec::blendv(FVec(0), tg, valid);
             }
-            acc_a[j] = acc_a[j] + grad.a;
-            acc_b[j] = acc_b[j] + grad.b;
-            acc_g[j] = acc_g[j] + grad.g;
+            acc_a[j] = acc_a[j] + ta;
+            acc_b[j] = acc_b[j] + tb;
+            acc_g[j] = acc_g[j] + tg;
           }
           if (a.out != nullptr) {
             L::store(a.out + r * I + i, n, xv);
@@ -924,12 +995,13 @@ void backward_block_channel_runs(
             FVec::blendv(after.bd, here.bd, mine));
         xv[j] = grad.dx;
         const FVec own = FVec::blendv(FVec(0), valid, mine);
-        acc_a[j] = acc_a[j] + FVec::blendv(FVec(0), grad.a, own);
+        const FVec ta = grad.a(), tg = grad.g();
+        acc_a[j] = acc_a[j] + FVec::blendv(FVec(0), ta, own);
         acc_b[j] = acc_b[j] + FVec::blendv(FVec(0), grad.b, own);
-        acc_g[j] = acc_g[j] + FVec::blendv(FVec(0), grad.g, own);
-        next_a[j] = next_a[j] + FVec::blendv(FVec(0), grad.a, theirs);
+        acc_g[j] = acc_g[j] + FVec::blendv(FVec(0), tg, own);
+        next_a[j] = next_a[j] + FVec::blendv(FVec(0), ta, theirs);
         next_b[j] = next_b[j] + FVec::blendv(FVec(0), grad.b, theirs);
-        next_g[j] = next_g[j] + FVec::blendv(FVec(0), grad.g, theirs);
+        next_g[j] = next_g[j] + FVec::blendv(FVec(0), tg, theirs);
       }
       if (a.out != nullptr) {
         L::store(a.out + f, n, xv);
