@@ -256,6 +256,13 @@ C10_ALWAYS_INLINE AconCGrad<V> acon_c_grad(const V& x, const V& dy, const V& d, 
   return {dy * at::vec::fmadd(d, h, p2), b, h, dy * dxd, dxd * w};
 }
 
+// Asks the CPU to fetch the cache line `bytes` past p. The address is formed
+// in integer arithmetic: it may lie past the end of p's tensor (a prefetch
+// never faults), where pointer arithmetic would be undefined.
+C10_ALWAYS_INLINE void prefetch_bytes_past(const void* p, int64_t bytes) {
+  __builtin_prefetch(reinterpret_cast<const void*>(reinterpret_cast<uintptr_t>(p) + static_cast<uintptr_t>(bytes)));
+}
+
 // y (forward), or dx alone (kGrad: a backward that wants no parameter sums).
 template <bool kGrad, typename V>
 C10_ALWAYS_INLINE V acon_c_elementwise(const V& x, const V& dy, const V& d, const V& p2, const V& bd);
@@ -363,6 +370,17 @@ C10_ALWAYS_INLINE void elementwise_channels_inner_rows(
   for (int64_t c = 0; c < C; c += L::kStep) {
     const int64_t n = std::min(L::kStep, C - c);
     FVec v[kRows][L::kNumF], dyv[kRows][L::kNumF];
+    // Pairs prefetch the next pair, as load_rows does (the forward at C = 2048
+    // and 4096, one thread, from memory: 1.3x F.silu's time without, 1.0x with).
+    if constexpr (kRows > 1) {
+      const int64_t ahead = kRows * C * static_cast<int64_t>(sizeof(scalar_t));
+      for (const auto q : c10::irange(kRows)) {
+        prefetch_bytes_past(a.x + (r + q) * C + c, ahead);
+        if constexpr (kGrad) {
+          prefetch_bytes_past(a.dy + (r + q) * C + c, ahead);
+        }
+      }
+    }
     for (const auto q : c10::irange(kRows)) {
       load_inputs<scalar_t, kGrad>(a, (r + q) * C + c, n, v[q], dyv[q]);
     }
@@ -629,8 +647,13 @@ void backward_narrow_rows(
 }
 
 // The n elements at channel c of kRows rows of C channels: x and dy loaded
-// (load_rows), dx stored where it is wanted (store_rows).
-template <typename scalar_t, int kRows>
+// (load_rows), dx stored where it is wanted (store_rows). With kPrefetch,
+// load_rows also prefetches the same cache line of the next kRows rows (a
+// vector step is one cache line): rows read in pairs are two interleaved
+// streams, which the CPU's own prefetching follows less well than one (on a
+// Zen 4, AVX-512 build, one thread, from memory, the prefetch made the
+// backward 10-20% faster at C = 768, 1024 and 2048, and no slower at 4096).
+template <typename scalar_t, int kRows, bool kPrefetch = false>
 C10_ALWAYS_INLINE void load_rows(
     const scalar_t* x,
     const scalar_t* dy,
@@ -639,6 +662,13 @@ C10_ALWAYS_INLINE void load_rows(
     int64_t n,
     typename Lanes<scalar_t>::FVec (*xv)[Lanes<scalar_t>::kNumF],
     typename Lanes<scalar_t>::FVec (*dyv)[Lanes<scalar_t>::kNumF]) {
+  if constexpr (kPrefetch) {
+    const int64_t ahead = kRows * C * static_cast<int64_t>(sizeof(scalar_t));
+    for (const auto q : c10::irange(kRows)) {
+      prefetch_bytes_past(x + q * C + c, ahead);
+      prefetch_bytes_past(dy + q * C + c, ahead);
+    }
+  }
   for (const auto q : c10::irange(kRows)) {
     Lanes<scalar_t>::load(x + q * C + c, n, xv[q]);
     Lanes<scalar_t>::load(dy + q * C + c, n, dyv[q]);
@@ -681,7 +711,7 @@ void backward_wide_rows(
   for (int64_t c = 0; c < C; c += L::kStep) {
     const int64_t n = std::min(L::kStep, C - c);
     FVec xv[kRows][L::kNumF], dyv[kRows][L::kNumF];
-    load_rows<scalar_t, kRows>(x, dy, C, c, n, xv, dyv);
+    load_rows<scalar_t, kRows, (kRows > 1)>(x, dy, C, c, n, xv, dyv);
     for (const auto j : c10::irange(L::kNumF)) {
       const int64_t cj = c + j * L::kWidth;
       const ChannelParams<FVec, opmath_t> p(lines, beta, cj, n - j * L::kWidth);

@@ -114,7 +114,7 @@ constexpr int64_t kPrefetchBytes = 1024;
 
 template <typename T>
 inline void prefetch_ahead(const T* p) {
-  __builtin_prefetch(reinterpret_cast<const char*>(p) + kPrefetchBytes);
+  prefetch_bytes_past(p, kPrefetchBytes);
 }
 
 // How far apart the groups' sets of value lines lie (0: one set for all).
