@@ -263,6 +263,21 @@ C10_ALWAYS_INLINE void prefetch_bytes_past(const void* p, int64_t bytes) {
   __builtin_prefetch(reinterpret_cast<const void*>(reinterpret_cast<uintptr_t>(p) + static_cast<uintptr_t>(bytes)));
 }
 
+// For kRows rows of C channels from `row` taken together (in pairs), the
+// cache line at channel c of the next kRows rows (a vector step is one cache
+// line). Rows read in pairs are two interleaved streams, which the CPU's own
+// prefetching follows less well than one: on a Zen 4, AVX-512 build, one
+// thread, from memory, this made the backward 10-20% faster at C = 768, 1024
+// and 2048 (no slower at 4096), and the forward at 2048 and 4096 went from
+// 1.3x F.silu's time to 1.0x. Single rows gained nothing from it.
+template <int kRows, typename scalar_t>
+C10_ALWAYS_INLINE void prefetch_next_rows(const scalar_t* row, int64_t C, int64_t c) {
+  const int64_t ahead = kRows * C * static_cast<int64_t>(sizeof(scalar_t));
+  for (const auto q : c10::irange(kRows)) {
+    prefetch_bytes_past(row + q * C + c, ahead);
+  }
+}
+
 // y (forward), or dx alone (kGrad: a backward that wants no parameter sums).
 template <bool kGrad, typename V>
 C10_ALWAYS_INLINE V acon_c_elementwise(const V& x, const V& dy, const V& d, const V& p2, const V& bd);
@@ -370,15 +385,10 @@ C10_ALWAYS_INLINE void elementwise_channels_inner_rows(
   for (int64_t c = 0; c < C; c += L::kStep) {
     const int64_t n = std::min(L::kStep, C - c);
     FVec v[kRows][L::kNumF], dyv[kRows][L::kNumF];
-    // Pairs prefetch the next pair, as load_rows does (the forward at C = 2048
-    // and 4096, one thread, from memory: 1.3x F.silu's time without, 1.0x with).
     if constexpr (kRows > 1) {
-      const int64_t ahead = kRows * C * static_cast<int64_t>(sizeof(scalar_t));
-      for (const auto q : c10::irange(kRows)) {
-        prefetch_bytes_past(a.x + (r + q) * C + c, ahead);
-        if constexpr (kGrad) {
-          prefetch_bytes_past(a.dy + (r + q) * C + c, ahead);
-        }
+      prefetch_next_rows<kRows>(a.x + r * C, C, c);
+      if constexpr (kGrad) {
+        prefetch_next_rows<kRows>(a.dy + r * C, C, c);
       }
     }
     for (const auto q : c10::irange(kRows)) {
@@ -648,11 +658,7 @@ void backward_narrow_rows(
 
 // The n elements at channel c of kRows rows of C channels: x and dy loaded
 // (load_rows), dx stored where it is wanted (store_rows). With kPrefetch,
-// load_rows also prefetches the same cache line of the next kRows rows (a
-// vector step is one cache line): rows read in pairs are two interleaved
-// streams, which the CPU's own prefetching follows less well than one (on a
-// Zen 4, AVX-512 build, one thread, from memory, the prefetch made the
-// backward 10-20% faster at C = 768, 1024 and 2048, and no slower at 4096).
+// load_rows also prefetches the next kRows rows (prefetch_next_rows).
 template <typename scalar_t, int kRows, bool kPrefetch = false>
 C10_ALWAYS_INLINE void load_rows(
     const scalar_t* x,
@@ -663,11 +669,8 @@ C10_ALWAYS_INLINE void load_rows(
     typename Lanes<scalar_t>::FVec (*xv)[Lanes<scalar_t>::kNumF],
     typename Lanes<scalar_t>::FVec (*dyv)[Lanes<scalar_t>::kNumF]) {
   if constexpr (kPrefetch) {
-    const int64_t ahead = kRows * C * static_cast<int64_t>(sizeof(scalar_t));
-    for (const auto q : c10::irange(kRows)) {
-      prefetch_bytes_past(x + q * C + c, ahead);
-      prefetch_bytes_past(dy + q * C + c, ahead);
-    }
+    prefetch_next_rows<kRows>(x, C, c);
+    prefetch_next_rows<kRows>(dy, C, c);
   }
   for (const auto q : c10::irange(kRows)) {
     Lanes<scalar_t>::load(x + q * C + c, n, xv[q]);
@@ -842,6 +845,8 @@ void backward_block_channels_inner(
   // Rows of at most kNarrow channels keep parameters and sums in registers.
   constexpr int kNarrowChunks = kMaxRegisterVectors / L::kNumF;
   constexpr int64_t kNarrow = kNarrowChunks * L::kStep;
+  // Wider rows: d, p2, beta and the three sums per channel (rows_in_pairs).
+  const bool pairs = rows_in_pairs<opmath_t>(C, 6);
   int64_t pending = 0;
   for (int64_t g = g0; g < g1; ++g) {
     const opmath_t* beta = a.beta + g * C;
@@ -869,8 +874,6 @@ void backward_block_channels_inner(
             narrow(std::integral_constant<int, kNarrowChunks>());
         }
       } else {
-        // d, p2, beta and the three sums per channel (rows_in_pairs).
-        const bool pairs = rows_in_pairs<opmath_t>(C, 6);
         int64_t r = 0;
         for (; pairs && r + 2 <= rows; r += 2) {
           backward_wide_rows<scalar_t, 2>(
