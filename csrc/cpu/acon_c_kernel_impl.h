@@ -229,17 +229,18 @@ C10_ALWAYS_INLINE V acon_c_value(const V& x, const V& d, const V& p2, const V& b
 // a = b * h, b, and g = g_left * g_right. Kept as factors, so add_to takes a
 // and g into their sums in one fused multiply-add each, and the struct holds
 // no more vectors than the compiler keeps in registers (with a and g as
-// fields too, GCC kept it on the stack: four stores per vector). add_to reads
-// b and h through copies: read as fields, GCC 12 still stored both to the
-// stack on every vector, stores nothing ever loaded.
+// fields too, GCC kept it on the stack: four stores per vector). b and h are
+// read through copies: read as fields, GCC 12 still stored both to the stack
+// on every vector, stores that nothing ever loaded.
 template <typename V>
 struct AconCGrad {
   V dx, b, h, g_left, g_right;
 
-  V a() const {
-    return b * h;
+  C10_ALWAYS_INLINE V a() const {
+    const V bb = b, hh = h;
+    return bb * hh;
   }
-  V g() const {
+  C10_ALWAYS_INLINE V g() const {
     return g_left * g_right;
   }
   C10_ALWAYS_INLINE void add_to(V& sum_a, V& sum_b, V& sum_g) const {
@@ -1156,10 +1157,6 @@ void backward_block_channel_runs(
     const auto params_after = [&](int64_t r, const Params& here) {
       return r + 1 < r_end ? Params::broadcast(a.lines, beta, channel_after(c)) : here;
     };
-    FVec next_a[L::kNumF], next_b[L::kNumF], next_g[L::kNumF];
-    clear(next_a);
-    clear(next_b);
-    clear(next_g);
     Params here = Params::broadcast(a.lines, beta, c);
     Params after = params_after(r_begin, here);
     const int64_t end = r_end * I;
@@ -1179,9 +1176,12 @@ void backward_block_channel_runs(
           L::store(a.out + f, L::kStep, xv);
         }
       }
-      if (f < row_end) {
-        // The vector from row r into row r + 1; past the range's end (n)
-        // its lanes count for neither row.
+      // The vector from row r into row r + 1, if any: its lanes of row r
+      // go to row r's sums, the others start row r + 1's (none past the
+      // range's end, n).
+      FVec next_a[L::kNumF], next_b[L::kNumF], next_g[L::kNumF];
+      const bool straddles = f < row_end;
+      if (straddles) {
         const int64_t n = std::min(L::kStep, end - f), in_row = row_end - f;
         FVec xv[L::kNumF], dyv[L::kNumF];
         L::load(a.x + f, n, xv);
@@ -1200,9 +1200,9 @@ void backward_block_channel_runs(
           mine.add(acc_a[j], ta);
           mine.add(acc_b[j], grad.b);
           mine.add(acc_g[j], tg);
-          theirs.add(next_a[j], ta);
-          theirs.add(next_b[j], grad.b);
-          theirs.add(next_g[j], tg);
+          next_a[j] = theirs.select(ta, FVec(0));
+          next_b[j] = theirs.select(grad.b, FVec(0));
+          next_g[j] = theirs.select(tg, FVec(0));
         }
         if (a.out != nullptr) {
           L::store(a.out + f, n, xv);
@@ -1210,14 +1210,13 @@ void backward_block_channel_runs(
         f += L::kStep;
       }
       end_row();
-      for (const auto j : c10::irange(L::kNumF)) {
-        acc_a[j] = next_a[j];
-        acc_b[j] = next_b[j];
-        acc_g[j] = next_g[j];
+      if (straddles) {
+        for (const auto j : c10::irange(L::kNumF)) {
+          acc_a[j] = next_a[j];
+          acc_b[j] = next_b[j];
+          acc_g[j] = next_g[j];
+        }
       }
-      clear(next_a);
-      clear(next_b);
-      clear(next_g);
       c = channel_after(c);
       here = after;
       after = params_after(r + 1, here);
