@@ -1225,6 +1225,20 @@ void backward_block_channel_runs(
   }
 }
 
+// dst[i] += src[i], i < n, in vectors (the compiler would not vectorize the
+// loop: dst and src might overlap). Each element is one addition, so the
+// result is the same as the loop's.
+void add_into(double* dst, const double* src, int64_t n) {
+  using DVec = Vectorized<double>;
+  int64_t i = 0;
+  for (; i + DVec::size() <= n; i += DVec::size()) {
+    (DVec::loadu(dst + i) + DVec::loadu(src + i)).store(dst + i);
+  }
+  for (; i < n; ++i) {
+    dst[i] += src[i];
+  }
+}
+
 template <typename scalar_t>
 void backward_typed(const AconCKernelArgs& args) {
   using opmath_t = at::opmath_type<scalar_t>;
@@ -1292,12 +1306,10 @@ void backward_typed(const AconCKernelArgs& args) {
       // beta (whole_groups is false then), and to the single row otherwise.
       // (sum_g is null with grad_beta: no offset taken from it then.)
       double* g_row = g_direct ? nullptr : lay.per_sample_beta ? args.sum_g + (k / splits) * C : args.sum_g;
-      for (int64_t c = c0; c < c1; ++c) {
-        args.sum_a[c] += own[c];
-        args.sum_b[c] += own[C + c];
-        if (!g_direct) {
-          g_row[c] += own[2 * C + c];
-        }
+      add_into(args.sum_a + c0, own + c0, c1 - c0);
+      add_into(args.sum_b + c0, own + C + c0, c1 - c0);
+      if (!g_direct) {
+        add_into(g_row + c0, own + 2 * C + c0, c1 - c0);
       }
     }
   });
