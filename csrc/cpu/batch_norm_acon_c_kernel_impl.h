@@ -381,9 +381,7 @@ void reduce_channels(const NormKernelArgs& args, const at::opmath_type<scalar_t>
       for (int64_t b = 0; b < blocks; ++b) {
         const double* own = partial + (g * blocks + b) * sums_size;
         for (const auto s : c10::irange(Op::kSums)) {
-          for (int64_t c = c0; c < c1; ++c) {
-            group_sums[s * C + c] += own[s * C + c];
-          }
+          add_into(group_sums + s * C + c0, own + s * C + c0, c1 - c0);
         }
       }
     }
