@@ -236,10 +236,6 @@ template <typename V>
 struct AconCGrad {
   V dx, b, h, g_left, g_right;
 
-  C10_ALWAYS_INLINE V a() const {
-    const V bb = b, hh = h;
-    return bb * hh;
-  }
   C10_ALWAYS_INLINE V g() const {
     return g_left * g_right;
   }
@@ -248,6 +244,14 @@ struct AconCGrad {
     sum_a = at::vec::fmadd(bb, hh, sum_a);
     sum_b = sum_b + bb;
     sum_g = at::vec::fmadd(g_left, g_right, sum_g);
+  }
+  // The same, in the lanes of `lanes` (a LaneRange) only.
+  template <typename Lanes>
+  C10_ALWAYS_INLINE void add_to(const Lanes& lanes, V& sum_a, V& sum_b, V& sum_g) const {
+    const V bb = b, hh = h;
+    lanes.fmadd(sum_a, bb, hh);
+    lanes.add(sum_b, bb);
+    lanes.fmadd(sum_g, g_left, g_right);
   }
 };
 
@@ -923,6 +927,10 @@ struct LaneRange {
   C10_ALWAYS_INLINE void add(V& sum, const V& term) const {
     sum = sum + V::blendv(V(0), term, mask);
   }
+  // sum += x * y in these lanes.
+  C10_ALWAYS_INLINE void fmadd(V& sum, const V& x, const V& y) const {
+    add(sum, x * y);
+  }
 };
 
 #if defined(CPU_CAPABILITY_AVX512)
@@ -939,6 +947,9 @@ struct LaneRange<Vectorized<float>> {
   }
   C10_ALWAYS_INLINE void add(Vectorized<float>& sum, const Vectorized<float>& term) const {
     sum = _mm512_mask_add_ps(sum, mask, sum, term);
+  }
+  C10_ALWAYS_INLINE void fmadd(Vectorized<float>& sum, const Vectorized<float>& x, const Vectorized<float>& y) const {
+    sum = _mm512_mask3_fmadd_ps(x, y, sum, mask);
   }
 };
 #endif
@@ -1132,9 +1143,7 @@ void backward_block_channel_runs(
             // The lanes past the run hold zeros, whose terms are not all
             // zero (0 * inf with an infinite beta): left out.
             const LaneRange<FVec> valid(j * L::kWidth, 0, n);
-            valid.add(acc_a[j], grad.a());
-            valid.add(acc_b[j], grad.b);
-            valid.add(acc_g[j], grad.g());
+            grad.add_to(valid, acc_a[j], acc_b[j], acc_g[j]);
           }
           if (a.out != nullptr) {
             L::store(a.out + r * I + i, n, xv);
@@ -1196,13 +1205,9 @@ void backward_block_channel_runs(
               mine.select(here.p2, after.p2),
               mine.select(here.bd, after.bd));
           xv[j] = grad.dx;
-          const FVec ta = grad.a(), tg = grad.g();
-          mine.add(acc_a[j], ta);
-          mine.add(acc_b[j], grad.b);
-          mine.add(acc_g[j], tg);
-          next_a[j] = theirs.select(ta, FVec(0));
-          next_b[j] = theirs.select(grad.b, FVec(0));
-          next_g[j] = theirs.select(tg, FVec(0));
+          grad.add_to(mine, acc_a[j], acc_b[j], acc_g[j]);
+          next_a[j] = next_b[j] = next_g[j] = FVec(0);
+          grad.add_to(theirs, next_a[j], next_b[j], next_g[j]);
         }
         if (a.out != nullptr) {
           L::store(a.out + f, n, xv);
