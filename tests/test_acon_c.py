@@ -64,6 +64,25 @@ def test_extreme_magnitudes(device, dtype):
     assert all(torch.isfinite(g).all() for g in grads)
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).replace("torch.", ""))
+@pytest.mark.parametrize("channels_last", [False, True], ids=["runs", "channels_last"])
+def test_degenerate_channels(device, dtype, channels_last):
+    """p1 = p2 (d = 0), beta = 0, and a d so small that (d*x)^2 underflows:
+    the CPU kernels multiply G by d^2 once per channel (docs/math.md, The beta
+    term), which must give dbeta = 0 for d = 0 and the truth elsewhere."""
+    tiny = {torch.float16: 1e-4, torch.bfloat16: 1e-20, torch.float32: 1e-20, torch.float64: 1e-160}[dtype]
+    x = (torch.randn(2, 4, 5, 7, dtype=torch.float64) * 3).to(dtype)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    x = x.to(device)
+    p1 = torch.tensor([0.75, 1.0, tiny, 2.0], dtype=torch.float64).to(dtype).to(device)
+    p2 = torch.tensor([0.75, -0.5, 0.0, 0.5], dtype=torch.float64).to(dtype).to(device)
+    beta = torch.tensor([1.5, 0.0, 1.0, 1.0], dtype=torch.float64).to(dtype).to(device)
+    _, grads = check_against_truth(x, p1, p2, beta, 1)
+    assert grads[3][0].item() == 0.0
+    assert all(torch.isfinite(g).all() for g in grads)
+
+
 def test_derivative_limits(device):
     """As u -> +inf dy/dx -> p1; as u -> -inf, dy/dx -> p2 (docs/math.md, Gradients)."""
     x = torch.tensor([[-60.0, 60.0]], dtype=torch.float64, device=device).requires_grad_()

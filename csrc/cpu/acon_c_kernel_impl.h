@@ -127,12 +127,14 @@ C10_ALWAYS_INLINE Vectorized<float> reciprocal_of_one_plus(const Vectorized<floa
 #endif
 
 // exp(v) for v <= 0 (the sigmoid's exp(-|u|)), as ATen's exp_u20 computes
-// it (the same reduction to [-ln2/2, ln2/2] and polynomial) in 12
+// it (the same reduction to [-ln2/2, ln2/2] and polynomial) in 11
 // instructions instead of 19: no overflow side to clamp, and one
 // fused multiply-add rounds v * log2(e) to an integer n and leaves n + 127
 // in the low mantissa bits, which a shift makes 2^n. Below ln(FLT_MIN) the
-// result is 0 (2^n would not be normal), as exp_u20 gives; NaN stays NaN
-// (max returns its second operand when one is NaN).
+// result is 0 (2^n would not be normal), as exp_u20 gives: the final
+// multiply zeroes those lanes, whatever the steps before gave there (v is
+// not clamped first: for v = -inf they give NaN). NaN stays NaN (the
+// compare keeps unordered lanes).
 template <typename V>
 C10_ALWAYS_INLINE V exp_of_nonpositive(const V& v) {
   return v.exp_u20();
@@ -153,10 +155,9 @@ constexpr float kC1 = 0.999999701f, kC2 = 0.499991506f, kC3 = 0.166676521f, kC4 
 template <>
 C10_ALWAYS_INLINE Vectorized<float> exp_of_nonpositive(const Vectorized<float>& v) {
   using namespace exp_constants;
-  const __m512 x = _mm512_max_ps(_mm512_set1_ps(kLnFltMin), v);
-  const __m512 k = _mm512_fmadd_ps(x, _mm512_set1_ps(kLog2e), _mm512_set1_ps(kRound));
+  const __m512 k = _mm512_fmadd_ps(v, _mm512_set1_ps(kLog2e), _mm512_set1_ps(kRound));
   const __m512 n = _mm512_sub_ps(k, _mm512_set1_ps(kRound));
-  const __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(kLn2), x);
+  const __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(kLn2), v);
   __m512 p = _mm512_fmadd_ps(r, _mm512_set1_ps(kC5), _mm512_set1_ps(kC4));
   p = _mm512_fmadd_ps(r, p, _mm512_set1_ps(kC3));
   p = _mm512_fmadd_ps(r, p, _mm512_set1_ps(kC2));
@@ -170,10 +171,9 @@ C10_ALWAYS_INLINE Vectorized<float> exp_of_nonpositive(const Vectorized<float>& 
 template <>
 C10_ALWAYS_INLINE Vectorized<float> exp_of_nonpositive(const Vectorized<float>& v) {
   using namespace exp_constants;
-  const __m256 x = _mm256_max_ps(_mm256_set1_ps(kLnFltMin), v);
-  const __m256 k = _mm256_fmadd_ps(x, _mm256_set1_ps(kLog2e), _mm256_set1_ps(kRound));
+  const __m256 k = _mm256_fmadd_ps(v, _mm256_set1_ps(kLog2e), _mm256_set1_ps(kRound));
   const __m256 n = _mm256_sub_ps(k, _mm256_set1_ps(kRound));
-  const __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(kLn2), x);
+  const __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(kLn2), v);
   __m256 p = _mm256_fmadd_ps(r, _mm256_set1_ps(kC5), _mm256_set1_ps(kC4));
   p = _mm256_fmadd_ps(r, p, _mm256_set1_ps(kC3));
   p = _mm256_fmadd_ps(r, p, _mm256_set1_ps(kC2));
@@ -226,24 +226,30 @@ C10_ALWAYS_INLINE V acon_c_value(const V& x, const V& d, const V& p2, const V& b
 }
 
 // dx and the three per-element terms of the parameter sums (docs/math.md):
-// a = b * h, b, and g = g_left * g_right. Kept as factors, so add_to takes a
-// and g into their sums in one fused multiply-add each, and the struct holds
-// no more vectors than the compiler keeps in registers (with a and g as
-// fields too, GCC kept it on the stack: four stores per vector). b and h are
-// read through copies: read as fields, GCC 12 still stored both to the stack
-// on every vector, stores that nothing ever loaded.
+// a = b * h, b, and g = b * xw, xw = x * S * (1 - S). g leaves out the
+// factor d^2 of the beta term: multiplied in once per channel at the end
+// (scale_by_d_squared), it saves two multiplies per vector (the backward is
+// bound by its multiplies). Kept as factors, so add_to takes a and g into
+// their sums in one fused multiply-add each, and the struct holds no more
+// vectors than the compiler keeps in registers (with a and g as fields too,
+// GCC kept it on the stack: four stores per vector). b and h are read
+// through copies: read as fields, GCC 12 still stored both to the stack on
+// every vector, stores that nothing ever loaded.
 template <typename V>
 struct AconCGrad {
-  V dx, b, h, g_left, g_right;
+  V dx, b, h, xw;
 
-  C10_ALWAYS_INLINE V g() const {
-    return g_left * g_right;
+  // The whole beta term, d^2 = dd: (dy*x) * ((x*S*(1-S)) * d^2), so that
+  // no product is out of range where the term is not.
+  C10_ALWAYS_INLINE V g(const V& dd) const {
+    return b * (xw * dd);
   }
+  // Adds a, b and g (without d^2) to the sums.
   C10_ALWAYS_INLINE void add_to(V& sum_a, V& sum_b, V& sum_g) const {
     const V bb = b, hh = h;
     sum_a = at::vec::fmadd(bb, hh, sum_a);
     sum_b = sum_b + bb;
-    sum_g = at::vec::fmadd(g_left, g_right, sum_g);
+    sum_g = at::vec::fmadd(bb, xw, sum_g);
   }
   // The same, in the lanes of `lanes` (a LaneRange) only.
   template <typename Lanes>
@@ -251,7 +257,7 @@ struct AconCGrad {
     const V bb = b, hh = h;
     lanes.fmadd(sum_a, bb, hh);
     lanes.add(sum_b, bb);
-    lanes.fmadd(sum_g, g_left, g_right);
+    lanes.fmadd(sum_g, bb, xw);
   }
 };
 
@@ -263,9 +269,20 @@ C10_ALWAYS_INLINE AconCGrad<V> acon_c_grad(const V& x, const V& dy, const V& d, 
   // h = S * (1 + u * (1 - S)) = S + u * (S * (1 - S)): one fused multiply-add.
   const V h = at::vec::fmadd(u, w, s);
   const V b = dy * x;
-  const V dxd = d * x;
-  // (d*x) * ((d*x)*S*(1-S)): no (d*x)^2 that could overflow on its own.
-  return {dy * at::vec::fmadd(d, h, p2), b, h, dy * dxd, dxd * w};
+  return {dy * at::vec::fmadd(d, h, p2), b, h, x * w};
+}
+
+// Multiplies `groups` rows of C G sums (`stride` doubles apart) by d^2, the
+// factor their terms left out (AconCGrad); d(g, c) is the d that group g's
+// terms of channel c were computed with.
+template <typename DOf>
+void scale_by_d_squared(double* sums, int64_t groups, int64_t stride, int64_t C, const DOf& d) {
+  for (int64_t g = 0; g < groups; ++g) {
+    for (int64_t c = 0; c < C; ++c) {
+      const double dc = d(g, c);
+      sums[g * stride + c] *= dc * dc;
+    }
+  }
 }
 
 // Asks the CPU to fetch the cache line `bytes` past p. The address is formed
@@ -723,8 +740,7 @@ void backward_wide_rows(
   using opmath_t = typename L::opmath_t;
   using FVec = typename L::FVec;
   using SL = SumLines<opmath_t>;
-  for (int64_t c = 0; c < C; c += L::kStep) {
-    const int64_t n = std::min(L::kStep, C - c);
+  const auto step = [&](int64_t c, int64_t n) C10_ALWAYS_INLINE_ATTRIBUTE {
     FVec xv[kRows][L::kNumF], dyv[kRows][L::kNumF];
     load_rows<scalar_t, kRows, (kRows > 1)>(x, dy, C, c, n, xv, dyv);
     for (const auto j : c10::irange(L::kNumF)) {
@@ -742,6 +758,13 @@ void backward_wide_rows(
       sg.store(s + 2 * SL::kLine);
     }
     store_rows<scalar_t, kRows>(dx, C, c, n, xv);
+  };
+  const int64_t whole = C - C % L::kStep;
+  for (int64_t c = 0; c < whole; c += L::kStep) {
+    step(c, L::kStep);
+  }
+  if (whole < C) {
+    step(whole, C - whole);
   }
 }
 
@@ -772,6 +795,8 @@ void backward_sample_rows(
     for (const auto j : c10::irange(L::kNumF)) {
       const int64_t cj = c + j * L::kWidth;
       const int64_t count = std::min<int64_t>(L::kWidth, n - j * L::kWidth);
+      const FVec d = FVec::loadu(lines + ParamLines<opmath_t>::index(cj));
+      const FVec dd = d * d;
       FVec sa(0), sb(0);
       for (const auto q : c10::irange(kRows)) {
         const ChannelParams<FVec, opmath_t> p(lines, betas[q], cj, count);
@@ -781,9 +806,9 @@ void backward_sample_rows(
         sb = sb + grad.b;
         // count <= 0: lanes past C (16-bit rows of under kWidth channels).
         if (count == FVec::size()) {
-          grad.g().store(g_out[q] + cj);
+          grad.g(dd).store(g_out[q] + cj);
         } else if (count > 0) {
-          grad.g().store(g_out[q] + cj, count);
+          grad.g(dd).store(g_out[q] + cj, count);
         }
       }
       opmath_t* s = acc + SL::index(cj);
@@ -1318,6 +1343,13 @@ void backward_typed(const AconCKernelArgs& args) {
       }
     }
   });
+  if (args.sum_g != nullptr) {
+    const auto* lines = static_cast<const opmath_t*>(args.params);
+    const int64_t rows = lay.per_sample_beta ? lay.groups : 1;
+    scale_by_d_squared(args.sum_g, rows, C, C, [&](int64_t, int64_t c) {
+      return static_cast<double>(lines[ParamLines<opmath_t>::index(c)]);
+    });
+  }
 }
 
 // args with their ParamLines built, in the calling thread's scratch.

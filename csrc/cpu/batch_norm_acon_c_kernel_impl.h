@@ -25,6 +25,7 @@ namespace {
 struct ShiftedMoments {
   static constexpr int kRows = 1;
   static constexpr int kSums = 2;
+  static constexpr int kUnscaledG = -1; // no G sum
   static constexpr bool kReadsGrad = false;
   template <typename V>
   static V accumulate(const V& x, const V& /*dy*/, const V* p, V* sums) {
@@ -61,6 +62,9 @@ struct NormAconCValue {
 struct NormAconCGradTerms {
   static constexpr int kRows = 7; // NormAconCValue's, and dz's factor
   static constexpr int kSums = 5;
+  // Sum 2, G, leaves out its factor d^2 (row 3; AconCGrad).
+  static constexpr int kUnscaledG = 2;
+  static constexpr int kDRow = 3;
   static constexpr bool kReadsGrad = true;
   template <typename V>
   static V accumulate(const V& x, const V& dy, const V* p, V* sums) {
@@ -386,6 +390,12 @@ void reduce_channels(const NormKernelArgs& args, const at::opmath_type<scalar_t>
       }
     }
   });
+  if constexpr (Op::kUnscaledG >= 0) {
+    using VL = Lines<opmath_t, Op::kRows>;
+    scale_by_d_squared(sums + Op::kUnscaledG * C, G, sums_size, C, [&](int64_t g, int64_t c) {
+      return static_cast<double>(lines[g * group_stride + Op::kDRow * VL::kLine + VL::index(c)]);
+    });
+  }
 }
 
 // The kRows per-channel rows (C doubles each) as Lines in opmath precision,
