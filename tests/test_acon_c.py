@@ -67,9 +67,10 @@ def test_extreme_magnitudes(device, dtype):
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).replace("torch.", ""))
 @pytest.mark.parametrize("channels_last", [False, True], ids=["runs", "channels_last"])
 def test_degenerate_channels(device, dtype, channels_last):
-    """p1 = p2 (d = 0), beta = 0, and a d so small that (d*x)^2 underflows:
-    the CPU kernels multiply G by d^2 once per channel (docs/math.md, The beta
-    term), which must give dbeta = 0 for d = 0 and the truth elsewhere."""
+    """p1 = p2 (d = 0), beta = 0 and a tiny d: the channels where the CPU
+    kernels' factored beta term (G's sums times d^2 per channel, docs/math.md,
+    The beta term) differs most from the reference's order. dbeta must be
+    exactly 0 for d = 0, every gradient finite and within the tolerances."""
     tiny = {torch.float16: 1e-4, torch.bfloat16: 1e-20, torch.float32: 1e-20, torch.float64: 1e-160}[dtype]
     x = (torch.randn(2, 4, 5, 7, dtype=torch.float64) * 3).to(dtype)
     if channels_last:

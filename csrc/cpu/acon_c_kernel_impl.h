@@ -238,8 +238,8 @@ C10_ALWAYS_INLINE V acon_c_value(const V& x, const V& d, const V& p2, const V& b
 // dx and the three per-element terms of the parameter sums (docs/math.md):
 // a = b * h, b, and g = b * xw, xw = x * S * (1 - S). g leaves out the
 // factor d^2 of the beta term: multiplied in once per channel at the end
-// (scale_by_d_squared), it saves two multiplies per vector (the backward is
-// bound by its multiplies). Kept as factors, so add_to takes a and g into
+// (scale_by_d_squared), it saves two multiplies per vector (the backward's
+// time is its arithmetic). Kept as factors, so add_to takes a and g into
 // their sums in one fused multiply-add each, and the struct holds no more
 // vectors than the compiler keeps in registers (with a and g as fields too,
 // GCC kept it on the stack: four stores per vector). b and h are read
@@ -751,8 +751,8 @@ C10_ALWAYS_INLINE void store_rows(
 // apart alias in the L1 cache: that measured 3-4x slower than this.)
 // Software-pipelined: the loads and exp of the next step are issued before
 // the rest of this one, two chains of about half the length that the CPU
-// overlaps (a step's work is one dependent chain of some 70 cycles, longer
-// than the out-of-order window hides: on a Zen 4, AVX-512 build, one thread,
+// overlaps (a step's work is one dependent chain, some 70 cycles by its
+// instructions' latencies, longer than the out-of-order window hides: on a Zen 4, AVX-512 build, one thread,
 // cache-hot, 4-6% faster at C = 1024 and 4096).
 template <typename scalar_t, int kRows>
 void backward_wide_rows(
