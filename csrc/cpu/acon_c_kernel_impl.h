@@ -752,8 +752,9 @@ C10_ALWAYS_INLINE void store_rows(
 // Software-pipelined: the loads and exp of the next step are issued before
 // the rest of this one, two chains of about half the length that the CPU
 // overlaps (a step's work is one dependent chain, some 70 cycles by its
-// instructions' latencies, longer than the out-of-order window hides: on a Zen 4, AVX-512 build, one thread,
-// cache-hot, 4-6% faster at C = 1024 and 4096).
+// instructions' latencies, longer than the out-of-order window hides: on a
+// Zen 4, AVX-512 build, one thread, cache-hot, 4-6% faster at C = 1024 and
+// 4096).
 template <typename scalar_t, int kRows>
 void backward_wide_rows(
     const scalar_t* x,
