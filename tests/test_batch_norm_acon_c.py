@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from cases import BATCH_NORM_LAYOUTS as LAYOUTS
 from cases import BATCH_NORM_MODES as MODES
 from cases import BATCH_NORM_SHAPES as SHAPES
+from cases import BATCH_NORM_WRAPPING_SHAPE
 from cases import make_x
 from torch.autograd.graph import saved_tensors_hooks
 
@@ -41,7 +42,7 @@ def run(fn, x, weight, bias, running, acon, training, momentum=0.1, grad_seed=1)
     return y, [t.grad if t is not None else None for t in leaves], running
 
 
-@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("shape", [*SHAPES, BATCH_NORM_WRAPPING_SHAPE], ids=str)
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("mode", MODES, ids=lambda m: "train%d_affine%d_track%d" % m)
 def test_matches_two_ops_float64(shape, layout, mode):

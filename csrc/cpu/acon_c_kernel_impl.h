@@ -14,7 +14,9 @@
 #include <c10/util/irange.h>
 
 #include <algorithm>
+#include <array>
 #include <cstdint>
+#include <utility>
 #include <vector>
 
 namespace acon_cuda::cpu::CPU_CAPABILITY {
@@ -29,6 +31,7 @@ constexpr int64_t kGrainElements = 32768;
 // threads: each block sums in a fixed order, then blocks are combined in order.
 constexpr int64_t kBlockElements = 65536;
 constexpr int64_t kMaxBlocks = 64;
+constexpr int64_t kBlockMultiple = 8;
 // Fewer blocks for very wide C, so the blocks' partial sums (3 * C doubles
 // each) stay within this many doubles.
 constexpr int64_t kPartialBudget = int64_t(1) << 18;
@@ -1254,72 +1257,126 @@ void backward_block_channel_runs(
       rows.flush();
       continue;
     }
-    // The stream: row r's terms go to acc_*, those of the lanes a vector
-    // takes from row r + 1 to next_* (I >= kStep: a vector spans at most
-    // two rows). Rows are shorter than kFlushElements a lane.
+    // The stream: a vector spans at most two rows (I >= kStep); the terms
+    // of its lanes of row r go to acc_*, those of row r + 1 to next_*. Rows
+    // are shorter than kFlushElements a lane. Software-pipelined as
+    // backward_wide_rows is: `front` loads the next vector and computes its
+    // u and t, with a cursor and parameters of its own; `back` finishes the
+    // vector before it and ends the rows.
+    constexpr int kF = L::kNumF;
+#if defined(CPU_CAPABILITY_AVX512)
+    constexpr bool kPipelineStream = true;
+#else
+    constexpr bool kPipelineStream = false;
+#endif
     const auto channel_after = [&](int64_t channel) { return channel + 1 == C ? 0 : channel + 1; };
-    const auto params_after = [&](int64_t r, const Params& here) {
-      return r + 1 < r_end ? Params::broadcast(a.lines, beta, channel_after(c)) : here;
-    };
-    Params here = Params::broadcast(a.lines, beta, c);
-    Params after = params_after(r_begin, here);
     const int64_t end = r_end * I;
-    for (int64_t r = r_begin, f = r_begin * I; r < r_end; ++r) {
-      const int64_t row_end = (r + 1) * I;
-      // The vectors within row r.
-      for (; f + L::kStep <= row_end; f += L::kStep) {
-        FVec xv[L::kNumF], dyv[L::kNumF];
-        L::load(a.x + f, L::kStep, xv);
-        L::load(a.dy + f, L::kStep, dyv);
-        for (const auto j : c10::irange(L::kNumF)) {
-          const auto grad = acon_c_grad(xv[j], dyv[j], here.d, here.p2, here.bd);
-          xv[j] = grad.dx;
+    // front's cursor: the next vector starts at f, in the row that ends at
+    // row_end, whose parameters are `here`; `after` are the next row's (or
+    // here's, past the range's end: those lanes are computed, not stored).
+    int64_t f = r_begin * I, row_end = f + I, front_c = c;
+    const auto params_after = [&](const Params& row) {
+      return row_end < end ? Params::broadcast(a.lines, beta, channel_after(front_c)) : row;
+    };
+    Params here = Params::broadcast(a.lines, beta, front_c);
+    Params after = params_after(here);
+    // The step ahead, as `front` leaves it: its first element, length, and
+    // lanes in its first row.
+    FVec xs[kF], dys[kF], us[kF], ts[kF], ds[kF], p2s[kF];
+    int64_t step_f = 0, step_n = 0, step_in_row = 0;
+    const auto front = [&]() C10_ALWAYS_INLINE_ATTRIBUTE {
+      step_f = f;
+      step_n = std::min(L::kStep, end - f);
+      step_in_row = row_end - f;
+      L::load(a.x + f, step_n, xs);
+      L::load(a.dy + f, step_n, dys);
+      for (const auto j : c10::irange(kF)) {
+        if (step_in_row >= (j + 1) * L::kWidth) {
+          ds[j] = here.d;
+          p2s[j] = here.p2;
+          us[j] = here.bd * xs[j];
+        } else {
+          const LaneRange<FVec> mine(j * L::kWidth, 0, step_in_row);
+          ds[j] = mine.select(here.d, after.d);
+          p2s[j] = mine.select(here.p2, after.p2);
+          us[j] = mine.select(here.bd, after.bd) * xs[j];
+        }
+        ts[j] = exp_of_minus_abs(us[j]);
+      }
+      f += L::kStep;
+      if (f >= row_end) {
+        row_end += I;
+        front_c = channel_after(front_c);
+        here = after;
+        after = params_after(here);
+      }
+    };
+    const auto back = [&](int64_t vf,
+                          int64_t n,
+                          int64_t in_row,
+                          FVec* cx,
+                          const FVec* cdy,
+                          const FVec* cu,
+                          const FVec* ct,
+                          const FVec* cd,
+                          const FVec* cp2) C10_ALWAYS_INLINE_ATTRIBUTE {
+      if (in_row > L::kStep) { // within row r (so n == kStep)
+        for (const auto j : c10::irange(kF)) {
+          const auto grad = acon_c_grad_from(cx[j], cdy[j], cu[j], ct[j], cd[j], cp2[j]);
+          cx[j] = grad.dx;
           grad.add_to(acc_a[j], acc_b[j], acc_g[j]);
         }
         if (a.out != nullptr) {
-          L::store(a.out + f, L::kStep, xv);
+          L::store(a.out + vf, L::kStep, cx);
         }
+        return;
       }
-      // The vector from row r into row r + 1, if any: its lanes of row r
-      // go to row r's sums, the others start row r + 1's (none past the
-      // range's end, n).
-      FVec next_a[L::kNumF], next_b[L::kNumF], next_g[L::kNumF];
-      const bool straddles = f < row_end;
-      if (straddles) {
-        const int64_t n = std::min(L::kStep, end - f), in_row = row_end - f;
-        FVec xv[L::kNumF], dyv[L::kNumF];
-        L::load(a.x + f, n, xv);
-        L::load(a.dy + f, n, dyv);
-        for (const auto j : c10::irange(L::kNumF)) {
-          const int64_t lane0 = j * L::kWidth;
-          const LaneRange<FVec> mine(lane0, 0, in_row), theirs(lane0, in_row, n);
-          const auto grad = acon_c_grad(
-              xv[j],
-              dyv[j],
-              mine.select(here.d, after.d),
-              mine.select(here.p2, after.p2),
-              mine.select(here.bd, after.bd));
-          xv[j] = grad.dx;
-          grad.add_to(mine, acc_a[j], acc_b[j], acc_g[j]);
-          next_a[j] = next_b[j] = next_g[j] = FVec(0);
-          grad.add_to(theirs, next_a[j], next_b[j], next_g[j]);
-        }
-        if (a.out != nullptr) {
-          L::store(a.out + f, n, xv);
-        }
-        f += L::kStep;
+      // The vector that ends row r: its lanes past in_row start row r + 1
+      // (none past the range's end, n).
+      FVec next_a[kF], next_b[kF], next_g[kF];
+      for (const auto j : c10::irange(kF)) {
+        const int64_t lane0 = j * L::kWidth;
+        const LaneRange<FVec> mine(lane0, 0, in_row), theirs(lane0, in_row, n);
+        const auto grad = acon_c_grad_from(cx[j], cdy[j], cu[j], ct[j], cd[j], cp2[j]);
+        cx[j] = grad.dx;
+        grad.add_to(mine, acc_a[j], acc_b[j], acc_g[j]);
+        next_a[j] = next_b[j] = next_g[j] = FVec(0);
+        grad.add_to(theirs, next_a[j], next_b[j], next_g[j]);
+      }
+      if (a.out != nullptr) {
+        L::store(a.out + vf, n, cx);
       }
       end_row();
-      if (straddles) {
-        for (const auto j : c10::irange(L::kNumF)) {
-          acc_a[j] = next_a[j];
-          acc_b[j] = next_b[j];
-          acc_g[j] = next_g[j];
-        }
+      for (const auto j : c10::irange(kF)) {
+        acc_a[j] = next_a[j];
+        acc_b[j] = next_b[j];
+        acc_g[j] = next_g[j];
       }
       c = channel_after(c);
-      here = after;
-      after = params_after(r + 1, here);
+    };
+    front();
+    for (;;) {
+      FVec cx[kF], cdy[kF], cu[kF], ct[kF], cd[kF], cp2[kF];
+      for (const auto j : c10::irange(kF)) {
+        cx[j] = xs[j];
+        cdy[j] = dys[j];
+        cu[j] = us[j];
+        ct[j] = ts[j];
+        cd[j] = ds[j];
+        cp2[j] = p2s[j];
+      }
+      const int64_t vf = step_f, n = step_n, in_row = step_in_row;
+      const bool more = f < end;
+      if (kPipelineStream && more) {
+        front();
+      }
+      back(vf, n, in_row, cx, cdy, cu, ct, cd, cp2);
+      if (!more) {
+        break;
+      }
+      if (!kPipelineStream) {
+        front();
+      }
     }
     rows.flush();
   }
@@ -1339,6 +1396,52 @@ void add_into(double* dst, const double* src, int64_t n) {
   }
 }
 
+// The number of reduction blocks for about `wanted` (numel / kBlockElements)
+// within `max_blocks`: more than one is rounded up to a multiple of
+// kBlockMultiple where that fits. at::parallel_for gives each thread a
+// contiguous run of blocks, and 25 blocks on 2 threads (a 16x2048x7x7
+// input) left one thread 13 of them.
+int64_t reduction_blocks(int64_t wanted, int64_t max_blocks) {
+  const int64_t rounded = wanted > 1 ? ceil_div(wanted, kBlockMultiple) * kBlockMultiple : 1;
+  return rounded <= max_blocks ? rounded : std::clamp<int64_t>(wanted, 1, max_blocks);
+}
+
+// The channels a block's sums reach, [first, first + count) modulo C: its
+// partials are zero elsewhere, so the rest is neither cleared nor combined
+// (a block of channel runs of a 16x2048x7x7 input reaches a half to two
+// thirds of the 2048 channels; clearing and combining whole lines of
+// partials took 5-17% of the backward's profile samples, 2 threads).
+struct ChannelSpan {
+  int64_t C, first, count;
+
+  static ChannelSpan all(int64_t C) {
+    return {C, 0, C};
+  }
+  // Runs [u0, u1), run r being channel r % C.
+  static ChannelSpan of_runs(int64_t C, int64_t u0, int64_t u1) {
+    return u1 - u0 >= C ? all(C) : ChannelSpan{C, u0 % C, u1 - u0};
+  }
+  // Calls f(lo, hi) for the (one or two) intervals of the span in [c0, c1).
+  template <typename F>
+  void within(int64_t c0, int64_t c1, const F& f) const {
+    const int64_t spans[2][2] = {{first, std::min(first + count, C)}, {0, first + count - C}};
+    for (const auto& span : spans) {
+      const int64_t lo = std::max(span[0], c0), hi = std::min(span[1], c1);
+      if (lo < hi) {
+        f(lo, hi);
+      }
+    }
+  }
+  // Zeroes the span in each of `lines` lines of C doubles.
+  void clear(double* partials, int lines) const {
+    within(0, C, [&](int64_t lo, int64_t hi) {
+      for (const auto line : c10::irange(lines)) {
+        std::fill(partials + line * C + lo, partials + line * C + hi, 0.0);
+      }
+    });
+  }
+};
+
 template <typename scalar_t>
 void backward_typed(const AconCKernelArgs& args) {
   using opmath_t = at::opmath_type<scalar_t>;
@@ -1350,7 +1453,7 @@ void backward_typed(const AconCKernelArgs& args) {
 
   // A block covers either whole groups or a slice of one group.
   const int64_t max_blocks = std::clamp<int64_t>(kPartialBudget / (3 * C), 1, kMaxBlocks);
-  const int64_t target = std::clamp<int64_t>(ceil_div(numel, kBlockElements), 1, max_blocks);
+  const int64_t target = reduction_blocks(ceil_div(numel, kBlockElements), max_blocks);
   const bool whole_groups = lay.groups >= target;
   const int64_t splits = whole_groups ? 1 : std::min(ceil_div(target, lay.groups), units);
   const int64_t blocks = whole_groups ? target : lay.groups * splits;
@@ -1360,6 +1463,18 @@ void backward_typed(const AconCKernelArgs& args) {
   TORCH_INTERNAL_ASSERT(
       (args.grad_beta != nullptr) == (lay.per_sample_beta && lay.outer == 1 && lay.inner == 1) &&
       (args.grad_beta == nullptr || g_direct));
+
+  // Block k's groups [g0, g1) and rows [u0, u1) of each.
+  const auto block_rows = [&](int64_t k) -> std::array<int64_t, 4> {
+    if (whole_groups) {
+      return {k * lay.groups / blocks, (k + 1) * lay.groups / blocks, 0, units};
+    }
+    return {k / splits, k / splits + 1, (k % splits) * units / splits, (k % splits + 1) * units / splits};
+  };
+  const auto block_channels = [&](int64_t k) {
+    const auto [g0, g1, u0, u1] = block_rows(k);
+    return channels_inner || g1 - g0 > 1 ? ChannelSpan::all(C) : ChannelSpan::of_runs(C, u0, u1);
+  };
 
   // partial[k] holds block k's sums: a[C], b[C], g[C].
   double* partial = thread_scratch<double>(kPartialsSlot, blocks * 3 * C);
@@ -1373,20 +1488,9 @@ void backward_typed(const AconCKernelArgs& args) {
     for (int64_t k = kb; k < ke; ++k) {
       double* own = partial + k * 3 * C;
       if (!channels_inner) { // the runs add to theirs; channels-innermost blocks write theirs
-        std::fill(own, own + 3 * C, 0.0);
+        block_channels(k).clear(own, 3);
       }
-      int64_t g0, g1, u0, u1;
-      if (whole_groups) {
-        g0 = k * lay.groups / blocks;
-        g1 = (k + 1) * lay.groups / blocks;
-        u0 = 0;
-        u1 = units;
-      } else {
-        g0 = k / splits;
-        g1 = g0 + 1;
-        u0 = (k % splits) * units / splits;
-        u1 = (k % splits + 1) * units / splits;
-      }
+      const auto [g0, g1, u0, u1] = block_rows(k);
       const BlockSinks sinks{own, g_direct};
       if (channels_inner) {
         backward_block_channels_inner<scalar_t>(args, g0, g1, u0, u1, sinks, acc);
@@ -1406,11 +1510,13 @@ void backward_typed(const AconCKernelArgs& args) {
       // beta (whole_groups is false then), and to the single row otherwise.
       // (sum_g is null with grad_beta: no offset taken from it then.)
       double* g_row = g_direct ? nullptr : lay.per_sample_beta ? args.sum_g + (k / splits) * C : args.sum_g;
-      add_into(args.sum_a + c0, own + c0, c1 - c0);
-      add_into(args.sum_b + c0, own + C + c0, c1 - c0);
-      if (!g_direct) {
-        add_into(g_row + c0, own + 2 * C + c0, c1 - c0);
-      }
+      block_channels(k).within(c0, c1, [&](int64_t lo, int64_t hi) {
+        add_into(args.sum_a + lo, own + lo, hi - lo);
+        add_into(args.sum_b + lo, own + C + lo, hi - lo);
+        if (!g_direct) {
+          add_into(g_row + lo, own + 2 * C + lo, hi - lo);
+        }
+      });
     }
   });
   if (args.sum_g != nullptr) {

@@ -355,11 +355,20 @@ void reduce_channels(const NormKernelArgs& args, const at::opmath_type<scalar_t>
   const int64_t numel = lay.outer * C * lay.inner;
   const int64_t max_blocks = std::clamp<int64_t>(kPartialBudget / (Op::kSums * C * G), 1, kMaxBlocks);
   // Blocks per group.
-  const int64_t blocks = std::clamp<int64_t>(std::min(ceil_div(numel, kBlockElements), units), 1, max_blocks);
+  const int64_t blocks = std::clamp<int64_t>(
+      std::min(reduction_blocks(ceil_div(numel, kBlockElements), max_blocks), units), 1, max_blocks);
   const int64_t group_stride = group_line_stride<Op::kRows>(args);
   const int64_t sums_size = Op::kSums * C;
+  // Block k's runs (or rows) [u0, u1), and the channels they reach.
+  const auto block_units = [&](int64_t k) -> std::pair<int64_t, int64_t> {
+    const int64_t g = k / blocks, b = k % blocks;
+    return {g * units + b * units / blocks, g * units + (b + 1) * units / blocks};
+  };
+  const auto block_channels = [&](int64_t k) {
+    const auto [u0, u1] = block_units(k);
+    return channels_inner ? ChannelSpan::all(C) : ChannelSpan::of_runs(C, u0, u1);
+  };
   double* partial = thread_scratch<double>(kPartialsSlot, G * blocks * sums_size);
-  std::fill(partial, partial + G * blocks * sums_size, 0.0);
   at::parallel_for(0, G * blocks, 1, [&](int64_t kb, int64_t ke) {
     const int64_t acc_size = Op::kSums * args.padded_channels;
     opmath_t* acc = channels_inner ? thread_scratch<opmath_t>(kAccumulatorSlot, acc_size) : nullptr;
@@ -367,10 +376,10 @@ void reduce_channels(const NormKernelArgs& args, const at::opmath_type<scalar_t>
       std::fill(acc, acc + acc_size, opmath_t(0));
     }
     for (int64_t k = kb; k < ke; ++k) {
-      const int64_t g = k / blocks, b = k % blocks;
-      const int64_t u0 = g * units + b * units / blocks, u1 = g * units + (b + 1) * units / blocks;
-      const auto* group_lines = lines + g * group_stride;
+      const auto [u0, u1] = block_units(k);
+      const auto* group_lines = lines + (k / blocks) * group_stride;
       double* own = partial + k * sums_size;
+      block_channels(k).clear(own, Op::kSums);
       if (channels_inner) {
         reduce_block_channels_inner<scalar_t, Op, kStore>(args, group_lines, u0, u1, acc, own);
       } else {
@@ -382,11 +391,13 @@ void reduce_channels(const NormKernelArgs& args, const at::opmath_type<scalar_t>
   at::parallel_for(0, C, kGrainElements / (Op::kSums * blocks * G) + 1, [&](int64_t c0, int64_t c1) {
     for (int64_t g = 0; g < G; ++g) {
       double* group_sums = sums + g * sums_size;
-      for (int64_t b = 0; b < blocks; ++b) {
-        const double* own = partial + (g * blocks + b) * sums_size;
-        for (const auto s : c10::irange(Op::kSums)) {
-          add_into(group_sums + s * C + c0, own + s * C + c0, c1 - c0);
-        }
+      for (int64_t k = g * blocks; k < (g + 1) * blocks; ++k) {
+        const double* own = partial + k * sums_size;
+        block_channels(k).within(c0, c1, [&](int64_t lo, int64_t hi) {
+          for (const auto s : c10::irange(Op::kSums)) {
+            add_into(group_sums + s * C + lo, own + s * C + lo, hi - lo);
+          }
+        });
       }
     }
   });
