@@ -9,8 +9,7 @@ import torch.nn.functional as F
 from cases import BATCH_NORM_LAYOUTS as LAYOUTS
 from cases import BATCH_NORM_MODES as MODES
 from cases import BATCH_NORM_SHAPES as SHAPES
-from cases import BATCH_NORM_WRAPPING_SHAPE
-from cases import make_x
+from cases import BATCH_NORM_WRAPPING_SHAPE, make_x
 from torch.autograd.graph import saved_tensors_hooks
 
 from acon_cuda import reference
