@@ -1259,10 +1259,12 @@ void backward_block_channel_runs(
     }
     // The stream: a vector spans at most two rows (I >= kStep); the terms
     // of its lanes of row r go to acc_*, those of row r + 1 to next_*. Rows
-    // are shorter than kFlushElements a lane. Software-pipelined as
-    // backward_wide_rows is: `front` loads the next vector and computes its
-    // u and t, with a cursor and parameters of its own; `back` finishes the
-    // vector before it and ends the rows.
+    // are shorter than kFlushElements a lane. One loop over vectors:
+    // `front` loads a vector and computes its u and t, with a cursor and
+    // parameters of its own; `back` finishes it and ends the rows. On
+    // AVX-512 software-pipelined as backward_wide_rows is (the next
+    // vector's front before this one's back); with AVX2's 16 vector
+    // registers the two steps' state spilled and that measured slower.
     constexpr int kF = L::kNumF;
 #if defined(CPU_CAPABILITY_AVX512)
     constexpr bool kPipelineStream = true;
