@@ -127,11 +127,11 @@ def measure_case(name, layout, dtype, device, rounds, budget_s, batch):
     estimate = warm_up(flat, device, copies)
     # Per mode, the contenders' blocks in turn (as in batch_norm_pairs): a
     # change of the machine's speed then hits the fused op and the
-    # baselines it is reported against alike. Timed in rounds of one block
-    # each, the fused op's and SiLU's figures came from moments up to a
-    # second apart, and on the shared 2-core VM their ratio moved by 0.2-0.3
-    # from run to run. Each contender is timed for `rounds` budgets, in
-    # 5 * rounds blocks.
+    # baselines it is reported against alike. Timed one contender and mode
+    # after another, the fused op's and SiLU's figures came from moments up
+    # to a second apart, and on the shared 2-core VM their ratio moved by
+    # 0.2-0.3 from run to run. Each contender is timed for `rounds` budgets,
+    # in 5 * rounds blocks.
     ms = {key: {} for key in calls}
     for mode in MODES:
         per_call = {key: per_mode[mode] for key, per_mode in calls.items() if mode in per_mode}

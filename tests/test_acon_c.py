@@ -140,8 +140,8 @@ def test_one_row_samples_with_wide_rows(device, dtype, shape):
 @pytest.mark.parametrize("shape", [(8, 64, 28, 28), (6, 100, 23, 23)], ids=["28x28", "23x23"])
 def test_parameter_gradients_are_deterministic(device, layout, per_sample, shape):
     """Bit-identical on every run, and (CPU) for any number of threads; also
-    with maps whose rows do not end on a vector, and reduction blocks that
-    each reach a range of channels that wraps around past the last one."""
+    with maps whose rows do not end on a vector, and reduction blocks some
+    of which reach a range of channels that wraps past the last one."""
     x, channel_dim = make_x(shape, layout, torch.float32, device)
     p1, p2, beta = make_params(x, channel_dim, per_sample, torch.float32)
     grad = torch.randn_like(x)
