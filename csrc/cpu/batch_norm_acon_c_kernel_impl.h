@@ -355,8 +355,8 @@ void reduce_channels(const NormKernelArgs& args, const at::opmath_type<scalar_t>
   const int64_t numel = lay.outer * C * lay.inner;
   const int64_t max_blocks = std::clamp<int64_t>(kPartialBudget / (Op::kSums * C * G), 1, kMaxBlocks);
   // Blocks per group.
-  const int64_t blocks = std::clamp<int64_t>(
-      std::min(reduction_blocks(ceil_div(numel, kBlockElements), max_blocks), units), 1, max_blocks);
+  const int64_t blocks =
+      std::max<int64_t>(std::min(reduction_blocks(ceil_div(numel, kBlockElements), max_blocks), units), 1);
   const int64_t group_stride = group_line_stride<Op::kRows>(args);
   const int64_t sums_size = Op::kSums * C;
   // Block k's runs (or rows) [u0, u1), and the channels they reach.
