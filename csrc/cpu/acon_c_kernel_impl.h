@@ -11,11 +11,13 @@
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 #include <c10/macros/Macros.h>
+#include <c10/util/bit_cast.h>
 #include <c10/util/irange.h>
 
 #include <algorithm>
 #include <array>
 #include <cstdint>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -23,6 +25,17 @@ namespace acon_cuda::cpu::CPU_CAPABILITY {
 namespace {
 
 using at::vec::Vectorized;
+
+// The x86-64 baseline build, whose Vectorized is at::vec's portable one: its
+// exp_u20 calls expf lane by lane, and its compares, blends, bitwise
+// operations and reductions go lane by lane through integer registers,
+// branches and the stack (the forward took 3x F.silu's time, the backward
+// up to 5x). This file's versions of those steps there are loops over arrays
+// of lanes, which the compiler vectorizes (SSE2). Elsewhere the baseline
+// build has vector types of its own (NEON on aarch64) and keeps them.
+#if !defined(CPU_CAPABILITY_AVX512) && !defined(CPU_CAPABILITY_AVX2) && (defined(__x86_64__) || defined(_M_X64))
+#define ACON_PORTABLE_VECTORIZED 1
+#endif
 
 // Elementwise work is split into tasks of at least this many elements.
 constexpr int64_t kGrainElements = 32768;
@@ -143,7 +156,6 @@ C10_ALWAYS_INLINE V exp_of_nonpositive(const V& v) {
   return v.exp_u20();
 }
 
-#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
 namespace exp_constants {
 constexpr float kLnFltMin = -87.33654f; // ln(FLT_MIN)
 constexpr float kLog2e = 1.44269504088896341f;
@@ -151,8 +163,12 @@ constexpr float kLn2 = 0.693147180559945309f;
 constexpr float kRound = 12582912.0f + 127.0f; // 1.5 * 2^23: rounds to an integer; + the exponent bias
 // exp_u20's coefficients: exp(r) = 1 + r * (c1 + r * (c2 + r * (c3 + r * (c4 + r * c5)))).
 constexpr float kC1 = 0.999999701f, kC2 = 0.499991506f, kC3 = 0.166676521f, kC4 = 0.0418978221f, kC5 = 0.00828929059f;
+// ln 2 in two parts for a build without fused multiply-add: n * kLn2High
+// is exact (n has at most 8 bits, kLn2High 9), so r = (v - n * kLn2High) -
+// n * kLn2Low loses no more than the fused form.
+constexpr float kLn2High = 0.693359375f;
+constexpr float kLn2Low = -2.12194440e-4f;
 } // namespace exp_constants
-#endif
 
 #if defined(CPU_CAPABILITY_AVX512)
 template <>
@@ -186,7 +202,69 @@ C10_ALWAYS_INLINE Vectorized<float> exp_of_nonpositive(const Vectorized<float>& 
   const __m256 kept = _mm256_cmp_ps(v, _mm256_set1_ps(kLnFltMin), _CMP_NLT_UQ); // not below (NaN kept)
   return _mm256_and_ps(_mm256_mul_ps(p, scale), kept);
 }
+#elif defined(ACON_PORTABLE_VECTORIZED)
+template <typename V, typename F>
+C10_ALWAYS_INLINE V map_lanes(const F& f, const V& a) {
+  alignas(64) typename V::value_type lanes[V::size()];
+  a.store(lanes);
+  for (auto& lane : lanes) {
+    lane = f(lane);
+  }
+  return V::loadu(lanes);
+}
+
+template <typename V, typename F>
+C10_ALWAYS_INLINE V map_lanes(const F& f, const V& a, const V& b, const V& c) {
+  using T = typename V::value_type;
+  alignas(64) T la[V::size()], lb[V::size()], lc[V::size()];
+  a.store(la);
+  b.store(lb);
+  c.store(lc);
+  for (const auto i : c10::irange(V::size())) {
+    la[i] = f(la[i], lb[i], lc[i]);
+  }
+  return V::loadu(la);
+}
+
+// The steps of the AVX2 version for one lane, the multiply-adds unfused.
+C10_ALWAYS_INLINE float exp_of_nonpositive_lane(float v) {
+  using namespace exp_constants;
+  const float k = v * kLog2e + kRound;
+  const float n = k - kRound;
+  const float r = (v - n * kLn2High) - n * kLn2Low;
+  const float p = 1.f + r * (kC1 + r * (kC2 + r * (kC3 + r * (kC4 + r * kC5))));
+  const float scale = c10::bit_cast<float>(c10::bit_cast<uint32_t>(k) << 23);
+  // A mask, not `? 0.f : p * scale`: GCC keeps a branch there (the
+  // multiply might trap), and the loop is not vectorized. NaN: kept.
+  const uint32_t kept = v < kLnFltMin ? 0u : ~0u;
+  return c10::bit_cast<float>(c10::bit_cast<uint32_t>(p * scale) & kept);
+}
+
+template <>
+C10_ALWAYS_INLINE Vectorized<float> exp_of_nonpositive(const Vectorized<float>& v) {
+  return map_lanes(exp_of_nonpositive_lane, v);
+}
 #endif
+
+// b where mask's lanes are clear, a where they are set (mask from a compare:
+// all bits or none per lane), as V::blendv(b, a, mask).
+template <typename V>
+C10_ALWAYS_INLINE V blend_lanes(const V& b, const V& a, const V& mask) {
+#if !defined(ACON_PORTABLE_VECTORIZED)
+  return V::blendv(b, a, mask);
+#else
+  using T = typename V::value_type;
+  using Bits = std::conditional_t<sizeof(T) == 4, uint32_t, uint64_t>;
+  return map_lanes(
+      [](T lb, T la, T lm) {
+        const auto m = c10::bit_cast<Bits>(lm);
+        return c10::bit_cast<T>((c10::bit_cast<Bits>(lb) & ~m) | (c10::bit_cast<Bits>(la) & m));
+      },
+      b,
+      a,
+      mask);
+#endif
+}
 
 // r where u >= 0, q elsewhere (and where u is NaN). at::vec's blendv takes
 // its mask as a vector, which on AVX-512 costs a conversion from the
@@ -194,7 +272,12 @@ C10_ALWAYS_INLINE Vectorized<float> exp_of_nonpositive(const Vectorized<float>& 
 // register itself.
 template <typename V>
 C10_ALWAYS_INLINE V where_nonnegative(const V& u, const V& r, const V& q) {
+#if !defined(ACON_PORTABLE_VECTORIZED)
   return V::blendv(q, r, u >= V(0));
+#else
+  using T = typename V::value_type;
+  return map_lanes([](T lu, T lr, T lq) { return lu >= T(0) ? lr : lq; }, u, r, q);
+#endif
 }
 
 #if defined(CPU_CAPABILITY_AVX512)
@@ -216,6 +299,15 @@ template <typename V>
 C10_ALWAYS_INLINE V exp_of_minus_abs(const V& u) {
   return exp_of_nonpositive(u | V(-0.0)); // the sign bit set
 }
+
+#if defined(ACON_PORTABLE_VECTORIZED)
+template <>
+C10_ALWAYS_INLINE Vectorized<float> exp_of_minus_abs(const Vectorized<float>& u) {
+  return map_lanes(
+      [](float lu) { return exp_of_nonpositive_lane(c10::bit_cast<float>(c10::bit_cast<uint32_t>(lu) | 0x80000000u)); },
+      u);
+}
+#endif
 
 template <typename V>
 C10_ALWAYS_INLINE void sigmoid_and_slope_from(const V& u, const V& t, V& s, V& w) {
@@ -564,9 +656,9 @@ void elementwise_stream_channel_runs(const AconCKernelArgs& args, int64_t r0, in
         v[j] = acon_c_elementwise<kGrad>(
             v[j],
             dyv[j],
-            FVec::blendv(after.d, here.d, mine),
-            FVec::blendv(after.p2, here.p2, mine),
-            FVec::blendv(after.bd, here.bd, mine));
+            blend_lanes(after.d, here.d, mine),
+            blend_lanes(after.p2, here.p2, mine),
+            blend_lanes(after.bd, here.bd, mine));
       }
     }
     L::store(a.out + f, n, v);
@@ -1020,10 +1112,10 @@ struct LaneRange {
     mask = (lane >= V(static_cast<T>(lo))) & (lane < V(static_cast<T>(hi)));
   }
   C10_ALWAYS_INLINE V select(const V& inside, const V& outside) const {
-    return V::blendv(outside, inside, mask);
+    return blend_lanes(outside, inside, mask);
   }
   C10_ALWAYS_INLINE void add(V& sum, const V& term) const {
-    sum = sum + V::blendv(V(0), term, mask);
+    sum = sum + blend_lanes(V(0), term, mask);
   }
   // sum += x * y in these lanes.
   C10_ALWAYS_INLINE void fmadd(V& sum, const V& x, const V& y) const {
@@ -1062,9 +1154,24 @@ template <typename V>
 C10_ALWAYS_INLINE V row_totals(const V* rows) {
   using T = typename V::value_type;
   alignas(64) T totals[V::size()];
+#if defined(ACON_PORTABLE_VECTORIZED)
+  // vec_reduce_all's order (lane 0, then lanes 1, 2, ... added), over arrays.
+  alignas(64) T lanes[V::size()][V::size()];
+  for (const auto k : c10::irange(V::size())) {
+    rows[k].store(lanes[k]);
+  }
+  for (const auto k : c10::irange(V::size())) {
+    T total = lanes[k][0];
+    for (const auto i : c10::irange(1, V::size())) {
+      total += lanes[k][i];
+    }
+    totals[k] = total;
+  }
+#else
   for (const auto k : c10::irange(V::size())) {
     totals[k] = at::vec::vec_reduce_all<T>([](const V& x, const V& y) { return x + y; }, rows[k]);
   }
+#endif
   return V::loadu(totals);
 }
 

@@ -327,7 +327,7 @@ void reduce_block_channel_runs(
         xv[j] = Op::accumulate(xv[j], dyv[j], p[j], t);
         const FVec valid = lanes_below<FVec>(j * L::kWidth, n);
         for (const auto k : c10::irange(Op::kSums)) {
-          sums[j][k] = sums[j][k] + FVec::blendv(FVec(0), t[k], valid);
+          sums[j][k] = sums[j][k] + blend_lanes(FVec(0), t[k], valid);
         }
       }
       if constexpr (kStore) {
