@@ -1,6 +1,8 @@
-"""What the tests parametrise over: dtypes, devices and per-dtype tolerances."""
+"""What the tests parametrise over: dtypes, devices and per-dtype tolerances;
+and the inductor cache that the tests and the benchmark share."""
 
 import os
+import tempfile
 
 import torch
 
@@ -76,4 +78,17 @@ def assert_as_accurate(actual, baseline, truth, slack: float = 4.0) -> None:
     assert error(actual) <= budget, (
         f"error {error(actual):.3g} against float64 exceeds {budget:.3g} "
         f"({slack} x the baseline's {error(baseline):.3g}, plus 16 eps x {scale:.3g})"
+    )
+
+
+def use_inductor_cache_per_cpu_capability() -> None:
+    """Points torch.compile's on-disk cache at one folder per
+    ATEN_CPU_CAPABILITY, unless TORCHINDUCTOR_CACHE_DIR is set: the cache
+    does not key its generated C++ by the capability, and code generated
+    under one build failed to compile under another (=default after a run of
+    the CPU's own build). Call it before anything compiles; subprocesses
+    inherit it."""
+    os.environ.setdefault(
+        "TORCHINDUCTOR_CACHE_DIR",
+        os.path.join(tempfile.gettempdir(), "torchinductor_acon_" + os.environ.get("ATEN_CPU_CAPABILITY", "native")),
     )

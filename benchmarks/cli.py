@@ -16,6 +16,7 @@ import time
 import torch
 
 import acon_cuda
+from acon_cuda.testing import use_inductor_cache_per_cpu_capability
 
 from . import report as reports
 from .batch_norm_pairs import measure_batch_norm_pairs
@@ -35,6 +36,7 @@ def parse_list(parser, value, allowed, what):
 
 
 def main(argv=None):
+    use_inductor_cache_per_cpu_capability()
     parser = argparse.ArgumentParser(
         prog="python -m benchmarks", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )

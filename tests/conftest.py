@@ -1,19 +1,11 @@
 import os
-import tempfile
 
-# Inductor's on-disk cache does not key its generated C++ by
-# ATEN_CPU_CAPABILITY: code generated under one build failed to compile
-# under another (=default after a run of the CPU's own build). One cache per
-# capability; set before anything compiles, and inherited by subprocesses.
-os.environ.setdefault(
-    "TORCHINDUCTOR_CACHE_DIR",
-    os.path.join(tempfile.gettempdir(), "torchinductor_acon_" + os.environ.get("ATEN_CPU_CAPABILITY", "native")),
-)
-
-import pytest  # noqa: E402
+import pytest
 import torch
 
-from acon_cuda.testing import DEVICES, TEST_SEED, device_available
+from acon_cuda.testing import DEVICES, TEST_SEED, device_available, use_inductor_cache_per_cpu_capability
+
+use_inductor_cache_per_cpu_capability()
 
 try:
     from hypothesis import HealthCheck, settings

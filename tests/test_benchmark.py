@@ -230,3 +230,20 @@ def test_batch_norm_pair_cases_report_their_own_measurements():
     text = pair_table(rows)
     fused = row["ms"]["fused"]["fwd+bwd"]
     assert f"{fused / row['ms']['bn_relu']['fwd+bwd']:.2f}" in text
+
+
+def test_inductor_cache_per_cpu_capability(monkeypatch):
+    """The benchmark, like the tests, compiles into one inductor cache per
+    ATEN_CPU_CAPABILITY (a shared one made =default fail to compile), and
+    leaves a cache folder that is set alone."""
+    from acon_cuda.testing import use_inductor_cache_per_cpu_capability
+    from benchmarks import cli
+
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR")
+    monkeypatch.setenv("ATEN_CPU_CAPABILITY", "default")
+    with pytest.raises(SystemExit):
+        cli.main(["--help"])
+    assert os.path.basename(os.environ["TORCHINDUCTOR_CACHE_DIR"]) == "torchinductor_acon_default"
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", "/elsewhere")
+    use_inductor_cache_per_cpu_capability()
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == "/elsewhere"
