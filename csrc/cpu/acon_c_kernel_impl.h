@@ -29,10 +29,12 @@ using at::vec::Vectorized;
 // The x86-64 baseline build, whose Vectorized is at::vec's portable one: its
 // exp_u20 calls expf lane by lane, and its compares, blends, bitwise
 // operations and reductions go lane by lane through integer registers,
-// branches and the stack (the forward took 3x F.silu's time, the backward
-// up to 5x). This file's versions of those steps there are loops over arrays
-// of lanes, which the compiler vectorizes (SSE2). Elsewhere the baseline
-// build has vector types of its own (NEON on aarch64) and keeps them.
+// branches and the stack (forward and backward took about 3x F.silu's
+// time, one thread). This file's versions of those steps there are loops
+// over arrays of lanes, which the compiler vectorizes (SSE2); setup.py
+// compiles that build without GCC's early complete unrolling (docs/design.md).
+// Elsewhere the baseline build has vector types of its own (NEON on aarch64)
+// and keeps them.
 #if !defined(CPU_CAPABILITY_AVX512) && !defined(CPU_CAPABILITY_AVX2) && (defined(__x86_64__) || defined(_M_X64))
 #define ACON_PORTABLE_VECTORIZED 1
 #endif
