@@ -69,7 +69,16 @@ def compiler_takes(flags):
         with open(source, "w") as f:
             f.write("int probe() { return 0; }\n")
         args = [*command, *flags, "-c", source, "-o", os.path.join(tmp, "probe.o")]
-        return subprocess.run(args, capture_output=True).returncode == 0
+        try:
+            return subprocess.run(args, capture_output=True).returncode == 0
+        except OSError:  # no such compiler
+            return False
+
+
+# Each kernel file's extra flags in this build (recorded in _build_info.py).
+KERNEL_FLAGS = dict(ISA_FLAGS) if X86_64 else {}
+if X86_64 and compiler_takes(BASELINE_FLAGS):
+    KERNEL_FLAGS[BASELINE_KERNEL] = BASELINE_FLAGS
 
 
 CPU_SOURCES = rel(
@@ -95,15 +104,12 @@ class BuildExtensionPerIsa(BuildExtension):
 
     def build_extension(self, ext):
         compile_all = self.compiler.compile
-        file_flags = dict(ISA_FLAGS)
-        if X86_64 and compiler_takes(BASELINE_FLAGS):
-            file_flags[BASELINE_KERNEL] = BASELINE_FLAGS
 
         def compile_per_isa(sources, *args, extra_postargs=None, **kwargs):
             groups = {}
             for source in sources:
                 key = os.path.relpath(os.path.abspath(source), ROOT)
-                groups.setdefault(tuple(file_flags.get(key, [])), []).append(source)
+                groups.setdefault(tuple(KERNEL_FLAGS.get(key, [])), []).append(source)
             objects = []
             for flags in sorted(groups, key=len):  # no extra flags first
                 post = {k: list(v) for k, v in extra_postargs.items()}
@@ -219,7 +225,7 @@ def write_build_info(version, with_cuda):
             + "CUDA_VERSION = %r\n" % (torch.version.cuda if with_cuda else None)
             + "CUDA_ARCHS = %r\n" % (os.environ.get("TORCH_CUDA_ARCH_LIST") if with_cuda else None)
             + "CXX_FLAGS = %r\n" % CXX_FLAGS
-            + "CPU_ISA_FLAGS = %r\n" % ({os.path.basename(k): v for k, v in ISA_FLAGS.items()} if X86_64 else {})
+            + "CPU_ISA_FLAGS = %r\n" % {os.path.basename(k): v for k, v in KERNEL_FLAGS.items()}
             + "NVCC_FLAGS = %r\n" % (NVCC_FLAGS if with_cuda else None)
         )
 
