@@ -166,8 +166,9 @@ constexpr float kRound = 12582912.0f + 127.0f; // 1.5 * 2^23: rounds to an integ
 // exp_u20's coefficients: exp(r) = 1 + r * (c1 + r * (c2 + r * (c3 + r * (c4 + r * c5)))).
 constexpr float kC1 = 0.999999701f, kC2 = 0.499991506f, kC3 = 0.166676521f, kC4 = 0.0418978221f, kC5 = 0.00828929059f;
 // ln 2 in two parts for a build without fused multiply-add: n * kLn2High
-// is exact (n has at most 8 bits, kLn2High 9), so r = (v - n * kLn2High) -
-// n * kLn2Low loses no more than the fused form.
+// is exact wherever the result is kept (|n| <= 126, 7 bits; kLn2High has
+// 9), so r = (v - n * kLn2High) - n * kLn2Low loses no more than the fused
+// form.
 constexpr float kLn2High = 0.693359375f;
 constexpr float kLn2Low = -2.12194440e-4f;
 } // namespace exp_constants
