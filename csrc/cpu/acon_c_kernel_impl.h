@@ -16,6 +16,7 @@
 
 #include <algorithm>
 #include <array>
+#include <cstring>
 #include <cstdint>
 #include <type_traits>
 #include <utility>
@@ -70,13 +71,113 @@ T* thread_scratch(int slot, int64_t n) {
   return static_cast<T*>(thread_scratch_bytes(slot, n * static_cast<int64_t>(sizeof(T))));
 }
 
+#if defined(ACON_PORTABLE_VECTORIZED)
+// Four float lanes in an SSE2 register (every x86-64 CPU has SSE2), with the
+// part of at::vec::Vectorized's interface that this file's kernels use: the
+// baseline build's float vector (Lanes<float>). The portable
+// Vectorized<float> is an array of 8 lanes in memory that each operation
+// loads and stores (about a third of the forward's instructions were such
+// moves); a Quad stays in a register.
+struct Quad {
+  using value_type = float;
+  __m128 v;
+  Quad() : v(_mm_setzero_ps()) {}
+  Quad(__m128 v_) : v(v_) {}
+  Quad(float s) : v(_mm_set1_ps(s)) {}
+  static constexpr int size() {
+    return 4;
+  }
+  static Quad loadu(const void* p) {
+    return _mm_loadu_ps(static_cast<const float*>(p));
+  }
+  // The first n lanes from p, the others 0, as Vectorized::loadu(p, n).
+  static Quad loadu(const void* p, int64_t n) {
+    alignas(16) float lanes[4] = {};
+    std::memcpy(lanes, p, n * sizeof(float));
+    return _mm_load_ps(lanes);
+  }
+  void store(void* p) const {
+    _mm_storeu_ps(static_cast<float*>(p), v);
+  }
+  void store(void* p, int64_t n) const {
+    alignas(16) float lanes[4];
+    _mm_store_ps(lanes, v);
+    std::memcpy(p, lanes, n * sizeof(float));
+  }
+  static Quad arange(float base, float step) {
+    return _mm_setr_ps(base, base + step, base + 2 * step, base + 3 * step);
+  }
+};
+
+C10_ALWAYS_INLINE Quad operator+(const Quad& a, const Quad& b) {
+  return _mm_add_ps(a.v, b.v);
+}
+C10_ALWAYS_INLINE Quad operator-(const Quad& a, const Quad& b) {
+  return _mm_sub_ps(a.v, b.v);
+}
+C10_ALWAYS_INLINE Quad operator*(const Quad& a, const Quad& b) {
+  return _mm_mul_ps(a.v, b.v);
+}
+C10_ALWAYS_INLINE Quad operator/(const Quad& a, const Quad& b) {
+  return _mm_div_ps(a.v, b.v);
+}
+C10_ALWAYS_INLINE Quad operator|(const Quad& a, const Quad& b) {
+  return _mm_or_ps(a.v, b.v);
+}
+C10_ALWAYS_INLINE Quad operator&(const Quad& a, const Quad& b) {
+  return _mm_and_ps(a.v, b.v);
+}
+// Compares give a mask (all bits or none per lane), as Vectorized's do.
+C10_ALWAYS_INLINE Quad operator<(const Quad& a, const Quad& b) {
+  return _mm_cmplt_ps(a.v, b.v);
+}
+C10_ALWAYS_INLINE Quad operator>=(const Quad& a, const Quad& b) {
+  return _mm_cmpge_ps(a.v, b.v);
+}
+
+// b where mask's lanes are clear, a where they are set.
+C10_ALWAYS_INLINE __m128 select_quad(__m128 mask, __m128 a, __m128 b) {
+  return _mm_or_ps(_mm_and_ps(mask, a), _mm_andnot_ps(mask, b));
+}
+
+// The lanes' total, lane 0 first and then lanes 1, 2, 3 added, as
+// vec_reduce_all adds the portable Vectorized's lanes.
+C10_ALWAYS_INLINE float total_of_lanes(const Quad& q) {
+  alignas(16) float lanes[4];
+  _mm_store_ps(lanes, q.v);
+  return ((lanes[0] + lanes[1]) + lanes[2]) + lanes[3];
+}
+#endif
+
+// The vectors a loop over scalar_t loads and stores (SVec) and computes in
+// (FVec, opmath_t's).
+template <typename scalar_t>
+struct VectorTypes {
+  using FVec = Vectorized<at::opmath_type<scalar_t>>;
+  using SVec = Vectorized<scalar_t>;
+};
+
+#if defined(ACON_PORTABLE_VECTORIZED)
+template <>
+struct VectorTypes<float> {
+  using FVec = Quad;
+  using SVec = Quad;
+};
+#endif
+
+template <typename V>
+C10_ALWAYS_INLINE typename V::value_type total_of_lanes(const V& v) {
+  using T = typename V::value_type;
+  return at::vec::vec_reduce_all<T>([](const V& x, const V& y) { return x + y; }, v);
+}
+
 // Loads and stores kStep elements of scalar_t as kNumF vectors of opmath_t:
 // one vector for float and double, two float vectors for float16/bfloat16.
 template <typename scalar_t>
 struct Lanes {
   using opmath_t = at::opmath_type<scalar_t>;
-  using FVec = Vectorized<opmath_t>;
-  using SVec = Vectorized<scalar_t>;
+  using FVec = typename VectorTypes<scalar_t>::FVec;
+  using SVec = typename VectorTypes<scalar_t>::SVec;
   static constexpr int64_t kStep = SVec::size();
   static constexpr int64_t kWidth = FVec::size();
   static constexpr int kNumF = kStep / kWidth;
@@ -108,7 +209,7 @@ struct Lanes {
   // result is deterministic. Each lane holds at most kFlushElements / kStep
   // terms, so this adds little to float accumulation's error.
   static double sum(const FVec* v) {
-    return at::vec::vec_reduce_all<opmath_t>([](const FVec& x, const FVec& y) { return x + y; }, lane_total(v));
+    return total_of_lanes(lane_total(v));
   }
 
   C10_ALWAYS_INLINE static FVec lane_total(const FVec* v) {
@@ -126,6 +227,12 @@ struct Lanes {
 template <typename V>
 C10_ALWAYS_INLINE V reciprocal_of_one_plus(const V& t) {
   return V(1) / (V(1) + t);
+}
+
+// a * b + c, fused where the instruction set has it.
+template <typename V>
+C10_ALWAYS_INLINE V mul_add(const V& a, const V& b, const V& c) {
+  return at::vec::fmadd(a, b, c);
 }
 
 #if defined(CPU_CAPABILITY_AVX512)
@@ -206,14 +313,52 @@ C10_ALWAYS_INLINE Vectorized<float> exp_of_nonpositive(const Vectorized<float>& 
   return _mm256_and_ps(_mm256_mul_ps(p, scale), kept);
 }
 #elif defined(ACON_PORTABLE_VECTORIZED)
-template <typename V, typename F>
-C10_ALWAYS_INLINE V map_lanes(const F& f, const V& a) {
-  alignas(64) typename V::value_type lanes[V::size()];
-  a.store(lanes);
-  for (auto& lane : lanes) {
-    lane = f(lane);
+template <>
+C10_ALWAYS_INLINE Quad mul_add(const Quad& a, const Quad& b, const Quad& c) {
+  return a * b + c; // as the portable Vectorized's fmadd: no FMA in SSE2
+}
+
+// Lanes [i, i + 4) of a portable Vectorized<float> (its lanes, in memory,
+// are what it converts to a pointer to).
+C10_ALWAYS_INLINE Quad quad_of(const Vectorized<float>& v, int i) {
+  return _mm_loadu_ps(static_cast<const float*>(v) + i);
+}
+C10_ALWAYS_INLINE void set_quad(Vectorized<float>& v, int i, const Quad& q) {
+  _mm_storeu_ps(static_cast<float*>(v) + i, q.v);
+}
+
+// f of the Quads at the same lanes of each Vectorized<float> argument, as
+// one Vectorized<float>.
+template <typename F, typename... Vs>
+C10_ALWAYS_INLINE Vectorized<float> by_quads(const F& f, const Vs&... in) {
+  Vectorized<float> out;
+  for (int i = 0; i < Vectorized<float>::size(); i += Quad::size()) {
+    set_quad(out, i, f(quad_of(in, i)...));
   }
-  return V::loadu(lanes);
+  return out;
+}
+
+// The AVX2 version's steps, the multiply-adds unfused.
+template <>
+C10_ALWAYS_INLINE Quad exp_of_nonpositive(const Quad& q) {
+  using namespace exp_constants;
+  const __m128 v = q.v;
+  const __m128 k = _mm_add_ps(_mm_mul_ps(v, _mm_set1_ps(kLog2e)), _mm_set1_ps(kRound));
+  const __m128 n = _mm_sub_ps(k, _mm_set1_ps(kRound));
+  const __m128 r = _mm_sub_ps(_mm_sub_ps(v, _mm_mul_ps(n, _mm_set1_ps(kLn2High))), _mm_mul_ps(n, _mm_set1_ps(kLn2Low)));
+  __m128 p = _mm_add_ps(_mm_mul_ps(r, _mm_set1_ps(kC5)), _mm_set1_ps(kC4));
+  p = _mm_add_ps(_mm_mul_ps(r, p), _mm_set1_ps(kC3));
+  p = _mm_add_ps(_mm_mul_ps(r, p), _mm_set1_ps(kC2));
+  p = _mm_add_ps(_mm_mul_ps(r, p), _mm_set1_ps(kC1));
+  p = _mm_add_ps(_mm_mul_ps(r, p), _mm_set1_ps(1.f));
+  const __m128 scale = _mm_castsi128_ps(_mm_slli_epi32(_mm_castps_si128(k), 23));
+  const __m128 kept = _mm_cmpnlt_ps(v, _mm_set1_ps(kLnFltMin)); // not below (NaN kept)
+  return _mm_and_ps(_mm_mul_ps(p, scale), kept);
+}
+
+template <>
+C10_ALWAYS_INLINE Vectorized<float> exp_of_nonpositive(const Vectorized<float>& v) {
+  return by_quads([](const Quad& q) { return exp_of_nonpositive(q); }, v);
 }
 
 template <typename V, typename F>
@@ -227,25 +372,6 @@ C10_ALWAYS_INLINE V map_lanes(const F& f, const V& a, const V& b, const V& c) {
     la[i] = f(la[i], lb[i], lc[i]);
   }
   return V::loadu(la);
-}
-
-// The steps of the AVX2 version for one lane, the multiply-adds unfused.
-C10_ALWAYS_INLINE float exp_of_nonpositive_lane(float v) {
-  using namespace exp_constants;
-  const float k = v * kLog2e + kRound;
-  const float n = k - kRound;
-  const float r = (v - n * kLn2High) - n * kLn2Low;
-  const float p = 1.f + r * (kC1 + r * (kC2 + r * (kC3 + r * (kC4 + r * kC5))));
-  const float scale = c10::bit_cast<float>(c10::bit_cast<uint32_t>(k) << 23);
-  // A mask, not `? 0.f : p * scale`: GCC keeps a branch there (the
-  // multiply might trap), and the loop is not vectorized. NaN: kept.
-  const uint32_t kept = v < kLnFltMin ? 0u : ~0u;
-  return c10::bit_cast<float>(c10::bit_cast<uint32_t>(p * scale) & kept);
-}
-
-template <>
-C10_ALWAYS_INLINE Vectorized<float> exp_of_nonpositive(const Vectorized<float>& v) {
-  return map_lanes(exp_of_nonpositive_lane, v);
 }
 #endif
 
@@ -291,6 +417,24 @@ C10_ALWAYS_INLINE Vectorized<float> where_nonnegative(
     const Vectorized<float>& q) {
   return _mm512_mask_blend_ps(_mm512_cmp_ps_mask(u, _mm512_setzero_ps(), _CMP_GE_OQ), q, r);
 }
+#elif defined(ACON_PORTABLE_VECTORIZED)
+template <>
+C10_ALWAYS_INLINE Vectorized<float> blend_lanes(
+    const Vectorized<float>& b,
+    const Vectorized<float>& a,
+    const Vectorized<float>& mask) {
+  return by_quads([](const Quad& lb, const Quad& la, const Quad& m) { return select_quad(m.v, la.v, lb.v); }, b, a, mask);
+}
+
+template <>
+C10_ALWAYS_INLINE Quad blend_lanes(const Quad& b, const Quad& a, const Quad& mask) {
+  return select_quad(mask.v, a.v, b.v);
+}
+
+template <>
+C10_ALWAYS_INLINE Quad where_nonnegative(const Quad& u, const Quad& r, const Quad& q) {
+  return select_quad(_mm_cmpge_ps(u.v, _mm_setzero_ps()), r.v, q.v);
+}
 #endif
 
 // S = sigmoid(u) and W = S * (1 - S), from t = exp(-|u|), which never
@@ -306,9 +450,7 @@ C10_ALWAYS_INLINE V exp_of_minus_abs(const V& u) {
 #if defined(ACON_PORTABLE_VECTORIZED)
 template <>
 C10_ALWAYS_INLINE Vectorized<float> exp_of_minus_abs(const Vectorized<float>& u) {
-  return map_lanes(
-      [](float lu) { return exp_of_nonpositive_lane(c10::bit_cast<float>(c10::bit_cast<uint32_t>(lu) | 0x80000000u)); },
-      u);
+  return by_quads([](const Quad& q) { return exp_of_minus_abs(q); }, u);
 }
 #endif
 
@@ -330,7 +472,7 @@ template <typename V>
 C10_ALWAYS_INLINE V acon_c_value(const V& x, const V& d, const V& p2, const V& bd) {
   V s, w;
   sigmoid_and_slope(bd * x, s, w);
-  return x * at::vec::fmadd(d, s, p2);
+  return x * mul_add(d, s, p2);
 }
 
 // dx and the three per-element terms of the parameter sums (docs/math.md):
@@ -355,9 +497,9 @@ struct AconCGrad {
   // Adds a, b and g (without d^2) to the sums.
   C10_ALWAYS_INLINE void add_to(V& sum_a, V& sum_b, V& sum_g) const {
     const V bb = b, hh = h;
-    sum_a = at::vec::fmadd(bb, hh, sum_a);
+    sum_a = mul_add(bb, hh, sum_a);
     sum_b = sum_b + bb;
-    sum_g = at::vec::fmadd(bb, xw, sum_g);
+    sum_g = mul_add(bb, xw, sum_g);
   }
   // The same, in the lanes of `lanes` (a LaneRange) only.
   template <typename Lanes>
@@ -381,9 +523,9 @@ C10_ALWAYS_INLINE AconCGrad<V> acon_c_grad_from(
   V s, w;
   sigmoid_and_slope_from(u, t, s, w);
   // h = S * (1 + u * (1 - S)) = S + u * (S * (1 - S)): one fused multiply-add.
-  const V h = at::vec::fmadd(u, w, s);
+  const V h = mul_add(u, w, s);
   const V b = dy * x;
-  return {dy * at::vec::fmadd(d, h, p2), b, h, x * w};
+  return {dy * mul_add(d, h, p2), b, h, x * w};
 }
 
 template <typename V>
@@ -391,6 +533,61 @@ C10_ALWAYS_INLINE AconCGrad<V> acon_c_grad(const V& x, const V& dy, const V& d, 
   const V u = bd * x;
   return acon_c_grad_from(x, dy, u, exp_of_minus_abs(u), d, p2);
 }
+
+#if defined(ACON_PORTABLE_VECTORIZED)
+// The baseline build's float math on Quads, from the inputs to the results.
+template <>
+C10_ALWAYS_INLINE Vectorized<float> acon_c_value(
+    const Vectorized<float>& x,
+    const Vectorized<float>& d,
+    const Vectorized<float>& p2,
+    const Vectorized<float>& bd) {
+  return by_quads(
+      [](const Quad& qx, const Quad& qd, const Quad& qp2, const Quad& qbd) { return acon_c_value(qx, qd, qp2, qbd); },
+      x,
+      d,
+      p2,
+      bd);
+}
+
+// An AconCGrad from the AconCGrad<Quad> that f(i) gives for lanes [i, i + 4).
+template <typename F>
+C10_ALWAYS_INLINE AconCGrad<Vectorized<float>> grad_by_quads(const F& f) {
+  AconCGrad<Vectorized<float>> out;
+  for (int i = 0; i < Vectorized<float>::size(); i += Quad::size()) {
+    const AconCGrad<Quad> g = f(i);
+    set_quad(out.dx, i, g.dx);
+    set_quad(out.b, i, g.b);
+    set_quad(out.h, i, g.h);
+    set_quad(out.xw, i, g.xw);
+  }
+  return out;
+}
+
+template <>
+C10_ALWAYS_INLINE AconCGrad<Vectorized<float>> acon_c_grad_from(
+    const Vectorized<float>& x,
+    const Vectorized<float>& dy,
+    const Vectorized<float>& u,
+    const Vectorized<float>& t,
+    const Vectorized<float>& d,
+    const Vectorized<float>& p2) {
+  return grad_by_quads([&](int i) {
+    return acon_c_grad_from(quad_of(x, i), quad_of(dy, i), quad_of(u, i), quad_of(t, i), quad_of(d, i), quad_of(p2, i));
+  });
+}
+
+template <>
+C10_ALWAYS_INLINE AconCGrad<Vectorized<float>> acon_c_grad(
+    const Vectorized<float>& x,
+    const Vectorized<float>& dy,
+    const Vectorized<float>& d,
+    const Vectorized<float>& p2,
+    const Vectorized<float>& bd) {
+  return grad_by_quads(
+      [&](int i) { return acon_c_grad(quad_of(x, i), quad_of(dy, i), quad_of(d, i), quad_of(p2, i), quad_of(bd, i)); });
+}
+#endif
 
 // Multiplies `groups` rows of C G sums (`stride` doubles apart) by d^2, the
 // factor their terms left out (AconCGrad); d(g, c) is the d that group g's
@@ -970,7 +1167,7 @@ void backward_sample_rows(
         const ChannelParams<FVec, opmath_t> p(lines, betas[q], cj, count);
         const auto grad = acon_c_grad(xv[q][j], dyv[q][j], p.d, p.p2, p.bd);
         xv[q][j] = grad.dx;
-        sa = at::vec::fmadd(grad.b, grad.h, sa);
+        sa = mul_add(grad.b, grad.h, sa);
         sb = sb + grad.b;
         // count <= 0: lanes past C (16-bit rows of under kWidth channels).
         if (count == FVec::size()) {
@@ -1172,7 +1369,7 @@ C10_ALWAYS_INLINE V row_totals(const V* rows) {
   }
 #else
   for (const auto k : c10::irange(V::size())) {
-    totals[k] = at::vec::vec_reduce_all<T>([](const V& x, const V& y) { return x + y; }, rows[k]);
+    totals[k] = total_of_lanes(rows[k]);
   }
 #endif
   return V::loadu(totals);

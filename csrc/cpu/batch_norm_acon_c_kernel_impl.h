@@ -31,7 +31,7 @@ struct ShiftedMoments {
   static V accumulate(const V& x, const V& /*dy*/, const V* p, V* sums) {
     const V u = x - p[0];
     sums[0] = sums[0] + u;
-    sums[1] = at::vec::fmadd(u, u, sums[1]);
+    sums[1] = mul_add(u, u, sums[1]);
     return u; // never stored
   }
 };
@@ -41,7 +41,7 @@ struct ShiftedMoments {
 // Centred first, so z keeps its precision when |mean| >> std.
 template <typename V>
 inline V normalized(const V& xc, const V* p) {
-  return at::vec::fmadd(xc, p[1], p[2]);
+  return mul_add(xc, p[1], p[2]);
 }
 
 struct NormAconCValue {
@@ -72,7 +72,7 @@ struct NormAconCGradTerms {
     const auto g = acon_c_grad(normalized(xc, p), dy, p[3], p[4], p[5]);
     g.add_to(sums[0], sums[1], sums[2]);
     sums[3] = sums[3] + g.dx;
-    sums[4] = at::vec::fmadd(g.dx, xc, sums[4]);
+    sums[4] = mul_add(g.dx, xc, sums[4]);
     return g.dx * p[6];
   }
 };
@@ -85,7 +85,7 @@ struct NormGradFromDz {
   static constexpr bool kReadsGrad = true;
   template <typename V>
   static V apply(const V& x, const V& dz, const V* p) {
-    return at::vec::fmadd(dz, p[1], at::vec::fmadd(x - p[0], p[2], p[3]));
+    return mul_add(dz, p[1], mul_add(x - p[0], p[2], p[3]));
   }
 };
 
