@@ -150,19 +150,41 @@ C10_ALWAYS_INLINE float total_of_lanes(const Quad& q) {
 #endif
 
 // The vectors a loop over scalar_t loads and stores (SVec) and computes in
-// (FVec, opmath_t's).
+// (FVec, opmath_t's): on the x86-64 baseline build, every float computation
+// runs on Quads.
 template <typename scalar_t>
 struct VectorTypes {
-  using FVec = Vectorized<at::opmath_type<scalar_t>>;
+  using opmath_t = at::opmath_type<scalar_t>;
+#if defined(ACON_PORTABLE_VECTORIZED)
+  using FVec = std::conditional_t<std::is_same_v<opmath_t, float>, Quad, Vectorized<opmath_t>>;
+  using SVec = std::conditional_t<std::is_same_v<scalar_t, float>, Quad, Vectorized<scalar_t>>;
+#else
+  using FVec = Vectorized<opmath_t>;
   using SVec = Vectorized<scalar_t>;
+#endif
 };
 
+// The float16/bfloat16 conversions' Vectorized<float> as FVecs (itself, or
+// its Quads), and back.
+C10_ALWAYS_INLINE void split_floats(const Vectorized<float>& v, Vectorized<float>* out) {
+  out[0] = v;
+}
+C10_ALWAYS_INLINE Vectorized<float> join_floats(const Vectorized<float>* in) {
+  return in[0];
+}
 #if defined(ACON_PORTABLE_VECTORIZED)
-template <>
-struct VectorTypes<float> {
-  using FVec = Quad;
-  using SVec = Quad;
-};
+C10_ALWAYS_INLINE void split_floats(const Vectorized<float>& v, Quad* out) {
+  for (int i = 0; i < Vectorized<float>::size(); i += Quad::size()) {
+    out[i / Quad::size()] = _mm_loadu_ps(static_cast<const float*>(v) + i);
+  }
+}
+C10_ALWAYS_INLINE Vectorized<float> join_floats(const Quad* in) {
+  Vectorized<float> v;
+  for (int i = 0; i < Vectorized<float>::size(); i += Quad::size()) {
+    _mm_storeu_ps(static_cast<float*>(v) + i, in[i / Quad::size()].v);
+  }
+  return v;
+}
 #endif
 
 template <typename V>
@@ -172,7 +194,8 @@ C10_ALWAYS_INLINE typename V::value_type total_of_lanes(const V& v) {
 }
 
 // Loads and stores kStep elements of scalar_t as kNumF vectors of opmath_t:
-// one vector for float and double, two float vectors for float16/bfloat16.
+// one vector for float and double, two float vectors for float16/bfloat16
+// (four Quads on the x86-64 baseline build).
 template <typename scalar_t>
 struct Lanes {
   using opmath_t = at::opmath_type<scalar_t>;
@@ -187,7 +210,9 @@ struct Lanes {
     if constexpr (kNumF == 1) {
       out[0] = v;
     } else {
-      std::tie(out[0], out[1]) = at::vec::convert_to_float<scalar_t>(v);
+      const auto [low, high] = at::vec::convert_to_float<scalar_t>(v);
+      split_floats(low, out);
+      split_floats(high, out + kNumF / 2);
     }
   }
 
@@ -196,7 +221,7 @@ struct Lanes {
     if constexpr (kNumF == 1) {
       v = in[0];
     } else {
-      v = at::vec::convert_from_float<scalar_t>(in[0], in[1]);
+      v = at::vec::convert_from_float<scalar_t>(join_floats(in), join_floats(in + kNumF / 2));
     }
     if (n == kStep) {
       v.store(p);
@@ -318,26 +343,6 @@ C10_ALWAYS_INLINE Quad mul_add(const Quad& a, const Quad& b, const Quad& c) {
   return a * b + c; // as the portable Vectorized's fmadd: no FMA in SSE2
 }
 
-// Lanes [i, i + 4) of a portable Vectorized<float> (its lanes, in memory,
-// are what it converts to a pointer to).
-C10_ALWAYS_INLINE Quad quad_of(const Vectorized<float>& v, int i) {
-  return _mm_loadu_ps(static_cast<const float*>(v) + i);
-}
-C10_ALWAYS_INLINE void set_quad(Vectorized<float>& v, int i, const Quad& q) {
-  _mm_storeu_ps(static_cast<float*>(v) + i, q.v);
-}
-
-// f of the Quads at the same lanes of each Vectorized<float> argument, as
-// one Vectorized<float>.
-template <typename F, typename... Vs>
-C10_ALWAYS_INLINE Vectorized<float> by_quads(const F& f, const Vs&... in) {
-  Vectorized<float> out;
-  for (int i = 0; i < Vectorized<float>::size(); i += Quad::size()) {
-    set_quad(out, i, f(quad_of(in, i)...));
-  }
-  return out;
-}
-
 // The AVX2 version's steps, the multiply-adds unfused.
 template <>
 C10_ALWAYS_INLINE Quad exp_of_nonpositive(const Quad& q) {
@@ -354,11 +359,6 @@ C10_ALWAYS_INLINE Quad exp_of_nonpositive(const Quad& q) {
   const __m128 scale = _mm_castsi128_ps(_mm_slli_epi32(_mm_castps_si128(k), 23));
   const __m128 kept = _mm_cmpnlt_ps(v, _mm_set1_ps(kLnFltMin)); // not below (NaN kept)
   return _mm_and_ps(_mm_mul_ps(p, scale), kept);
-}
-
-template <>
-C10_ALWAYS_INLINE Vectorized<float> exp_of_nonpositive(const Vectorized<float>& v) {
-  return by_quads([](const Quad& q) { return exp_of_nonpositive(q); }, v);
 }
 
 template <typename V, typename F>
@@ -419,14 +419,6 @@ C10_ALWAYS_INLINE Vectorized<float> where_nonnegative(
 }
 #elif defined(ACON_PORTABLE_VECTORIZED)
 template <>
-C10_ALWAYS_INLINE Vectorized<float> blend_lanes(
-    const Vectorized<float>& b,
-    const Vectorized<float>& a,
-    const Vectorized<float>& mask) {
-  return by_quads([](const Quad& lb, const Quad& la, const Quad& m) { return select_quad(m.v, la.v, lb.v); }, b, a, mask);
-}
-
-template <>
 C10_ALWAYS_INLINE Quad blend_lanes(const Quad& b, const Quad& a, const Quad& mask) {
   return select_quad(mask.v, a.v, b.v);
 }
@@ -446,13 +438,6 @@ template <typename V>
 C10_ALWAYS_INLINE V exp_of_minus_abs(const V& u) {
   return exp_of_nonpositive(u | V(-0.0)); // the sign bit set
 }
-
-#if defined(ACON_PORTABLE_VECTORIZED)
-template <>
-C10_ALWAYS_INLINE Vectorized<float> exp_of_minus_abs(const Vectorized<float>& u) {
-  return by_quads([](const Quad& q) { return exp_of_minus_abs(q); }, u);
-}
-#endif
 
 template <typename V>
 C10_ALWAYS_INLINE void sigmoid_and_slope_from(const V& u, const V& t, V& s, V& w) {
@@ -534,60 +519,6 @@ C10_ALWAYS_INLINE AconCGrad<V> acon_c_grad(const V& x, const V& dy, const V& d, 
   return acon_c_grad_from(x, dy, u, exp_of_minus_abs(u), d, p2);
 }
 
-#if defined(ACON_PORTABLE_VECTORIZED)
-// The baseline build's float math on Quads, from the inputs to the results.
-template <>
-C10_ALWAYS_INLINE Vectorized<float> acon_c_value(
-    const Vectorized<float>& x,
-    const Vectorized<float>& d,
-    const Vectorized<float>& p2,
-    const Vectorized<float>& bd) {
-  return by_quads(
-      [](const Quad& qx, const Quad& qd, const Quad& qp2, const Quad& qbd) { return acon_c_value(qx, qd, qp2, qbd); },
-      x,
-      d,
-      p2,
-      bd);
-}
-
-// An AconCGrad from the AconCGrad<Quad> that f(i) gives for lanes [i, i + 4).
-template <typename F>
-C10_ALWAYS_INLINE AconCGrad<Vectorized<float>> grad_by_quads(const F& f) {
-  AconCGrad<Vectorized<float>> out;
-  for (int i = 0; i < Vectorized<float>::size(); i += Quad::size()) {
-    const AconCGrad<Quad> g = f(i);
-    set_quad(out.dx, i, g.dx);
-    set_quad(out.b, i, g.b);
-    set_quad(out.h, i, g.h);
-    set_quad(out.xw, i, g.xw);
-  }
-  return out;
-}
-
-template <>
-C10_ALWAYS_INLINE AconCGrad<Vectorized<float>> acon_c_grad_from(
-    const Vectorized<float>& x,
-    const Vectorized<float>& dy,
-    const Vectorized<float>& u,
-    const Vectorized<float>& t,
-    const Vectorized<float>& d,
-    const Vectorized<float>& p2) {
-  return grad_by_quads([&](int i) {
-    return acon_c_grad_from(quad_of(x, i), quad_of(dy, i), quad_of(u, i), quad_of(t, i), quad_of(d, i), quad_of(p2, i));
-  });
-}
-
-template <>
-C10_ALWAYS_INLINE AconCGrad<Vectorized<float>> acon_c_grad(
-    const Vectorized<float>& x,
-    const Vectorized<float>& dy,
-    const Vectorized<float>& d,
-    const Vectorized<float>& p2,
-    const Vectorized<float>& bd) {
-  return grad_by_quads(
-      [&](int i) { return acon_c_grad(quad_of(x, i), quad_of(dy, i), quad_of(d, i), quad_of(p2, i), quad_of(bd, i)); });
-}
-#endif
 
 // Multiplies `groups` rows of C G sums (`stride` doubles apart) by d^2, the
 // factor their terms left out (AconCGrad); d(g, c) is the d that group g's
