@@ -16,8 +16,8 @@
 
 #include <algorithm>
 #include <array>
-#include <cstring>
 #include <cstdint>
+#include <cstring>
 #include <type_traits>
 #include <utility>
 #include <vector>
@@ -27,17 +27,19 @@ namespace {
 
 using at::vec::Vectorized;
 
-// The x86-64 baseline build, whose Vectorized is at::vec's portable one: its
-// exp_u20 calls expf lane by lane, and its compares, blends, bitwise
-// operations and reductions go lane by lane through integer registers,
-// branches and the stack (forward and backward took about 3x F.silu's
-// time, one thread). This file's versions of those steps there are loops
-// over arrays of lanes, which the compiler vectorizes (SSE2); setup.py
-// compiles that build without GCC's early complete unrolling (docs/design.md).
-// Elsewhere the baseline build has vector types of its own (NEON on aarch64)
-// and keeps them.
+// The x86-64 baseline build, whose Vectorized is at::vec's portable one: an
+// array of lanes in memory that every operation loads and stores, exp_u20 an
+// expf call per lane, and compares, blends, bitwise operations and
+// reductions lane by lane through integer registers, branches and the stack
+// (forward and backward took about 3x F.silu's time, one thread). There the
+// float kernels compute in Quads (four lanes in an SSE2 register, below),
+// and float64's selects, blends and row totals are loops over arrays of
+// lanes that the compiler vectorizes (docs/design.md). Elsewhere the
+// baseline build has vector types of its own (NEON on aarch64) and keeps
+// them.
 #if !defined(CPU_CAPABILITY_AVX512) && !defined(CPU_CAPABILITY_AVX2) && (defined(__x86_64__) || defined(_M_X64))
 #define ACON_PORTABLE_VECTORIZED 1
+#include <emmintrin.h>
 #endif
 
 // Elementwise work is split into tasks of at least this many elements.
@@ -74,10 +76,9 @@ T* thread_scratch(int slot, int64_t n) {
 #if defined(ACON_PORTABLE_VECTORIZED)
 // Four float lanes in an SSE2 register (every x86-64 CPU has SSE2), with the
 // part of at::vec::Vectorized's interface that this file's kernels use: the
-// baseline build's float vector (Lanes<float>). The portable
-// Vectorized<float> is an array of 8 lanes in memory that each operation
-// loads and stores (about a third of the forward's instructions were such
-// moves); a Quad stays in a register.
+// baseline build's float vector (VectorTypes). With the portable
+// Vectorized<float>, about a third of the forward's instructions were moves
+// of lanes to and from memory; a Quad stays in a register.
 struct Quad {
   using value_type = float;
   __m128 v;
@@ -518,7 +519,6 @@ C10_ALWAYS_INLINE AconCGrad<V> acon_c_grad(const V& x, const V& dy, const V& d, 
   const V u = bd * x;
   return acon_c_grad_from(x, dy, u, exp_of_minus_abs(u), d, p2);
 }
-
 
 // Multiplies `groups` rows of C G sums (`stride` doubles apart) by d^2, the
 // factor their terms left out (AconCGrad); d(g, c) is the d that group g's
