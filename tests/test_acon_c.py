@@ -168,3 +168,31 @@ def test_storage_offset_that_breaks_vector_alignment(device, dtype, layout):
     x = storage[1:].view(shape)
     p1, p2, beta = make_params(x, 1 if layout == "contiguous" else -1, False, dtype)
     check_against_truth(x, p1, p2, beta, 1 if layout == "contiguous" else -1)
+
+
+@pytest.mark.parametrize("layout", ["runs", "channels_last", "rows"])
+@pytest.mark.parametrize("p2_value", [1.0, 0.5, 3.0])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["float16", "bfloat16"])
+def test_every_16bit_value_converts_like_the_reference(device, dtype, p2_value, layout):
+    """With p1 = p2 (so d = 0) the forward is y = p2 * x, exact in float32
+    and rounded once to x's dtype: over all 65536 bit patterns of x, the
+    fused op's loads and stores convert exactly as the reference's float32
+    computation and torch's rounding do (0.5 and 3 make results that need
+    rounding: halved subnormals, products with more bits, overflow to inf).
+    Infinite x gives NaN in both (0 * inf)."""
+    bits = torch.arange(-(2**15), 2**15, dtype=torch.int32).to(torch.int16)
+    x = bits.view(dtype).reshape(4, 16, 32, 32).to(device)
+    channel_dim = 1
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    elif layout == "rows":
+        x = x.reshape(-1, 16)
+    p1 = torch.full((16,), p2_value, dtype=dtype, device=device)
+    p2, beta = p1.clone(), torch.ones_like(p1)
+    y = torch.ops.acon.acon_c_forward(x, p1, p2, beta, channel_dim)
+    as_float = [t.float() for t in (x, p1, p2, beta)]
+    expected = acon_cuda.reference.acon_c(*as_float, channel_dim=channel_dim).to(dtype)
+    assert torch.equal(y.isnan(), expected.isnan())
+    assert torch.equal(y.isnan(), ~torch.isfinite(x))
+    finite = torch.isfinite(x)
+    assert torch.equal(y[finite].view(torch.int16), expected[finite].view(torch.int16))

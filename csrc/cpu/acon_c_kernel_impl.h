@@ -18,6 +18,7 @@
 #include <array>
 #include <cstdint>
 #include <cstring>
+#include <tuple>
 #include <type_traits>
 #include <utility>
 #include <vector>
@@ -165,26 +166,98 @@ struct VectorTypes {
 #endif
 };
 
-// The float16/bfloat16 conversions' Vectorized<float> as FVecs (itself, or
-// its Quads), and back.
-C10_ALWAYS_INLINE void split_floats(const Vectorized<float>& v, Vectorized<float>* out) {
-  out[0] = v;
+// A float16/bfloat16 vector as its two float vectors, and back.
+template <typename scalar_t, typename FVec>
+C10_ALWAYS_INLINE void to_fvecs(const Vectorized<scalar_t>& v, FVec* out) {
+  std::tie(out[0], out[1]) = at::vec::convert_to_float<scalar_t>(v);
 }
-C10_ALWAYS_INLINE Vectorized<float> join_floats(const Vectorized<float>* in) {
-  return in[0];
+
+template <typename scalar_t, typename FVec>
+C10_ALWAYS_INLINE void from_fvecs(const FVec* in, Vectorized<scalar_t>& out) {
+  out = at::vec::convert_from_float<scalar_t>(in[0], in[1]);
 }
+
 #if defined(ACON_PORTABLE_VECTORIZED)
-C10_ALWAYS_INLINE void split_floats(const Vectorized<float>& v, Quad* out) {
-  for (int i = 0; i < Vectorized<float>::size(); i += Quad::size()) {
-    out[i / Quad::size()] = _mm_loadu_ps(static_cast<const float*>(v) + i);
+// The baseline build converts float16 and bfloat16 to and from Quads in
+// SSE2, with the same operations and results as c10's scalar conversions
+// (at::vec's portable ones call those lane by lane). SSE2's integer compares
+// are signed: unsigned ones flip the sign bits first.
+
+// Four 16-bit values (h's low 64 bits) as floats: bfloat16 is float's upper
+// half.
+C10_ALWAYS_INLINE Quad floats_from(__m128i h, c10::BFloat16 /*type*/) {
+  return _mm_castsi128_ps(_mm_unpacklo_epi16(_mm_setzero_si128(), h));
+}
+
+// c10::detail::fp16_ieee_to_fp32_value: exact.
+C10_ALWAYS_INLINE Quad floats_from(__m128i h, c10::Half /*type*/) {
+  const __m128i w = _mm_unpacklo_epi16(_mm_setzero_si128(), h); // h << 16 per lane
+  const __m128i sign = _mm_and_si128(w, _mm_set1_epi32(INT32_MIN));
+  const __m128i two_w = _mm_add_epi32(w, w);
+  const __m128 normalized = _mm_mul_ps(
+      _mm_castsi128_ps(_mm_add_epi32(_mm_srli_epi32(two_w, 4), _mm_set1_epi32(0xE0 << 23))),
+      _mm_castsi128_ps(_mm_set1_epi32(15 << 23))); // 2^-112
+  const __m128 denormalized = _mm_sub_ps(
+      _mm_castsi128_ps(_mm_or_si128(_mm_srli_epi32(two_w, 17), _mm_set1_epi32(126 << 23))), _mm_set1_ps(0.5f));
+  const __m128 is_denormal = _mm_castsi128_ps(_mm_cmpeq_epi32(_mm_srli_epi32(two_w, 27), _mm_setzero_si128()));
+  return _mm_or_ps(_mm_castsi128_ps(sign), select_quad(is_denormal, denormalized, normalized));
+}
+
+// Bits b where mask's lanes are clear, a where they are set.
+C10_ALWAYS_INLINE __m128i select_bits(__m128i mask, __m128i a, __m128i b) {
+  return _mm_or_si128(_mm_and_si128(mask, a), _mm_andnot_si128(mask, b));
+}
+
+// q's floats as 16-bit values, each in the low bits of its 32-bit lane.
+// bfloat16 (c10::detail::round_to_nearest_even): rounded to nearest even,
+// NaN as 0x7FC0.
+C10_ALWAYS_INLINE __m128i bits_of(const Quad& q, c10::BFloat16 /*type*/) {
+  const __m128i u = _mm_castps_si128(q.v);
+  const __m128i bias = _mm_add_epi32(_mm_and_si128(_mm_srli_epi32(u, 16), _mm_set1_epi32(1)), _mm_set1_epi32(0x7FFF));
+  const __m128i nan = _mm_castps_si128(_mm_cmpunord_ps(q.v, q.v));
+  return select_bits(nan, _mm_set1_epi32(0x7FC0), _mm_srli_epi32(_mm_add_epi32(u, bias), 16));
+}
+
+// float16 (c10::detail::fp16_ieee_from_fp32_value): rounded to nearest
+// even, NaN as 0x7E00 with its sign.
+C10_ALWAYS_INLINE __m128i bits_of(const Quad& q, c10::Half /*type*/) {
+  const __m128i flip = _mm_set1_epi32(INT32_MIN);
+  const __m128i w = _mm_castps_si128(q.v);
+  const __m128 magnitude = _mm_andnot_ps(_mm_set1_ps(-0.f), q.v);
+  __m128 base = _mm_mul_ps(
+      _mm_mul_ps(magnitude, _mm_castsi128_ps(_mm_set1_epi32(239 << 23))), // 2^112
+      _mm_castsi128_ps(_mm_set1_epi32(17 << 23)));                        // 2^-110
+  const __m128i shl1_w = _mm_add_epi32(w, w);
+  const __m128i sign = _mm_and_si128(w, flip);
+  const __m128i min_bias = _mm_set1_epi32(0x71000000);
+  __m128i bias = _mm_and_si128(shl1_w, _mm_set1_epi32(static_cast<int32_t>(0xFF000000u)));
+  bias = select_bits(_mm_cmplt_epi32(_mm_xor_si128(bias, flip), _mm_xor_si128(min_bias, flip)), min_bias, bias);
+  base = _mm_add_ps(_mm_castsi128_ps(_mm_add_epi32(_mm_srli_epi32(bias, 1), _mm_set1_epi32(0x07800000))), base);
+  const __m128i bits = _mm_castps_si128(base);
+  const __m128i nonsign = _mm_add_epi32(
+      _mm_and_si128(_mm_srli_epi32(bits, 13), _mm_set1_epi32(0x7C00)), _mm_and_si128(bits, _mm_set1_epi32(0xFFF)));
+  const __m128i nan = _mm_cmpgt_epi32(_mm_xor_si128(shl1_w, flip), _mm_set1_epi32(0x7F000000)); // > 0xFF000000
+  return _mm_or_si128(_mm_srli_epi32(sign, 16), select_bits(nan, _mm_set1_epi32(0x7E00), nonsign));
+}
+
+template <typename scalar_t>
+C10_ALWAYS_INLINE void to_fvecs(const Vectorized<scalar_t>& v, Quad* out) {
+  const auto* p = reinterpret_cast<const __m128i*>(static_cast<const scalar_t*>(v));
+  for (int k = 0; k < Vectorized<scalar_t>::size() / 8; ++k) {
+    const __m128i eight = _mm_loadu_si128(p + k);
+    out[2 * k] = floats_from(eight, scalar_t());
+    out[2 * k + 1] = floats_from(_mm_unpackhi_epi64(eight, eight), scalar_t());
   }
 }
-C10_ALWAYS_INLINE Vectorized<float> join_floats(const Quad* in) {
-  Vectorized<float> v;
-  for (int i = 0; i < Vectorized<float>::size(); i += Quad::size()) {
-    _mm_storeu_ps(static_cast<float*>(v) + i, in[i / Quad::size()].v);
+
+template <typename scalar_t>
+C10_ALWAYS_INLINE void from_fvecs(const Quad* in, Vectorized<scalar_t>& out) {
+  // Sign-extended, so that the signed saturating pack keeps the 16 bits.
+  const auto bits16 = [](const Quad& q) { return _mm_srai_epi32(_mm_slli_epi32(bits_of(q, scalar_t()), 16), 16); };
+  auto* p = reinterpret_cast<__m128i*>(static_cast<scalar_t*>(out));
+  for (int k = 0; k < Vectorized<scalar_t>::size() / 8; ++k) {
+    _mm_storeu_si128(p + k, _mm_packs_epi32(bits16(in[2 * k]), bits16(in[2 * k + 1])));
   }
-  return v;
 }
 #endif
 
@@ -211,9 +284,7 @@ struct Lanes {
     if constexpr (kNumF == 1) {
       out[0] = v;
     } else {
-      const auto [low, high] = at::vec::convert_to_float<scalar_t>(v);
-      split_floats(low, out);
-      split_floats(high, out + kNumF / 2);
+      to_fvecs(v, out);
     }
   }
 
@@ -222,7 +293,7 @@ struct Lanes {
     if constexpr (kNumF == 1) {
       v = in[0];
     } else {
-      v = at::vec::convert_from_float<scalar_t>(join_floats(in), join_floats(in + kNumF / 2));
+      from_fvecs(in, v);
     }
     if (n == kStep) {
       v.store(p);
