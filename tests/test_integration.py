@@ -303,7 +303,9 @@ def test_each_cpu_kernel_build_matches_reference(isa):
     )
     subprocess.run([sys.executable, "-c", check], env=env, check=True, timeout=120)
     selections = {
-        "test_acon_c.py": "cpu and (float32 or bfloat16 or float64 or every_16bit) and not strided and not transposed and not params",
+        "test_acon_c.py": (
+            "cpu and (float32 or bfloat16 or float64 or every_16bit) and not strided and not transposed and not params"
+        ),
         "test_batch_norm_acon_c.py": "not strided and not transposed",
         "test_batch_norm_meta_acon_c.py": "not strided and not transposed",
     }
