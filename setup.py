@@ -56,8 +56,8 @@ ISA_FLAGS = {
 # GCC's early complete unrolling turns those short loops into scalar code
 # before its vectorizer sees them; without that pass they become SSE2 code
 # (float64 forward and backward about 2x faster on 14x14 maps, one thread;
-# float32 and 16-bit compute in SSE2 registers there and gain nothing from
-# it). GCC's own flag, given only where the compiler takes it.
+# float32, which computes in SSE2 registers there, gains nothing from it).
+# GCC's own flag, given only where the compiler takes it.
 BASELINE_KERNEL = "csrc/cpu/acon_c_kernel_default.cpp"
 BASELINE_FLAGS = ["-fdisable-tree-cunrolli"]
 
