@@ -55,8 +55,9 @@ ISA_FLAGS = {
 # portable Vectorized<double>, whose operations are loops over the lanes:
 # GCC's early complete unrolling turns those short loops into scalar code
 # before its vectorizer sees them; without that pass they become SSE2 code
-# (float64 forward and backward about 2x faster on 14x14 maps, one thread;
-# float32, which computes in SSE2 registers there, gains nothing from it).
+# (float64 forward and backward about 2x faster on 14x14 maps, one thread,
+# docs/design.md; float32, which computes in SSE2 registers there, gains
+# nothing from it).
 # GCC's own flag, given only where the compiler takes it.
 BASELINE_KERNEL = "csrc/cpu/acon_c_kernel_default.cpp"
 BASELINE_FLAGS = ["-fdisable-tree-cunrolli"]
